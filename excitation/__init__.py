@@ -1,0 +1,44 @@
+"""excitation: excitation pullbacks for any traced ReLU network, at close to the cost of a gradient.
+
+A ReLU network's input gradient hard-gates every ReLU with ``1[z > 0]``.  The
+excitation pullback keeps the forward pass bit-exact and soft-gates only the
+backward: ``dz = g * sigmoid(z / temp)`` at ReLUs, and the gradient of soft
+pooling ``sum_w softmax(x_w / temp) x_w`` at max-pools.
+
+>>> import excitation
+>>> excited = excitation.excite(model)            # torch.fx pass; model untouched
+>>> print(excitation.report(excited))             # what was rewritten
+>>> pb = excitation.pullback(model, x, target=3)  # or with `excited`
+
+Importing this package registers the ``excitation::`` ops with
+``torch.library``; that one import is all ``torch.export.load`` needs.
+"""
+
+from .api import clear_cache, gradient, prepare, pullback, pullbacks
+from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
+from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
+from .gates import GATES
+from .kernels import surrogate_max_pool2d, surrogate_relu
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "excite",
+    "excite_graph",
+    "report",
+    "is_excited",
+    "pullback",
+    "pullbacks",
+    "gradient",
+    "prepare",
+    "clear_cache",
+    "surrogate_relu",
+    "surrogate_max_pool2d",
+    "Report",
+    "Site",
+    "Unhandled",
+    "GATES",
+    "ExcitationError",
+    "ExcitationTraceError",
+    "InplaceAliasError",
+]

@@ -1,0 +1,304 @@
+"""Pullbacks and gradients of a model's class logits with respect to its input.
+
+The functions here never modify the model: they run an excited (or, for
+:func:`gradient`, a plain) *clone* of its module tree in eval mode, which
+shares the model's tensors but has its own ``training`` flag, and they ask
+autograd for the input gradient only, so no parameter ``.grad`` is touched and
+no BatchNorm statistic is updated.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor, fx
+
+from .errors import ExcitationError
+from .fxpass.rewrite import TempsSpec, excite, is_excited, report
+from .fxpass.tracing import clone_module_tree
+
+__all__ = ["pullback", "pullbacks", "gradient", "prepare", "clear_cache"]
+
+Target = Union[int, Sequence[int], Tensor, Callable[[Tensor], Tensor]]
+
+# model -> {options: (identity, prepared module)}.  Weak keys: the cache never keeps a model alive.
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[Any, Tuple[Tuple[int, ...], nn.Module]]]" = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every excited model :func:`pullback` built on the fly (e.g. after editing a model's modules)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _temps_key(temps: TempsSpec) -> Any:
+    if temps is None or callable(temps):
+        return temps
+    try:
+        return tuple(sorted(temps.items()))
+    except (AttributeError, TypeError):
+        return id(temps)
+
+
+def prepare(
+    model: nn.Module,
+    *,
+    excited: bool = True,
+    temp: float = 0.3,
+    pool_temp: Optional[float] = None,
+    gate: str = "sigmoid",
+    temps: TempsSpec = None,
+) -> nn.Module:
+    """The module :func:`pullback` (``excited=True``) or :func:`gradient` would run, in eval mode.
+
+    An already-excited model is returned as is.  Plain models are excited once
+    per option set and cached (weakly), so repeated calls do not re-trace.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    if excited and is_excited(model):
+        if (temp, pool_temp, gate, temps) != (0.3, None, "sigmoid", None):
+            found = report(model)
+            raise ValueError(
+                f"model is already excited (temp={found.temp}, gate={found.gate!r}); the temp, pool_temp, "
+                f"gate and temps options apply only to plain models. Re-temper it with "
+                f"excitation.excite(model, temp=...) instead."
+            )
+        return model
+    key = ("excited", temp, pool_temp, gate, _temps_key(temps)) if excited else ("vanilla",)
+    identity = _identity(model)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(model, {}).get(key)
+    if cached is not None and cached[0] == identity:
+        return cached[1]
+    prepared = excite(model, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps) if excited else clone_module_tree(model)
+    prepared.eval()
+    with _CACHE_LOCK:
+        _CACHE.setdefault(model, {})[key] = (identity, prepared)
+    return prepared
+
+
+def _identity(model: nn.Module) -> Tuple[int, ...]:
+    """Which module and tensor objects ``model`` is made of.
+
+    The cached clone shares these objects.  ``model.to(...)``, ``model.double()`` or
+    assigning a new submodule or buffer replaces some of them, and then the clone
+    would silently run stale tensors: a changed identity means "re-excite".
+    """
+    ids: List[int] = []
+    for module in model.modules():
+        ids.append(id(module))
+        ids.extend(id(t) for t in module._parameters.values())
+        ids.extend(id(t) for t in module._buffers.values())
+    return tuple(ids)
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module`` in eval mode, restoring every submodule's flag afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    if not any(flag for _, flag in flags):
+        yield module
+        return
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _reference_tensor(model: nn.Module) -> Optional[Tensor]:
+    for tensor in model.parameters():
+        return tensor
+    for tensor in model.buffers():
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
+def check_input(model: nn.Module, x: Any, *, argument: str = "x") -> Tensor:
+    """Validate the input tensor against the model; raise a clear error if they do not fit."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{argument} must be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{argument} has integer dtype {x.dtype}; gradients need floating point. "
+            f"Convert it, e.g. {argument}.float() / 255."
+        )
+    if x.dim() == 0:
+        raise ValueError(f"{argument} is a scalar; pass a batch, shape [N, ...].")
+    if x.shape[0] == 0:
+        raise ValueError(f"{argument} has batch size 0; pass at least one sample.")
+    ref = _reference_tensor(model)
+    if ref is not None:
+        if ref.device != x.device:
+            raise ValueError(
+                f"{argument} is on {x.device} but the model is on {ref.device}; move one of them, "
+                f"e.g. {argument}.to('{ref.device}')."
+            )
+        if ref.is_floating_point() and ref.dtype != x.dtype:
+            raise TypeError(
+                f"{argument} has dtype {x.dtype} but the model's parameters are {ref.dtype}; "
+                f"use {argument}.to({ref.dtype}) or model.to({x.dtype})."
+            )
+    return x
+
+
+def select_target(out: Any, target: Target, batch: int) -> Tensor:
+    """One scalar per sample, ``out[i, target_i]`` (or ``target(out)`` for a callable)."""
+    if callable(target) and not isinstance(target, Tensor):
+        chosen = target(out)
+        if not isinstance(chosen, Tensor) or chosen.shape != (batch,):
+            shape = tuple(chosen.shape) if isinstance(chosen, Tensor) else type(chosen).__name__
+            raise ValueError(f"target(output) must return one scalar per sample, shape ({batch},); got {shape}.")
+        return chosen
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"the model's output has shape {shape}, not [N, classes]; pass target as a callable "
+            f"mapping the output to one scalar per sample, e.g. target=lambda out: out.sum(dim=1)."
+        )
+    if out.shape[0] != batch:
+        raise ValueError(
+            f"the model returned {out.shape[0]} rows for a batch of {batch}; does x have a batch "
+            f"dimension? Use x.unsqueeze(0) for a single sample."
+        )
+    index = target_indices(target, batch, out.shape[1], device=out.device)
+    return out.gather(1, index[:, None])[:, 0]
+
+
+def target_indices(target: Any, batch: int, classes: int, *, device: torch.device) -> Tensor:
+    """``target`` as a LongTensor of shape [batch], validated against ``classes``."""
+    if isinstance(target, bool):
+        raise TypeError("target must be a class index, a sequence or a LongTensor, not a bool.")
+    if isinstance(target, int):
+        index = torch.full((batch,), target, dtype=torch.long, device=device)
+    else:
+        if isinstance(target, Tensor):
+            if target.is_floating_point() or target.dtype == torch.bool or target.is_complex():
+                raise TypeError(f"target must be an integer tensor, got dtype {target.dtype}; use target.long().")
+            index = target.to(device=device, dtype=torch.long).reshape(-1) if target.dim() <= 1 else None
+            if index is None:
+                raise ValueError(f"target must have shape [{batch}], got {tuple(target.shape)}.")
+            if target.dim() == 0:
+                index = index.expand(batch)
+        else:
+            try:
+                values = list(target)
+            except TypeError:
+                raise TypeError(
+                    f"target must be an int, a sequence of ints, a LongTensor [N] or a callable; "
+                    f"got {type(target).__name__}."
+                ) from None
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise TypeError(f"target sequence must hold ints, got {values!r}.")
+            index = torch.tensor(values, dtype=torch.long, device=device)
+        if index.numel() != batch:
+            raise ValueError(f"target has {index.numel()} entries for a batch of {batch}; pass one per sample.")
+    bad = (index < 0) | (index >= classes)
+    if bool(bad.any()):
+        raise IndexError(
+            f"target {index[bad].tolist()} out of range for a model with {classes} classes "
+            f"(valid: 0..{classes - 1})."
+        )
+    return index
+
+
+def _input_gradient(module: nn.Module, x: Tensor, target: Target, create_graph: bool) -> Tensor:
+    x = check_input(module, x)
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad(), _eval_mode(module):
+        out = module(leaf)
+        score = select_target(out, target, x.shape[0])
+        (grad,) = torch.autograd.grad(score.sum(), leaf, create_graph=create_graph)
+    return grad
+
+
+def pullback(
+    model: nn.Module,
+    x: Tensor,
+    target: Target,
+    *,
+    temp: float = 0.3,
+    pool_temp: Optional[float] = None,
+    gate: str = "sigmoid",
+    temps: TempsSpec = None,
+    create_graph: bool = False,
+) -> Tensor:
+    """The excitation pullback ``d(sum_i out[i, target_i]) / dx``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A plain model (excited on the fly and cached) or the result of
+        :func:`excitation.excite` (used as is).
+    x : Tensor
+        Input batch [N, ...], on the model's device and dtype.
+    target : int, sequence of ints, LongTensor [N] or callable
+        The class per sample, or ``callable(output) -> Tensor [N]``.
+    temp, pool_temp, gate, temps
+        As for :func:`excitation.excite`; only for plain models.
+    create_graph : bool
+        Keep the graph of the pullback for higher-order derivatives.
+
+    Returns
+    -------
+    Tensor
+        Same shape as ``x``.  The model runs in eval mode (dropout off, no
+        BatchNorm update); its parameters' ``.grad`` are left untouched.
+    """
+    module = prepare(model, excited=True, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps)
+    return _input_gradient(module, x, target, create_graph)
+
+
+def gradient(model: nn.Module, x: Tensor, target: Target, *, create_graph: bool = False) -> Tensor:
+    """The vanilla input gradient ``d(sum_i out[i, target_i]) / dx``, in eval mode, for comparison."""
+    module = prepare(model, excited=False)
+    return _input_gradient(module, x, target, create_graph)
+
+
+def pullbacks(
+    model: nn.Module,
+    x: Tensor,
+    targets: Union[Sequence[int], Tensor],
+    *,
+    temp: float = 0.3,
+    pool_temp: Optional[float] = None,
+    gate: str = "sigmoid",
+    temps: TempsSpec = None,
+) -> Tensor:
+    """Pullbacks of K classes per input in one backward pass: a Tensor [N, K, ...].
+
+    ``targets`` is a sequence or LongTensor [K] (the same classes for every
+    input) or a LongTensor [N, K].  One forward pass; the K backward passes run
+    batched with ``torch.func.vmap`` over the cotangents of a ``torch.func.vjp``.
+    """
+    module = prepare(model, excited=True, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps)
+    x = check_input(module, x)
+    batch = x.shape[0]
+    index = torch.as_tensor(targets) if not isinstance(targets, Tensor) else targets
+    if index.is_floating_point() or index.dtype == torch.bool:
+        raise TypeError(f"targets must hold integers, got dtype {index.dtype}.")
+    if index.dim() == 1:
+        index = index[None, :].expand(batch, -1)
+    if index.dim() != 2 or index.shape[0] != batch or index.shape[1] == 0:
+        raise ValueError(f"targets must have shape [K] or [{batch}, K] with K >= 1, got {tuple(index.shape)}.")
+    with torch.enable_grad(), _eval_mode(module):
+        out, vjp = torch.func.vjp(module, x.detach())
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"pullbacks() needs a model output of shape [N, classes]; got {shape}.")
+        flat = target_indices(index.reshape(-1), index.numel(), out.shape[1], device=out.device)
+        index = flat.reshape(index.shape)
+        # cotangents[k] selects out[i, index[i, k]] for every i.
+        cotangents = torch.zeros((index.shape[1],) + tuple(out.shape), dtype=out.dtype, device=out.device)
+        cotangents.scatter_(2, index.t()[:, :, None], 1.0)
+        (grads,) = torch.func.vmap(vjp)(cotangents)
+    return grads.transpose(0, 1)

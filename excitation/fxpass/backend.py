@@ -1,0 +1,94 @@
+"""The ``torch.compile`` backend: excite the graphs dynamo captures, then hand them on.
+
+dynamo inlines modules, so its graphs hold ``torch.nn.functional.relu``,
+``torch.relu_``, ``.relu()`` and ``max_pool2d`` calls rather than ``nn.ReLU``
+modules; the same site matcher covers them.  Because dynamo handles Python
+control flow that ``symbolic_trace`` cannot (graph breaks, guards), this is
+the way to excite models that do not trace.
+
+    compiled = torch.compile(model, backend="excitation")               # defaults
+    compiled = torch.compile(model, backend=excitation.backend(temp=0.5, inner="eager"))
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import fx
+
+from ..gates import check_gate, check_temp
+from .report import Report
+from .rewrite import TempsSpec, excite_graph
+
+__all__ = ["ExcitationBackend", "backend", "excitation_backend"]
+
+
+class ExcitationBackend:
+    """A dynamo backend that rewrites each captured graph, then calls ``inner``.
+
+    Attributes
+    ----------
+    reports : list of Report
+        One per graph dynamo compiled with this backend (a graph break gives several).
+    """
+
+    def __init__(
+        self,
+        *,
+        temp: float = 0.3,
+        pool_temp: Optional[float] = None,
+        gate: str = "sigmoid",
+        temps: TempsSpec = None,
+        inner: Union[str, Callable] = "inductor",
+    ) -> None:
+        self.temp = check_temp(temp)
+        self.pool_temp = None if pool_temp is None else check_temp(pool_temp, argument="pool_temp")
+        self.gate = check_gate(gate)
+        self.temps = temps
+        if not (isinstance(inner, str) or callable(inner)):
+            raise TypeError(f"inner must be a backend name such as 'inductor' or 'eager', or a callable; got {inner!r}.")
+        self.inner = inner
+        self.reports: List[Report] = []
+        self._lock = threading.Lock()
+
+    def _inner_backend(self) -> Callable:
+        if callable(self.inner):
+            return self.inner
+        from torch._dynamo.backends.registry import lookup_backend
+
+        if self.inner == "excitation":
+            raise ValueError("inner='excitation' would excite twice; use 'inductor', 'aot_eager' or 'eager'.")
+        return lookup_backend(self.inner)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
+        result = excite_graph(gm, temp=self.temp, pool_temp=self.pool_temp, gate=self.gate, temps=self.temps)
+        with self._lock:
+            self.reports.append(result)
+        return self._inner_backend()(gm, example_inputs)
+
+    def __repr__(self) -> str:
+        return f"excitation.backend(temp={self.temp}, pool_temp={self.pool_temp}, gate={self.gate!r}, inner={self.inner!r})"
+
+
+def backend(
+    *,
+    temp: float = 0.3,
+    pool_temp: Optional[float] = None,
+    gate: str = "sigmoid",
+    temps: TempsSpec = None,
+    inner: Union[str, Callable] = "inductor",
+) -> ExcitationBackend:
+    """A ``torch.compile`` backend with these options: ``torch.compile(model, backend=excitation.backend(...))``.
+
+    ``temps`` keys are dynamo node names here (modules are inlined).  ``inner``
+    is the backend that compiles the excited graph (``"inductor"``,
+    ``"aot_eager"``, ``"eager"`` or any callable backend).
+    """
+    return ExcitationBackend(temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, inner=inner)
+
+
+def excitation_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
+    """The backend registered as ``"excitation"`` (entry point ``torch_dynamo_backends``): default options."""
+    return ExcitationBackend()(gm, example_inputs)

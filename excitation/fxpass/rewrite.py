@@ -1,0 +1,300 @@
+"""The pass: every ReLU / max-pool site -> a surrogate op, with a report of what changed.
+
+:func:`excite_graph` edits a GraphModule we own (a traced clone, a copy of the
+user's GraphModule, or a graph dynamo hands to our backend).  :func:`excite`
+is the public entry point that produces such a GraphModule from a model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+
+from ..errors import ExcitationError, InplaceAliasError
+from ..gates import check_gate, check_temp
+from ..kernels import surrogate_max_pool2d, surrogate_relu
+from .report import Report, Site, Unhandled
+from .excited import REPORT_ATTR, make_excited
+from .sites import SITE_NAME_META, SiteMatch, match_site, match_unhandled, site_name
+from .tracing import clone_module_tree, copy_graph_module, trace
+
+__all__ = ["excite", "excite_graph", "report", "is_excited", "TempsSpec"]
+
+#: A per-site temperature override: ``{site name or node name: temp}``, or a
+#: callable that gets a :class:`Site` (with its default temp filled in) and
+#: returns a temp, or ``None`` to keep the default.
+TempsSpec = Union[Mapping[str, float], Callable[[Site], Optional[float]], None]
+
+# Ops whose output may share memory with their input: an in-place ReLU on any
+# member of such a family changes what the others read.
+_VIEW_METHODS = frozenset(
+    """view view_as reshape reshape_as flatten unflatten transpose permute squeeze unsqueeze
+    narrow expand expand_as t T mT select split chunk unbind diagonal movedim moveaxis
+    swapaxes swapdims as_strided unfold detach __getitem__ real imag""".split()
+)
+_VIEW_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+    torch.narrow, torch.split, torch.chunk, torch.unbind, torch.select, torch.diagonal,
+    torch.movedim, torch.swapaxes, torch.t, torch.detach, torch.as_strided, operator.getitem,
+}
+
+
+def _is_view(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        # Unpacking (values, indices) of a max-pool gives two separate tensors.
+        source = match_site(gm, node.args[0])
+        return source is None or source.kind != "max_pool2d"
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        if node.target in _VIEW_FUNCTIONS:
+            return True
+        schema = getattr(node.target, "_schema", None)  # ATen overloads declare aliasing
+        return bool(schema is not None and schema.returns and schema.returns[0].alias_info is not None
+                    and not schema.returns[0].alias_info.is_write)
+    return False
+
+
+def _alias_family(node: fx.Node, gm: fx.GraphModule) -> List[fx.Node]:
+    """``node``'s view ancestors and every view derived from them (excluding ``node``)."""
+    root = node
+    while _is_view(root, gm) and root.args and isinstance(root.args[0], fx.Node):
+        root = root.args[0]
+    family, stack = [], [root]
+    seen = {root}
+    while stack:
+        current = stack.pop()
+        family.append(current)
+        for user in current.users:
+            if _is_view(user, gm) and user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return [n for n in family if n is not node]
+
+
+def _check_inplace_aliases(site: SiteMatch, order: Dict[fx.Node, int], gm: fx.GraphModule) -> None:
+    position = order[site.node]
+    for alias in _alias_family(site.input, gm):
+        late = [user.name for user in alias.users if order.get(user, -1) > position]
+        if late:
+            raise InplaceAliasError(
+                f"In-place ReLU '{site.node.name}' mutates '{site.input.name}', which shares memory "
+                f"with '{alias.name}', and {late} read '{alias.name}' afterwards. excitation computes "
+                f"ReLU out of place (its backward needs the pre-activation), so those reads would "
+                f"change. Fix: make that ReLU out-of-place (inplace=False / relu instead of relu_)."
+            )
+
+
+def _resolve_temps(
+    matches: List[SiteMatch], gm: fx.GraphModule, temp: float, pool_temp: float, gate: str, temps: TempsSpec
+) -> List[Site]:
+    sites = []
+    for match in matches:
+        default = temp if match.kind == "relu" else pool_temp
+        sites.append(
+            Site(
+                name=site_name(gm, match.node),
+                node=match.node.name,
+                kind=match.kind,
+                form=match.form,
+                temp=default,
+                gate=gate if match.kind == "relu" else None,
+                inplace=match.inplace,
+            )
+        )
+    if temps is None:
+        return sites
+    if callable(temps):
+        resolved = []
+        for site in sites:
+            chosen = temps(site)
+            if chosen is not None:
+                site = _replace(site, temp=check_temp(chosen, argument=f"temps({site.name!r})"))
+            resolved.append(site)
+        return resolved
+    if not isinstance(temps, Mapping):
+        raise TypeError(
+            f"temps must be a mapping {{site name: temp}}, a callable(site) -> temp, or None; "
+            f"got {type(temps).__name__}."
+        )
+    known = {s.name for s in sites} | {s.node for s in sites}
+    unknown = [key for key in temps if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), sorted(known), n=3)
+            hints.append(f"{key!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+        raise ValueError(
+            f"temps names sites that do not exist: {', '.join(hints)}. Valid names are module paths "
+            f"or node names of ReLU/max-pool sites; see excitation.report(excite(model)).sites."
+        )
+    checked = {key: check_temp(value, argument=f"temps[{key!r}]") for key, value in temps.items()}
+    # A node name is more specific than a module path (a reused module has one path, many nodes).
+    return [
+        _replace(site, temp=checked.get(site.node, checked.get(site.name, site.temp))) for site in sites
+    ]
+
+
+def _replace(site: Site, **changes: Any) -> Site:
+    from dataclasses import replace
+
+    return replace(site, **changes)
+
+
+def _rewrite_site(graph: fx.Graph, match: SiteMatch, site: Site, order: Dict[fx.Node, int]) -> fx.Node:
+    node = match.node
+    with graph.inserting_after(node):
+        if match.kind == "relu":
+            new = graph.call_function(surrogate_relu, (match.input,), {"temp": site.temp, "gate": site.gate})
+        else:
+            kernel, stride, padding, dilation, ceil_mode = match.pool_args
+            new = graph.call_function(
+                surrogate_max_pool2d,
+                (match.input, kernel, stride, padding, dilation, ceil_mode, match.returns_indices),
+                {"temp": site.temp},
+            )
+    new.meta = dict(node.meta)
+    new.meta[SITE_NAME_META] = site.name
+    node.replace_all_uses_with(new)
+    if match.inplace and isinstance(match.input, fx.Node):
+        # The original overwrote its input: later readers of that tensor saw relu(z).
+        position = order[node]
+        for user in list(match.input.users):
+            if user is not new and order.get(user, -1) > position:
+                user.replace_input_with(match.input, new)
+    graph.erase_node(node)
+    return new
+
+
+def excite_graph(
+    gm: fx.GraphModule,
+    *,
+    temp: float = 0.3,
+    pool_temp: Optional[float] = None,
+    gate: str = "sigmoid",
+    temps: TempsSpec = None,
+) -> Report:
+    """Rewrite every ReLU / 2-D max-pool site of ``gm`` in place; return the :class:`Report`.
+
+    All checks run before the first edit, so a failure leaves ``gm`` as it was.
+    """
+    temp = check_temp(temp)
+    pool_temp = temp if pool_temp is None else check_temp(pool_temp, argument="pool_temp")
+    gate = check_gate(gate)
+    graph = gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    matches, unhandled = [], []
+    for node in graph.nodes:
+        match = match_site(gm, node)
+        if match is not None:
+            matches.append(match)
+            continue
+        op = match_unhandled(gm, node)
+        if op is not None:
+            unhandled.append(Unhandled(site_name(gm, node), op))
+    sites = _resolve_temps(matches, gm, temp, pool_temp, gate, temps)
+    for match in matches:
+        if match.inplace and isinstance(match.input, fx.Node):
+            _check_inplace_aliases(match, order, gm)
+    final_sites = []
+    for match, site in zip(matches, sites):
+        # Re-match: rewriting earlier sites replaced this node's inputs.
+        new = _rewrite_site(graph, match_site(gm, match.node), site, order)
+        order[new] = order[match.node]
+        final_sites.append(_replace(site, node=new.name))
+    graph.lint()
+    gm.recompile()
+    return Report(sites=final_sites, unhandled=unhandled, temp=temp, pool_temp=pool_temp, gate=gate)
+
+
+def excite(
+    model: Union[nn.Module, "torch.export.ExportedProgram"],
+    *,
+    temp: float = 0.3,
+    pool_temp: Optional[float] = None,
+    gate: str = "sigmoid",
+    temps: TempsSpec = None,
+) -> fx.GraphModule:
+    """Return a copy of ``model`` whose backward pass yields excitation pullbacks.
+
+    The forward is bit-identical to ``model``'s.  Every ReLU site (``nn.ReLU``,
+    ``F.relu``/``F.relu_``, ``torch.relu``/``torch.relu_``, ``.relu()``/``.relu_()``,
+    ATen ``relu``/``relu_``) gets the backward ``grad * gate(z / temp)``, and every
+    2-D max-pool site (``nn.MaxPool2d``, ``F.max_pool2d``, ``torch.max_pool2d``,
+    ATen ``max_pool2d*``) the gradient of soft pooling at ``pool_temp``.
+
+    Parameters
+    ----------
+    model : nn.Module, torch.fx.GraphModule or torch.export.ExportedProgram
+        A plain module is traced with ``torch.fx.symbolic_trace``; a GraphModule
+        (custom tracer, ``ep.module()``, an excited model) is rewritten as it is.
+        An ExportedProgram is rewritten through ``ep.module()``.
+    temp : float
+        ReLU gate temperature, > 0.  ``temp -> 0`` gives the vanilla gradient.
+    pool_temp : float, optional
+        Soft-pool temperature; defaults to ``temp``.
+    gate : {"sigmoid", "normal_cdf"}
+        The ReLU gate.
+    temps : mapping or callable, optional
+        Per-site temperatures: ``{module path or node name: temp}``, or
+        ``callable(site) -> temp | None``.  See :class:`excitation.Site`.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        New module objects (its own ``training`` flag and hooks) sharing the
+        original's parameter and buffer tensors.  ``excitation.report(result)``
+        lists what was rewritten.  The original model is not modified.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"excite() needs an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram, "
+            f"got {type(model).__name__}."
+        )
+    # Validate options before the (possibly slow) trace.
+    check_temp(temp)
+    if pool_temp is not None:
+        check_temp(pool_temp, argument="pool_temp")
+    check_gate(gate)
+    gm = copy_graph_module(model) if isinstance(model, fx.GraphModule) else trace(clone_module_tree(model))
+    result = excite_graph(gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps)
+    gm = make_excited(gm, result)
+    if not result.sites:
+        warnings.warn(
+            f"excite() found no ReLU or 2-D max-pool site in {type(model).__name__}; its pullback "
+            f"equals the vanilla gradient. {_describe_unhandled(result)}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return gm
+
+
+def _describe_unhandled(result: Report) -> str:
+    if not result.unhandled:
+        return "It has no other activation sites either."
+    return f"Activation sites left alone: {result.unhandled_counts()}."
+
+
+def is_excited(model: Any) -> bool:
+    """True if ``model`` came out of :func:`excite`."""
+    return isinstance(model, fx.GraphModule) and isinstance(getattr(model, REPORT_ATTR, None), Report)
+
+
+def report(model: nn.Module) -> Report:
+    """The :class:`Report` of an excited model: every rewritten site and every activation left alone."""
+    found = getattr(model, REPORT_ATTR, None)
+    if not isinstance(found, Report):
+        raise ExcitationError(
+            f"{type(model).__name__} is not an excited model; call excitation.excite(model) first "
+            f"and pass its result to report()."
+        )
+    return found

@@ -1,0 +1,121 @@
+"""Turning a user's model into a GraphModule we may edit, without touching the model.
+
+The excited model gets *its own module objects* (so ``.eval()``, ``.train()``
+and hooks added to it never reach the original) that *share the original's
+parameter and buffer tensors* (so no memory is duplicated and a fine-tuned
+original is seen by its excited twin).  Our own functions never write to
+those tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+from ..errors import ExcitationTraceError
+from ..kernels import surrogate_max_pool2d, surrogate_relu
+from .excited import adopt_module_tree
+
+__all__ = ["clone_module_tree", "trace", "copy_graph_module"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def clone_module_tree(module: nn.Module, memo: Optional[Dict[int, nn.Module]] = None) -> nn.Module:
+    """A copy of ``module`` with new module objects and dicts but the same tensors.
+
+    A submodule reached twice (a reused ``self.relu``, tied layers) maps to one
+    clone, so the structure is kept exactly.
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    # Bypass __copy__ overrides (GraphModule's rebuilds itself and drops hooks).
+    clone = type(module).__new__(type(module))
+    memo[id(module)] = clone
+    for key, value in module.__dict__.items():
+        # _parameters, _buffers, _modules and every hook registry are dicts:
+        # new ones, so adding or removing entries on the clone leaves the original alone.
+        clone.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set)) else value
+    for name, child in module._modules.items():
+        clone._modules[name] = None if child is None else clone_module_tree(child, memo)
+    return clone
+
+
+class _ExcitationTracer(fx.Tracer):
+    """``fx.Tracer`` that keeps our surrogates as leaves and remembers where tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=(surrogate_relu, surrogate_max_pool2d))
+        self.failed_module: Optional[str] = None
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # the innermost module the error passed through
+                self.failed_module = self.path_of_module(m)
+            raise
+
+    def trace(self, root, concrete_args=None):  # type: ignore[override]
+        self.root = root
+        return super().trace(root, concrete_args)
+
+
+def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
+    """The innermost traceback frame outside torch: the user's line that failed."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    frames = [f for f in frames if os.sep + "excitation" + os.sep + "fxpass" not in f.filename]
+    return frames[-1] if frames else None
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``module`` (a clone of the user's model), with a readable error on failure.
+
+    The resulting GraphModule holds the *whole* module tree of ``module``, not
+    only the submodules the graph calls, so its ``state_dict()`` keys are those
+    of the original model.
+    """
+    tracer = _ExcitationTracer()
+    try:
+        graph = tracer.trace(module)
+    except Exception as exc:  # fx raises many types: TraceError, TypeError, NotImplementedError...
+        where = tracer.failed_module or ""
+        frame = _user_frame(exc)
+        location = f" at {frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else '?'})" if frame else ""
+        module_text = f"in submodule '{where}' ({type(module.get_submodule(where)).__name__})" if where else "in the model's own forward"
+        raise ExcitationTraceError(
+            f"torch.fx.symbolic_trace cannot trace {type(module).__name__}: {module_text}{location}: "
+            f"{type(exc).__name__}: {exc}\n"
+            "How to get excitation pullbacks anyway:\n"
+            "  * use the torch.compile backend, which handles data-dependent Python control flow:\n"
+            "      torch.compile(model, backend=excitation.backend(temp=0.3))\n"
+            "  * or trace it yourself with a custom torch.fx.Tracer that treats the failing "
+            "submodule as a leaf (override is_leaf_module), and pass the GraphModule to excite();\n"
+            "  * or torch.export.export(model, (x,)) and pass the ExportedProgram to excite()."
+        ) from exc
+    name = module.__class__.__name__
+    gm = fx.GraphModule(module, graph, name)
+    adopt_module_tree(gm, module)
+    return gm
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with a copied graph and cloned module tree, sharing ``gm``'s tensors.
+
+    The copy keeps the graph's codegen (an exported module's pytree in/out specs).
+    """
+    root = clone_module_tree(gm)
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    value, output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph.output(value, type_expr=output.type)
+    new = fx.GraphModule(root, graph, gm.__class__.__name__)
+    adopt_module_tree(new, root)
+    return new

@@ -1,0 +1,190 @@
+"""The registered surrogate ops and the dispatchers that pick a mechanism per runtime.
+
+Why two mechanisms for one op (torch 2.14.1, measured):
+
+* A ``torch.library.custom_op`` with ``register_autograd`` survives
+  ``torch.compile``, ``torch.export`` (the exported graph holds
+  ``excitation::surrogate_relu`` and ``ep.module()`` differentiates through our
+  backward), ``save``/``load`` and ``torch.jit.trace``/``script``.  But
+  ``torch.func`` transforms refuse it ("must override setup_context").
+* An ``autograd.Function`` with ``setup_context`` and ``generate_vmap_rule``
+  works under every ``torch.func`` transform and under compile, but
+  ``torch.export`` silently drops its backward: the exported module returns
+  the *vanilla* gradient.
+
+So :func:`surrogate_relu` / :func:`surrogate_max_pool2d` check whether a
+``torch.func`` transform is active (``peek_interpreter_stack``, which dynamo
+can trace, so ``torch.compile(torch.func.grad(...))`` picks the right branch)
+and route to the ``autograd.Function`` there, and to the custom op everywhere
+else.  Both share one backward implementation from :mod:`.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import soft_max_pool2d_backward, surrogate_relu_backward
+
+__all__ = ["surrogate_relu", "surrogate_max_pool2d", "NAMESPACE"]
+
+NAMESPACE = "excitation"
+IntOrPair = Union[int, Sequence[int]]
+
+
+# --------------------------------------------------------------------------- ReLU
+@torch.library.custom_op(f"{NAMESPACE}::surrogate_relu", mutates_args=())
+def _surrogate_relu_op(z: Tensor, temp: float, gate: str) -> Tensor:
+    """Forward: exactly ``torch.relu(z)``.  Backward: ``grad * gate(z / temp)``."""
+    return torch.relu(z)
+
+
+@_surrogate_relu_op.register_fake
+def _(z: Tensor, temp: float, gate: str) -> Tensor:
+    return torch.empty_like(z)
+
+
+def _relu_setup_context(ctx, inputs, output) -> None:
+    z, temp, gate = inputs
+    ctx.save_for_backward(z)
+    ctx.temp, ctx.gate = temp, gate
+
+
+def _relu_backward(ctx, grad: Tensor):
+    (z,) = ctx.saved_tensors
+    return surrogate_relu_backward(grad, z, ctx.temp, ctx.gate), None, None
+
+
+_surrogate_relu_op.register_autograd(_relu_backward, setup_context=_relu_setup_context)
+
+
+class _SurrogateReLUFunction(torch.autograd.Function):
+    """The ``torch.func`` twin of ``excitation::surrogate_relu``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, temp: float, gate: str) -> Tensor:
+        return torch.relu(z)
+
+    setup_context = staticmethod(_relu_setup_context)
+    backward = staticmethod(_relu_backward)
+
+
+# ---------------------------------------------------------------------- max-pool
+@torch.library.custom_op(f"{NAMESPACE}::surrogate_max_pool2d", mutates_args=())
+def _surrogate_max_pool2d_op(
+    x: Tensor,
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    ceil_mode: bool,
+    temp: float,
+) -> Tuple[Tensor, Tensor]:
+    """Forward: exactly ``F.max_pool2d(..., return_indices=True)``.  Backward: soft-pool gradient."""
+    return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@_surrogate_max_pool2d_op.register_fake
+def _(x, kernel_size, stride, padding, dilation, ceil_mode, temp):
+    # The aten op's own meta kernel knows the output shape rules.
+    return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _pool_setup_context(ctx, inputs, output) -> None:
+    x, kernel_size, stride, padding, dilation, ceil_mode, temp = inputs
+    ctx.save_for_backward(x)
+    ctx.pool_args = (kernel_size, stride, padding, dilation, ceil_mode, temp)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
+    (x,) = ctx.saved_tensors
+    dx = soft_max_pool2d_backward(grad, x, *ctx.pool_args)
+    return dx, None, None, None, None, None, None
+
+
+_surrogate_max_pool2d_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+
+
+class _SurrogateMaxPool2dFunction(torch.autograd.Function):
+    """The ``torch.func`` twin of ``excitation::surrogate_max_pool2d``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, kernel_size, stride, padding, dilation, ceil_mode, temp):
+        return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+    setup_context = staticmethod(_pool_setup_context)
+    backward = staticmethod(_pool_backward)
+
+
+# -------------------------------------------------------------------- dispatch
+def _under_functorch() -> bool:
+    """True while a ``torch.func`` transform (grad, vjp, vmap, jacrev, ...) is active.
+
+    dynamo traces this call, so it also answers correctly inside
+    ``torch.compile(torch.func.grad(f))``.
+    """
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid") -> Tensor:
+    """ReLU whose forward is ``torch.relu(z)`` bit for bit and whose backward is ``grad * gate(z / temp)``.
+
+    Parameters
+    ----------
+    z : Tensor
+        Pre-activations, any shape, floating point.
+    temp : float
+        Gate temperature (> 0).  Small values approach the vanilla gradient.
+    gate : str
+        ``"sigmoid"`` (``sigmoid(z/temp)``, the derivative of ``temp*softplus(z/temp)``)
+        or ``"normal_cdf"`` (``Phi(z/temp)``).
+    """
+    if _under_functorch():
+        return _SurrogateReLUFunction.apply(z, temp, gate)
+    return torch.ops.excitation.surrogate_relu(z, temp, gate)
+
+
+def _pair(value: IntOrPair, name: str) -> List[int]:
+    if isinstance(value, int):
+        return [value, value]
+    values = [int(v) for v in value]
+    if len(values) == 1:
+        return values * 2
+    if len(values) != 2:
+        raise ValueError(f"max_pool2d {name} must be an int or a pair, got {value!r}.")
+    return values
+
+
+def surrogate_max_pool2d(
+    x: Tensor,
+    kernel_size: IntOrPair,
+    stride: Optional[IntOrPair] = None,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+    temp: float = 0.3,
+):
+    """2-D max-pool whose forward equals ``F.max_pool2d`` bit for bit and whose backward is soft pooling's.
+
+    The backward is the gradient of ``sum_w softmax(x_w / temp) * x_w`` over each
+    window, positions outside the input excluded.  Arguments follow
+    :func:`torch.nn.functional.max_pool2d`; ``temp`` is the softmax temperature.
+    """
+    kernel = _pair(kernel_size, "kernel_size")
+    # torch treats stride=None and stride=[] as "stride = kernel_size".
+    strides = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride, "stride")
+    args = (kernel, strides, _pair(padding, "padding"), _pair(dilation, "dilation"), bool(ceil_mode), temp)
+    if _under_functorch():
+        out, indices = _SurrogateMaxPool2dFunction.apply(x, *args)
+    else:
+        out, indices = torch.ops.excitation.surrogate_max_pool2d(x, *args)
+    return (out, indices) if return_indices else out

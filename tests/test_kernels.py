@@ -1,0 +1,139 @@
+"""The surrogate ops against plain-torch references (see tests/helpers.py)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from excitation.kernels import surrogate_max_pool2d, surrogate_relu
+from excitation.kernels.reference import max_pool2d_output_size, soft_max_pool2d_backward
+
+from .helpers import rel_err, soft_pool_reference
+
+
+# ------------------------------------------------------------------------ ReLU
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_relu_forward_is_bit_identical(dtype):
+    z = torch.randn(4, 5, 6).to(dtype)
+    z[0, 0, :3] = torch.tensor([0.0, -0.0, math.inf])
+    assert torch.equal(surrogate_relu(z), torch.relu(z))
+
+
+@pytest.mark.parametrize("temp", [1e-3, 0.3, 2.0])
+def test_relu_sigmoid_backward_is_softplus_gradient(temp):
+    z = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(1000, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(surrogate_relu(z, temp), z, g)
+    (ref,) = torch.autograd.grad(temp * F.softplus(z / temp), z, g)
+    assert rel_err(ours, ref) < 1e-12
+
+
+def test_relu_normal_cdf_backward_is_phi():
+    z = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(1000, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(surrogate_relu(z, 0.5, "normal_cdf"), z, g)
+    expected = g * 0.5 * (1 + torch.erf(z.detach() / (0.5 * math.sqrt(2))))
+    assert rel_err(ours, expected) < 1e-12
+
+
+def test_relu_backward_is_finite_at_extremes():
+    z = torch.tensor([-math.inf, -1e30, -1e-30, 0.0, 1e-30, 1e30, math.inf], requires_grad=True)
+    for gate in ("sigmoid", "normal_cdf"):
+        (grad,) = torch.autograd.grad(surrogate_relu(z, 1e-6, gate).sum(), z)
+        assert torch.isfinite(grad).all(), gate
+        assert grad[0] == 0 and grad[-1] == 1
+
+
+def test_relu_opcheck():
+    z = torch.randn(3, 4, requires_grad=True)
+    torch.library.opcheck(torch.ops.excitation.surrogate_relu.default, (z, 0.3, "sigmoid"))
+
+
+# -------------------------------------------------------------------- max-pool
+def _pool_configs():
+    for kernel, stride, padding, dilation, ceil_mode in itertools.product(
+        [2, 3, (2, 3)], [None, 1, 2, (2, 1)], [0, 1], [1, 2, (1, 2)], [False, True]
+    ):
+        k = (kernel, kernel) if isinstance(kernel, int) else kernel
+        if padding > min(k) // 2:
+            continue  # torch requires padding <= kernel / 2
+        yield kernel, stride, padding, dilation, ceil_mode
+
+
+POOL_CONFIGS = list(_pool_configs())
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", POOL_CONFIGS)
+def test_pool_forward_and_indices_are_bit_identical(kernel, stride, padding, dilation, ceil_mode):
+    x = torch.randn(2, 3, 11, 13)
+    try:
+        expected = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    except RuntimeError:
+        pytest.skip("torch rejects this configuration itself (output size <= 0)")
+    out, indices = surrogate_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    assert torch.equal(out, expected[0]) and torch.equal(indices, expected[1])
+    assert torch.equal(surrogate_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode), expected[0])
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", POOL_CONFIGS)
+def test_pool_backward_is_soft_pool_gradient(kernel, stride, padding, dilation, ceil_mode):
+    x = torch.randn(2, 3, 11, 13, dtype=torch.float64, requires_grad=True)
+    try:
+        out = surrogate_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, temp=0.4)
+    except RuntimeError:
+        pytest.skip("torch rejects this configuration itself")
+    g = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, x, g)
+    soft = soft_pool_reference(x, kernel, stride, padding, dilation, ceil_mode, 0.4)
+    assert soft.shape == out.shape
+    (ref,) = torch.autograd.grad(soft, x, g)
+    assert rel_err(ours, ref) < 1e-10
+
+
+def test_pool_output_size_matches_torch():
+    for size, k, s, p, d, ceil in itertools.product(range(3, 12), [2, 3], [1, 2, 3], [0, 1], [1, 2], [False, True]):
+        if p > k // 2 or size + 2 * p < d * (k - 1) + 1:
+            continue
+        expected = F.max_pool2d(torch.zeros(1, 1, size, 1), (k, 1), (s, 1), (p, 0), (d, 1), ceil).shape[2]
+        assert max_pool2d_output_size(size, k, s, p, d, ceil) == expected
+
+
+def test_pool_unbatched_input():
+    x = torch.randn(3, 8, 8, dtype=torch.float64, requires_grad=True)
+    out = surrogate_max_pool2d(x, 2)
+    assert torch.equal(out, F.max_pool2d(x, 2))
+    (ours,) = torch.autograd.grad(out.sum(), x)
+    (ref,) = torch.autograd.grad(soft_pool_reference(x, 2, None, 0, 1, False, 0.3).sum(), x)
+    assert rel_err(ours, ref) < 1e-10
+
+
+@pytest.mark.parametrize("scale,temp", [(1e30, 1e-6), (1e-30, 1e-6), (1.0, 1e-6), (1e30, 10.0)])
+def test_pool_backward_is_stable_at_any_magnitude(scale, temp):
+    x = torch.randn(1, 2, 7, 7, dtype=torch.float32) * scale
+    g = torch.ones(1, 2, 4, 4)
+    grad = soft_max_pool2d_backward(g, x, [2, 2], [2, 2], [1, 1], [1, 1], True, temp)
+    assert torch.isfinite(grad).all()
+    if temp == 1e-6 and scale >= 1.0:
+        # Distinct values at a tiny temperature: soft pool -> hard max; gradient -> routing to the argmax.
+        _, indices = F.max_pool2d(x, 2, 2, 1, 1, True, return_indices=True)
+        hard = torch.zeros_like(x).view(1, 2, -1).scatter_add_(2, indices.view(1, 2, -1), g.view(1, 2, -1)).view_as(x)
+        torch.testing.assert_close(grad, hard, atol=1e-3, rtol=0)
+
+
+def test_pool_opcheck():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.excitation.surrogate_max_pool2d.default, (x, [2, 2], [2, 2], [0, 0], [1, 1], False, 0.3))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+def test_pool_reduced_precision(dtype, tol):
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    xr = x.to(dtype).requires_grad_(True)
+    out = surrogate_max_pool2d(xr, 3, 2, 1)
+    assert out.dtype == dtype and torch.equal(out, F.max_pool2d(xr, 3, 2, 1))
+    (ours,) = torch.autograd.grad(out.sum(), xr)
+    x64 = xr.detach().double().requires_grad_(True)
+    (ref,) = torch.autograd.grad(soft_pool_reference(x64, 3, 2, 1, 1, False, 0.3).sum(), x64)
+    assert ours.dtype == dtype and rel_err(ours, ref) < tol
