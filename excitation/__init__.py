@@ -15,8 +15,10 @@ Importing this package registers the ``excitation::`` ops with
 """
 
 from .api import clear_cache, gradient, prepare, pullback, pullbacks
+from .ascent import IMAGENET_NORMALIZE, ascend
 from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
 from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
+from .fxpass.backend import backend
 from .gates import GATES
 from .kernels import surrogate_max_pool2d, surrogate_relu
 
@@ -25,9 +27,12 @@ __version__ = "0.1.0"
 __all__ = [
     "excite",
     "excite_graph",
+    "backend",
     "report",
     "is_excited",
     "pullback",
+    "ascend",
+    "IMAGENET_NORMALIZE",
     "pullbacks",
     "gradient",
     "prepare",

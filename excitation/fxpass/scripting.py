@@ -29,6 +29,10 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
     new = copy_graph_module(gm)
     graph = new.graph
     for node in list(graph.nodes):
+        if isinstance(node.type, str):
+            # Annotations under `from __future__ import annotations` arrive as strings,
+            # which fx prints as unresolvable names (`_Tensor_`) that TorchScript rejects.
+            node.type = torch.Tensor if node.type in ("Tensor", "torch.Tensor") else None
         if node.op != "call_function":
             continue
         if node.target is surrogate_relu:

@@ -1,0 +1,177 @@
+"""The ``excitation`` command: ``demo``, ``explain`` and ``bench``.
+
+Every subcommand has ``--help``.  Errors print one line, ``excitation: error: ...``,
+and exit with status 2; ``--traceback`` shows the full trace instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+# ------------------------------------------------------------------------ demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    result = run_demo(Path(args.out), progress=not args.no_progress, seed=args.seed)
+    print(result.summary())
+    return 0
+
+
+# --------------------------------------------------------------------- explain
+def _load_classifier(args: argparse.Namespace):
+    import torch
+    import torchvision
+
+    weights = None
+    if args.weights:
+        try:
+            weights = torchvision.models.get_model_weights(args.model)[args.weights]
+        except KeyError:
+            names = [w.name for w in torchvision.models.get_model_weights(args.model)]
+            raise ValueError(f"--weights {args.weights!r} is not a weight set of {args.model}; choose from {names}.") from None
+    if args.model not in torchvision.models.list_models():
+        raise ValueError(f"--model {args.model!r} is not a torchvision model; see torchvision.models.list_models().")
+    model = torchvision.models.get_model(args.model, weights=None)
+    if args.weights_file:
+        path = Path(args.weights_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--weights-file {path} does not exist.")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    elif weights is not None:
+        try:
+            model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True))
+        except Exception as exc:  # URLError, OSError, HTTPError...
+            raise RuntimeError(
+                f"could not load {args.model} weights {weights.name} ({type(exc).__name__}: {exc}). They are "
+                f"downloaded once into the torch hub cache; on an offline machine copy the file there, or pass "
+                f"--weights-file PATH (keep --weights for the class names)."
+            ) from exc
+    else:
+        raise ValueError("pass --weights NAME (torchvision weights) and/or --weights-file PATH (a local state dict).")
+    categories = list(weights.meta["categories"]) if weights is not None else None
+    transform = weights.transforms() if weights is not None else None
+    return model.eval(), categories, transform
+
+
+def _load_images(paths: Sequence[str], transform) -> "torch.Tensor":
+    import torch
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    resize = int(transform.resize_size[0]) if transform is not None else 256
+    crop = int(transform.crop_size[0]) if transform is not None else 224
+    images = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist.")
+        with Image.open(path) as img:
+            tensor = TF.to_tensor(TF.center_crop(TF.resize(img.convert("RGB"), resize), crop))
+        images.append(tensor)
+    return torch.stack(images)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import pullbacks
+    from .ascent import IMAGENET_MEAN, IMAGENET_STD, Normalized, ascend
+    from .figures import accentuation_grid, pullback_grid
+
+    model, categories, transform = _load_classifier(args)
+    mean = tuple(transform.mean) if transform is not None else IMAGENET_MEAN
+    std = tuple(transform.std) if transform is not None else IMAGENET_STD
+    device = torch.device(args.device)
+    model = model.to(device)
+    images = _load_images(args.images, transform).to(device)
+    targets = list(args.targets) + ([args.extra] if args.extra is not None else [])
+    classes = model(torch.zeros(1, 3, 64, 64, device=device)).shape[1] if categories is None else len(categories)
+    bad = [t for t in targets if not 0 <= t < classes]
+    if bad:
+        raise ValueError(f"targets {bad} out of range for {classes} classes.")
+    name = (lambda t: categories[t]) if categories else (lambda t: f"class {t}")
+    columns = [name(t) for t in args.targets] + ([f"{name(args.extra)} (extra)"] if args.extra is not None else [])
+    rows = [Path(p).stem for p in args.images]
+    wrapped = Normalized(model, mean, std, device=device)
+    grids = pullbacks(wrapped, images, targets, temp=args.temp)
+    out = pullback_grid(images.cpu(), grids.cpu(), rows, columns, args.out, title=f"{args.model}: excitation pullbacks")
+    print(f"wrote {out}")
+    if args.steps > 0:
+        n, k = len(images), len(targets)
+        repeated = images.repeat_interleave(k, 0)
+        wanted = torch.tensor(targets, device=device).repeat(n)
+        common = dict(steps=args.steps, step_size=args.step_size, radius=args.radius, temp=args.temp,
+                      normalize=(mean, std), progress=True)
+        by_pb = ascend(model, repeated, wanted, direction="pullback", **common).view(n, k, *images.shape[1:])
+        by_gr = ascend(model, repeated, wanted, direction="gradient", **common).view(n, k, *images.shape[1:])
+        acc_path = Path(args.out).with_name(Path(args.out).stem + "_accentuation.png")
+        accentuation_grid(images.cpu(), by_pb.cpu(), by_gr.cpu(), rows, columns, acc_path,
+                          title=f"{args.model}: accentuation, pullback vs gradient")
+        print(f"wrote {acc_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="excitation", description="Excitation pullbacks for ReLU networks.")
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="offline demo on in-repo digits models: figures + transfer numbers",
+                          description="Offline demo: pullback and accentuation grids and the A->B transfer test.")
+    demo.add_argument("--out", default="out", help="folder for the PNG figures (default: out)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the transfer test's target draw")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(func=_cmd_demo)
+
+    explain = sub.add_parser("explain", help="pullback and accentuation grids for a torchvision classifier",
+                             description="Pullback grid (and accentuation grid) for images and target classes.")
+    explain.add_argument("--model", default="resnet50", help="torchvision model name (default: resnet50)")
+    explain.add_argument("--weights", help="torchvision weight set, e.g. IMAGENET1K_V1 (also gives class names)")
+    explain.add_argument("--weights-file", help="a local state dict to load instead of downloading")
+    explain.add_argument("--images", nargs="+", required=True, help="image files (resized and center-cropped)")
+    explain.add_argument("--targets", nargs="+", type=int, required=True, help="target class indices (columns)")
+    explain.add_argument("--extra", type=int, help="one extra class, not among the images' classes")
+    explain.add_argument("--out", default="explain.png", help="pullback grid PNG (default: explain.png)")
+    explain.add_argument("--steps", type=int, default=5, help="ascent steps; 0 skips the accentuation grid")
+    explain.add_argument("--step-size", type=float, default=10.0, help="L2 step per image, [0,1] pixels")
+    explain.add_argument("--radius", type=float, default=50.0, help="L2 ball radius, [0,1] pixels")
+    explain.add_argument("--temp", type=float, default=0.3, help="excitation temperature")
+    explain.add_argument("--device", default="cpu", help="cpu or cuda")
+    explain.set_defaults(func=_cmd_explain)
+
+    try:
+        from .bench import add_bench_parser
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("excitation: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.traceback:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"excitation: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Which PyTorch runtimes keep the excitation backward, as a table the README shows.
+
+``tests/test_runtimes.py`` has one test per row (named in the last column), and
+``tests/test_readme.py`` checks that the README's "Runtimes" table is exactly
+:func:`markdown_table`, so the documentation cannot drift from what is tested.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+__all__ = ["Runtime", "RUNTIMES", "markdown_table"]
+
+
+class Runtime(NamedTuple):
+    name: str
+    status: str
+    notes: str
+    test: str
+
+
+RUNTIMES: List[Runtime] = [
+    Runtime("eager autograd: `torch.autograd.grad`, `.backward()`", "yes", "the reference for every other row", "test_eager"),
+    Runtime("`torch.compile(excited, fullgraph=True)`, CPU (Inductor C++)", "yes",
+            "no graph breaks; matches eager to 1e-4 (kernels reorder float sums)", "test_compile_cpu"),
+    Runtime("`torch.compile`, CUDA", "untested here", "needs a GPU; skipped on CPU-only machines", "test_compile_cuda"),
+    Runtime("`torch.export.export(excited, (x,))` + `ep.module()`", "yes",
+            "the graph holds `excitation::surrogate_relu` / `surrogate_max_pool2d`", "test_export"),
+    Runtime("`torch.export.save` / `torch.export.load` in a fresh process", "yes",
+            "run `import excitation` before `torch.export.load`; without it the load raises (never silently vanilla)",
+            "test_export_save_load_fresh_process"),
+    Runtime("`ep.run_decompositions()`", "yes", "custom ops are opaque to decompositions: the surrogates stay", "test_run_decompositions"),
+    Runtime("`excite(ExportedProgram)` / `excite(ep.module())` (ATen graphs)", "yes",
+            "rewrites `aten.relu`, `aten.relu_`, `aten.max_pool2d*`; the result exports again", "test_excite_exported_program"),
+    Runtime("`torch.func.grad`, `vjp`, `jacrev`", "yes", "an `autograd.Function` twin runs under transforms", "test_func_transforms"),
+    Runtime("`torch.func.vmap` over a vjp's cotangents (`excitation.pullbacks`)", "yes",
+            "K class pullbacks per input from one forward", "test_vmap_pullbacks"),
+    Runtime("`torch.compile(torch.func.grad(...))`", "yes", "", "test_compile_func_grad"),
+    Runtime("`torch.jit.trace(excited, x)`", "yes", "TorchScript is deprecated upstream", "test_jit_trace"),
+    Runtime("`torch.jit.script(excited)`", "yes",
+            "scripts a copy calling `torch.ops.excitation.*` directly (`__prepare_scriptable__`)", "test_jit_script"),
+    Runtime("`torch.compile(model, backend=\"excitation\")`", "yes",
+            "rewrites dynamo's graphs; works where `symbolic_trace` fails (data-dependent control flow)",
+            "test_backend_by_name"),
+    Runtime("`torch.compile(model, backend=excitation.backend(temp=..., inner=...))`", "yes",
+            "options and any inner backend", "test_backend_with_options"),
+]
+
+
+def markdown_table() -> str:
+    """The README's "Runtimes" table."""
+    lines = ["| runtime | works | notes | test |", "|---|---|---|---|"]
+    for row in RUNTIMES:
+        lines.append(f"| {row.name} | {row.status} | {row.notes} | `{row.test}` |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(markdown_table())

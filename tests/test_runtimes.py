@@ -1,0 +1,282 @@
+"""One excited graph, every PyTorch runtime: each cell must give the eager excitation pullback.
+
+Every cell asserts two things: the result matches the eager pullback, and it is
+*not* the vanilla gradient (torch.export silently dropping an autograd.Function's
+backward is the failure this guards against).  The rows of the README's
+"Runtimes" table name these tests (see excitation/runtimes.py).
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import excitation
+
+from .helpers import AllForms, reference_pullback, rel_err
+
+TARGET = 3
+EAGER_TOL = 1e-5
+COMPILED_TOL = 1e-4  # compiled kernels reorder floating-point sums
+
+
+def _all_forms():
+    model = AllForms().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.2, 0.2)
+        model.bn1.running_var.uniform_(0.5, 2.0)
+    return model, torch.randn(2, 3, 17, 19)
+
+
+def _torchvision(name):
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    return model, torch.randn(2, 3, 64, 64)
+
+
+BUILDERS = {"all_forms": _all_forms, "resnet50": lambda: _torchvision("resnet50"), "densenet121": lambda: _torchvision("densenet121")}
+# Inductor's C++ build of densenet121's backward takes ~3 min per compile on 2 cores;
+# its compile cells use aot_eager (dynamo + AOTAutograd, where a dropped backward would show).
+COMPILE_BACKEND = {"all_forms": "inductor", "resnet50": "inductor", "densenet121": "aot_eager"}
+
+
+class Case:
+    def __init__(self, name):
+        torch.manual_seed(0)
+        self.name = name
+        self.model, self.x = BUILDERS[name]()
+        self.excited = excitation.excite(self.model)
+        self.eager = excitation.pullback(self.excited, self.x, TARGET)
+        self.vanilla = excitation.gradient(self.model, self.x, TARGET)
+        assert rel_err(self.eager, self.vanilla) > 0.05  # the guard below is meaningful
+
+    def check(self, result, tol=EAGER_TOL):
+        assert rel_err(result, self.vanilla) > 0.05, "returned the vanilla gradient"
+        assert rel_err(result, self.eager) <= tol
+
+    def score(self, module):
+        return lambda inp: module(inp)[:, TARGET].sum()
+
+
+_CASES = {}
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def case(request):
+    if request.param not in _CASES:
+        _CASES[request.param] = Case(request.param)
+    return _CASES[request.param]
+
+
+def _leaf(x):
+    return x.detach().clone().requires_grad_(True)
+
+
+def test_eager(case):
+    assert rel_err(case.eager, reference_pullback(case.model, case.x, TARGET)) <= EAGER_TOL
+    leaf = _leaf(case.x)
+    case.excited(leaf)[:, TARGET].sum().backward()
+    case.check(leaf.grad)
+    leaf = _leaf(case.x)
+    (grad,) = torch.autograd.grad(case.excited(leaf)[:, TARGET].sum(), leaf)
+    case.check(grad)
+
+
+def test_compile_cpu(case):
+    torch._dynamo.reset()
+    compiled = torch.compile(case.excited, fullgraph=True, backend=COMPILE_BACKEND[case.name])
+    leaf = _leaf(case.x)
+    out = compiled(leaf)
+    assert rel_err(out, case.excited(case.x)) <= 1e-5
+    out[:, TARGET].sum().backward()
+    case.check(leaf.grad, COMPILED_TOL)
+
+
+def test_compile_has_no_graph_breaks(case):
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(case.excited)(case.x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_compile_cuda(case):
+    torch._dynamo.reset()
+    model = case.excited.cuda()
+    try:
+        leaf = _leaf(case.x.cuda())
+        torch.compile(model, fullgraph=True)(leaf)[:, TARGET].sum().backward()
+        case.check(leaf.grad.cpu(), COMPILED_TOL)
+    finally:
+        case.excited.cpu()
+
+
+def test_export(case):
+    ep = torch.export.export(case.excited, (case.x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    report = excitation.report(case.excited).counts()
+    assert targets.count("excitation.surrogate_relu.default") == report["relu"]
+    assert targets.count("excitation.surrogate_max_pool2d.default") == report["max_pool2d"]
+    leaf = _leaf(case.x)
+    ep.module()(leaf)[:, TARGET].sum().backward()
+    case.check(leaf.grad)
+
+
+def test_export_save_load_fresh_process(case, tmp_path):
+    ep = torch.export.export(case.excited, (case.x,))
+    torch.export.save(ep, tmp_path / "excited.pt2")
+    torch.save(case.x, tmp_path / "x.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        {{imports}}
+        ep = torch.export.load(sys.argv[1] + "/excited.pt2")
+        x = torch.load(sys.argv[1] + "/x.pt").requires_grad_(True)
+        ep.module()(x)[:, {TARGET}].sum().backward()
+        torch.save(x.grad, sys.argv[1] + "/grad.pt")
+        """
+    )
+    run = lambda imports: subprocess.run(
+        [sys.executable, "-c", script.replace("{imports}", imports), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    done = run("import excitation")
+    assert done.returncode == 0, done.stderr[-2000:]
+    case.check(torch.load(tmp_path / "grad.pt"))
+    # Without the import the load fails loudly instead of returning vanilla gradients.
+    (tmp_path / "grad.pt").unlink()
+    failed = run("")
+    assert failed.returncode != 0 and not (tmp_path / "grad.pt").exists()
+
+
+def test_run_decompositions(case):
+    ep = torch.export.export(case.excited, (case.x,)).run_decompositions()
+    assert any(str(n.target) == "excitation.surrogate_relu.default" for n in ep.graph.nodes)
+    leaf = _leaf(case.x)
+    ep.module()(leaf)[:, TARGET].sum().backward()
+    case.check(leaf.grad)
+
+
+def test_excite_exported_program(case):
+    vanilla_ep = torch.export.export(case.model, (case.x,))
+    aten_targets = {str(n.target) for n in vanilla_ep.graph.nodes}
+    assert aten_targets & {"aten.relu.default", "aten.relu_.default"}
+    for source in (vanilla_ep, vanilla_ep.module(), vanilla_ep.run_decompositions()):
+        excited = excitation.excite(source)
+        assert excitation.report(excited).counts() == excitation.report(case.excited).counts()
+        leaf = _leaf(case.x)
+        excited(leaf)[:, TARGET].sum().backward()
+        case.check(leaf.grad)
+    again = torch.export.export(excited, (case.x,))
+    leaf = _leaf(case.x)
+    again.module()(leaf)[:, TARGET].sum().backward()
+    case.check(leaf.grad)
+
+
+def test_func_transforms(case):
+    score = case.score(case.excited)
+    case.check(torch.func.grad(score)(case.x))
+    out, vjp = torch.func.vjp(case.excited, case.x)
+    cotangent = torch.zeros_like(out)
+    cotangent[:, TARGET] = 1
+    case.check(vjp(cotangent)[0])
+    # jacrev of the target logits: [N, N, C, H, W]; sample i's pullback sits on the diagonal.
+    jacobian = torch.func.jacrev(lambda inp: case.excited(inp)[:, TARGET])(case.x)
+    case.check(torch.stack([jacobian[i, i] for i in range(case.x.shape[0])]))
+
+
+def test_vmap_pullbacks(case):
+    grids = excitation.pullbacks(case.excited, case.x, [TARGET, 0])
+    case.check(grids[:, 0])
+    assert rel_err(grids[:, 1], excitation.pullback(case.excited, case.x, 0)) <= EAGER_TOL
+
+
+def test_compile_func_grad(case):
+    torch._dynamo.reset()
+    grad = torch.compile(torch.func.grad(case.score(case.excited)), backend=COMPILE_BACKEND[case.name])(case.x)
+    case.check(grad, COMPILED_TOL)
+
+
+def test_jit_trace(case):
+    traced = torch.jit.trace(case.excited, case.x, check_trace=False)
+    leaf = _leaf(case.x)
+    traced(leaf)[:, TARGET].sum().backward()
+    case.check(leaf.grad)
+
+
+@pytest.mark.skipif(not hasattr(torch.jit, "script"), reason="this torch has no TorchScript")
+def test_jit_script(case):
+    scripted = torch.jit.script(case.excited)
+    leaf = _leaf(case.x)
+    out = scripted(leaf)
+    assert torch.equal(out, case.excited(case.x))
+    out[:, TARGET].sum().backward()
+    case.check(leaf.grad)
+
+
+def test_backend_by_name(case):
+    torch._dynamo.reset()
+    compiled = torch.compile(case.model, backend="excitation")
+    leaf = _leaf(case.x)
+    compiled(leaf)[:, TARGET].sum().backward()
+    case.check(leaf.grad, COMPILED_TOL)
+
+
+def test_backend_with_options(case):
+    torch._dynamo.reset()
+    backend = excitation.backend(temp=0.5, pool_temp=0.2, inner="aot_eager")
+    leaf = _leaf(case.x)
+    torch.compile(case.model, backend=backend)(leaf)[:, TARGET].sum().backward()
+    expected = excitation.pullback(case.model, case.x, TARGET, temp=0.5, pool_temp=0.2)
+    assert rel_err(leaf.grad, expected) <= COMPILED_TOL
+    counts = {"relu": 0, "max_pool2d": 0}
+    for report in backend.reports:
+        for kind, n in report.counts().items():
+            counts[kind] += n
+    assert counts == excitation.report(case.excited).counts()
+
+
+class DataDependent(nn.Module):
+    """``symbolic_trace`` cannot follow ``if x.sum() > 0``; dynamo can (a graph break)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if h.mean() > 0.25:
+            h = nn.functional.max_pool2d(h, 2)
+        else:
+            h = nn.functional.relu(h - 0.1)
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("shift", [0.0, 3.0], ids=["relu-branch", "pool-branch"])
+def test_backend_handles_data_dependent_control_flow(shift):
+    torch.manual_seed(0)
+    model = DataDependent().eval()
+    x = torch.randn(2, 3, 8, 8) + shift
+    with pytest.raises(excitation.ExcitationTraceError):
+        excitation.excite(model)
+    torch._dynamo.reset()
+    backend = excitation.backend(inner="aot_eager")
+    leaf = _leaf(x)
+    torch.compile(model, backend=backend)(leaf)[:, 1].sum().backward()
+    expected = reference_pullback(model, x, 1)
+    assert rel_err(leaf.grad, expected) <= COMPILED_TOL
+    leaf2 = _leaf(x)
+    model(leaf2)[:, 1].sum().backward()
+    assert rel_err(leaf.grad, leaf2.grad) > 0.05
+    assert sum(r.counts()["relu"] for r in backend.reports) >= 2
+
+
+def test_backend_rejects_bad_options():
+    with pytest.raises(ValueError, match="temp"):
+        excitation.backend(temp=-1)
+    with pytest.raises(ValueError, match="gate"):
+        excitation.backend(gate="step")
+    with pytest.raises(TypeError, match="inner"):
+        excitation.backend(inner=3)
