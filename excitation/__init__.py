@@ -16,6 +16,7 @@ Importing this package registers the ``excitation::`` ops with
 
 from .api import clear_cache, gradient, prepare, pullback, pullbacks
 from .ascent import IMAGENET_NORMALIZE, ascend
+from .calibrate import calibrate
 from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
 from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
 from .fxpass.backend import backend
@@ -32,6 +33,7 @@ __all__ = [
     "is_excited",
     "pullback",
     "ascend",
+    "calibrate",
     "IMAGENET_NORMALIZE",
     "pullbacks",
     "gradient",

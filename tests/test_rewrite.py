@@ -230,3 +230,12 @@ def test_report_of_plain_module_is_an_error():
 def test_excite_rejects_non_modules():
     with pytest.raises(TypeError, match="needs an nn.Module"):
         excitation.excite(lambda x: x)
+
+
+def test_report_node_names_are_valid_temps_keys_before_and_after_reexcite(all_forms):
+    sites = excitation.report(excitation.excite(all_forms)).sites
+    temps = {s.node: 0.1 * (i + 1) for i, s in enumerate(sites)}
+    gm = excitation.excite(all_forms, temps=temps)
+    assert [s.temp for s in excitation.report(gm).sites] == list(temps.values())
+    again = excitation.excite(gm, temps=temps)
+    assert [s.node for s in excitation.report(again).sites] == [s.node for s in sites]

@@ -21,7 +21,9 @@ class Site:
         Module path for module calls (``"layer1.0.relu"``; a module called three
         times gives three sites with the same name), else the FX node name.
     node : str
-        The FX node name in the excited graph; unique per site.
+        The FX node name the site had in the graph that was excited (the traced
+        model, ``ep.module()``, dynamo's graph); unique per site and stable when
+        re-exciting.  ``temps`` accepts it.
     kind : str
         ``"relu"`` or ``"max_pool2d"``.
     form : str

@@ -22,7 +22,7 @@ from ..gates import check_gate, check_temp
 from ..kernels import surrogate_max_pool2d, surrogate_relu
 from .report import Report, Site, Unhandled
 from .excited import REPORT_ATTR, make_excited
-from .sites import SITE_NAME_META, SiteMatch, match_site, match_unhandled, site_name
+from .sites import SITE_NAME_META, SITE_NODE_META, SiteMatch, match_site, match_unhandled, site_name
 from .tracing import clone_module_tree, copy_graph_module, trace
 
 __all__ = ["excite", "excite_graph", "report", "is_excited", "TempsSpec"]
@@ -101,7 +101,7 @@ def _resolve_temps(
         sites.append(
             Site(
                 name=site_name(gm, match.node),
-                node=match.node.name,
+                node=match.node.meta.get(SITE_NODE_META, match.node.name),
                 kind=match.kind,
                 form=match.form,
                 temp=default,
@@ -162,6 +162,7 @@ def _rewrite_site(graph: fx.Graph, match: SiteMatch, site: Site, order: Dict[fx.
             )
     new.meta = dict(node.meta)
     new.meta[SITE_NAME_META] = site.name
+    new.meta[SITE_NODE_META] = site.node
     node.replace_all_uses_with(new)
     if match.inplace and isinstance(match.input, fx.Node):
         # The original overwrote its input: later readers of that tensor saw relu(z).
@@ -203,15 +204,13 @@ def excite_graph(
     for match in matches:
         if match.inplace and isinstance(match.input, fx.Node):
             _check_inplace_aliases(match, order, gm)
-    final_sites = []
     for match, site in zip(matches, sites):
         # Re-match: rewriting earlier sites replaced this node's inputs.
         new = _rewrite_site(graph, match_site(gm, match.node), site, order)
         order[new] = order[match.node]
-        final_sites.append(_replace(site, node=new.name))
     graph.lint()
     gm.recompile()
-    return Report(sites=final_sites, unhandled=unhandled, temp=temp, pool_temp=pool_temp, gate=gate)
+    return Report(sites=sites, unhandled=unhandled, temp=temp, pool_temp=pool_temp, gate=gate)
 
 
 def excite(

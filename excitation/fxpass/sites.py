@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 
 from ..kernels import surrogate_max_pool2d, surrogate_relu
 
-__all__ = ["SiteMatch", "match_site", "match_unhandled", "site_name", "SITE_NAME_META"]
+__all__ = ["SiteMatch", "match_site", "match_unhandled", "site_name", "SITE_NAME_META", "SITE_NODE_META"]
 
 aten = torch.ops.aten
 
@@ -105,7 +105,8 @@ def _bind(params: Sequence[Tuple[str, Any]], args: Sequence[Any], kwargs: Dict[s
     return bound
 
 
-SITE_NAME_META = "excitation_site"
+SITE_NAME_META = "excitation_site"  # the site's name, kept across re-excitation
+SITE_NODE_META = "excitation_node"  # the node name the site had in the user's graph
 _SITE_MODULE_TYPES = ("torch.nn.modules.activation.ReLU", "torch.nn.modules.pooling.MaxPool2d")
 
 
