@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import traceback
 from typing import Dict, List, Optional
 
@@ -25,6 +26,9 @@ from .excited import adopt_module_tree
 __all__ = ["clone_module_tree", "trace", "copy_graph_module"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+# symbolic_trace patches torch globally while it runs (fx's CURRENT_PATCHER): two
+# threads tracing at once corrupt each other, so tracing is serialised.
+_TRACE_LOCK = threading.Lock()
 
 
 def clone_module_tree(module: nn.Module, memo: Optional[Dict[int, nn.Module]] = None) -> nn.Module:
@@ -84,7 +88,8 @@ def trace(module: nn.Module) -> fx.GraphModule:
     """
     tracer = _ExcitationTracer()
     try:
-        graph = tracer.trace(module)
+        with _TRACE_LOCK:
+            graph = tracer.trace(module)
     except Exception as exc:  # fx raises many types: TraceError, TypeError, NotImplementedError...
         where = tracer.failed_module or ""
         frame = _user_frame(exc)

@@ -57,31 +57,12 @@ def max_pool2d_output_size(
     return out
 
 
-def _windows(
-    x: Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    ceil_mode: bool,
-) -> Tuple[Tensor, Tuple[int, int], Tuple[int, int], List[int]]:
-    """Unfold ``x`` [B, H, W] into pooling windows [B, kh*kw, L], positions outside the input at -inf.
-
-    Returns the windows, the output size, the padded size and the pads
-    ``[left, right, top, bottom]`` used to build it.
-    """
-    _, height, width = x.shape
-    out_h = max_pool2d_output_size(height, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
-    out_w = max_pool2d_output_size(width, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
-    # ceil_mode windows can hang over the right/bottom edge beyond the padding.
-    need_h = (out_h - 1) * stride[0] + dilation[0] * (kernel_size[0] - 1) + 1
-    need_w = (out_w - 1) * stride[1] + dilation[1] * (kernel_size[1] - 1) + 1
-    pads = [padding[1], max(need_w - width - padding[1], 0), padding[0], max(need_h - height - padding[0], 0)]
-    padded = F.pad(x, pads, value=-math.inf)
-    windows = F.unfold(padded.unsqueeze(1), kernel_size, dilation=dilation, stride=stride)
-    # unfold may produce more columns than the pool has outputs when the padded
-    # extent exceeds ``need``; it cannot here, because pads are exactly ``need``.
-    return windows, (out_h, out_w), (padded.shape[-2], padded.shape[-1]), pads
+def _offsets(kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int], out_hw: Tuple[int, int]):
+    """For every kernel offset, the (row, column) slices of the padded input it reads."""
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel_size, stride, dilation, out_hw
+    for a in range(kh):
+        for b in range(kw):
+            yield (slice(a * dh, a * dh + (oh - 1) * sh + 1, sh), slice(b * dw, b * dw + (ow - 1) * sw + 1, sw))
 
 
 def soft_max_pool2d_backward(
@@ -104,24 +85,47 @@ def soft_max_pool2d_backward(
     products stay bounded, so it is finite at any magnitude of ``x`` and any
     ``temp`` (the log-sum-exp trick applied to the derivative).  Positions outside
     the input (padding, ceil_mode overhang) have ``u = -inf`` and weight exactly 0.
+
+    The window elements are handled as ``kh * kw`` strided *views* of the (padded)
+    input, each of output size, so nothing of input size times ``kh * kw`` is ever
+    materialised (no im2col / col2im), and non-overlapping pools need no padding copy.
     """
     batch_shape = x.shape[:-2]
     height, width = x.shape[-2:]
-    flat = x.reshape(-1, height, width)
-    windows, (out_h, out_w), padded_size, pads = _windows(
-        flat, kernel_size, stride, padding, dilation, ceil_mode
-    )
     # Work in at least float32: half-precision softmax derivatives lose too much.
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    windows = windows.to(compute_dtype)
-    inside = torch.isfinite(windows) | (windows == math.inf)  # real positions, incl. +inf inputs
-    peak = windows.amax(dim=1, keepdim=True)
+    flat = x.reshape(-1, height, width).to(compute_dtype)
+    out_h = max_pool2d_output_size(height, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    out_w = max_pool2d_output_size(width, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    # ceil_mode windows can hang over the right/bottom edge beyond the padding.
+    need_h = (out_h - 1) * stride[0] + dilation[0] * (kernel_size[0] - 1) + 1
+    need_w = (out_w - 1) * stride[1] + dilation[1] * (kernel_size[1] - 1) + 1
+    pads = [padding[1], max(need_w - width - padding[1], 0), padding[0], max(need_h - height - padding[0], 0)]
+    padded = F.pad(flat, pads, value=-math.inf) if any(pads) else flat
+    views = [padded[:, rows, cols] for rows, cols in _offsets(kernel_size, stride, dilation, (out_h, out_w))]
+
+    peak = views[0].clone()
+    for view in views[1:]:
+        torch.maximum(peak, view, out=peak)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    u = (windows - peak) / temp
-    p = torch.softmax(u, dim=1)
-    pu = torch.where(inside & (p > 0), p * u, torch.zeros_like(p))
-    weight = p + pu - p * pu.sum(dim=1, keepdim=True)
-    weight = weight * grad.reshape(-1, 1, out_h * out_w).to(compute_dtype)
-    folded = F.fold(weight, padded_size, kernel_size, dilation=dilation, stride=stride)
-    folded = folded[:, 0, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
-    return folded.reshape(*batch_shape, height, width).to(x.dtype)
+    inv_temp = 1.0 / temp
+    us = [(view - peak).mul_(inv_temp) for view in views]  # <= 0, -inf outside the input
+    ps = [u.exp() for u in us]
+    total = ps[0].clone()
+    for p in ps[1:]:
+        total.add_(p)
+    inv_total = total.reciprocal_()
+    weighted = torch.zeros_like(peak)  # sum_v p_v u_v
+    for p, u in zip(ps, us):
+        p.mul_(inv_total)
+        # p * u: 0 * -inf = NaN at positions outside the input, where the weight must be 0.
+        torch.nan_to_num_(u.mul_(p), nan=0.0, neginf=0.0)
+        weighted.add_(u)
+    g = grad.reshape(-1, out_h, out_w).to(compute_dtype)
+    result = torch.zeros_like(padded)
+    for (rows, cols), p, pu in zip(_offsets(kernel_size, stride, dilation, (out_h, out_w)), ps, us):
+        # p + p u - p * sum(p u), times the incoming gradient; overlapping windows accumulate.
+        result[:, rows, cols] += (p.sub_(p * weighted).add_(pu)).mul_(g)
+    if any(pads):
+        result = result[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
+    return result.reshape(*batch_shape, height, width).to(x.dtype)
