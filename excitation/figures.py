@@ -79,12 +79,17 @@ def pullback_grid(
         axes[i, 0].set_ylabel(row_labels[i], fontsize=9)
         for j in range(k):
             _show(axes[i, j + 1], scaled[i, j])
+    return _finish(fig, axes, col_labels, title, path)
+
+
+def _finish(fig, axes, col_labels: Sequence[str], title: Optional[str], path: PathLike) -> Path:
     axes[0, 0].set_title("input", fontsize=9)
     for j, label in enumerate(col_labels):
         axes[0, j + 1].set_title(label, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    if title:
+        # Above the column titles (tight_layout ignores suptitles); bbox_inches="tight" keeps it.
+        fig.suptitle(title, fontsize=10, y=1.0 + 0.25 / fig.get_size_inches()[1], va="bottom")
     return _save(fig, path)
 
 
@@ -124,10 +129,4 @@ def accentuation_grid(
                 cell_image = scale_each(result[i, j] - images[i]) if is_delta else result[i, j]
                 _show(axes[row, j + 1], cell_image)
             axes[row, 1].set_ylabel(name, fontsize=7)
-    axes[0, 0].set_title("input", fontsize=9)
-    for j, label in enumerate(col_labels):
-        axes[0, j + 1].set_title(label, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, axes, col_labels, title, path)

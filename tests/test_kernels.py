@@ -137,3 +137,16 @@ def test_pool_reduced_precision(dtype, tol):
     x64 = xr.detach().double().requires_grad_(True)
     (ref,) = torch.autograd.grad(soft_pool_reference(x64, 3, 2, 1, 1, False, 0.3).sum(), x64)
     assert ours.dtype == dtype and rel_err(ours, ref) < tol
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", POOL_CONFIGS[::7])
+def test_pool_functional_and_in_place_backward_agree(kernel, stride, padding, dilation, ceil_mode):
+    # The in-place path runs under plain autograd and compile; the functional one under torch.func.
+    x = torch.randn(2, 3, 11, 13, dtype=torch.float64)
+    out = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    g = torch.randn_like(out)
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)
+    args = (pair(kernel), pair(kernel) if stride is None else pair(stride), pair(padding), pair(dilation), ceil_mode, 0.3)
+    fast = soft_max_pool2d_backward(g, x, *args)
+    functional = soft_max_pool2d_backward(g, x, *args, functional=True)
+    torch.testing.assert_close(fast, functional, rtol=1e-12, atol=1e-12)

@@ -67,10 +67,6 @@ class _ExcitationTracer(fx.Tracer):
                 self.failed_module = self.path_of_module(m)
             raise
 
-    def trace(self, root, concrete_args=None):  # type: ignore[override]
-        self.root = root
-        return super().trace(root, concrete_args)
-
 
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
     """The innermost traceback frame outside torch: the user's line that failed."""

@@ -104,7 +104,7 @@ def _pool_setup_context(ctx, inputs, output) -> None:
 
 def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
     (x,) = ctx.saved_tensors
-    dx = soft_max_pool2d_backward(grad, x, *ctx.pool_args)
+    dx = soft_max_pool2d_backward(grad, x, *ctx.pool_args, functional=_under_functorch())
     return dx, None, None, None, None, None, None
 
 

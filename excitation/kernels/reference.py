@@ -21,7 +21,24 @@ __all__ = [
     "surrogate_relu_backward",
     "soft_max_pool2d_backward",
     "max_pool2d_output_size",
+    "triton_available",
 ]
+
+_TRITON: "bool | None" = None
+
+
+def triton_available() -> bool:
+    """True once ``excitation.kernels.triton`` imported (Triton present); checked once per process."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from . import triton as _  # noqa: F401  (registers the triton_op)
+
+            _TRITON = True
+        except Exception:  # ImportError, or a Triton that cannot initialise here
+            _TRITON = False
+    return _TRITON
+
 
 # softplus_backward returns ``g`` unchanged where ``z * beta > threshold``.  At 20,
 # sigmoid(20) = 1 - 2e-9, which rounds to 1.0 in float32 and is 2e-9 off in
@@ -32,11 +49,16 @@ _SOFTPLUS_THRESHOLD = 20.0
 def surrogate_relu_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """``grad * gate(z / temp)``, the excitation backward of ``relu(z)``.
 
+    On CUDA, with Triton importable, this runs the fused Triton kernel
+    (:mod:`excitation.kernels.triton`); everywhere else the torch ops below.
+
     The sigmoid gate goes through ``aten.softplus_backward``: it computes
     ``grad * sigmoid(z * beta)`` in one fused pass with no temporaries, which is
     about 2x faster on CPU than ``grad * torch.sigmoid(z / temp)`` (three passes).
     Its overflow guard also makes it finite for any finite or infinite ``z``.
     """
+    if z.is_cuda and triton_available():
+        return torch.ops.excitation.surrogate_relu_backward_triton(grad, z, temp, gate)
     if gate == "sigmoid":
         return torch.ops.aten.softplus_backward(grad, z, 1.0 / temp, _SOFTPLUS_THRESHOLD)
     return grad * GATES[gate](z, temp)
@@ -65,6 +87,47 @@ def _offsets(kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequen
             yield (slice(a * dh, a * dh + (oh - 1) * sh + 1, sh), slice(b * dw, b * dw + (ow - 1) * sw + 1, sw))
 
 
+def _window_weights(views: List[Tensor], temp: float, in_place: bool) -> List[Tensor]:
+    """``d(soft pool)/d(view_k) = p_k + p_k u_k - p_k * sum_v p_v u_v`` for every window offset k.
+
+    ``in_place`` reuses buffers (about 1.7x faster on CPU); it is off under
+    ``torch.func``, where the saved input can be a tensor that autograd tracks
+    and ``out=`` / in-place writes on it are refused.
+    """
+    if not in_place:
+        peak = views[0]
+        for view in views[1:]:
+            peak = torch.maximum(peak, view)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        us = [(view - peak) / temp for view in views]  # <= 0, -inf outside the input
+        ps = [torch.exp(u) for u in us]
+        total = ps[0]
+        for p in ps[1:]:
+            total = total + p
+        ps = [p / total for p in ps]
+        # 0 * -inf = NaN at positions outside the input, where the weight must be 0.
+        pus = [torch.nan_to_num(p * u, nan=0.0, neginf=0.0) for p, u in zip(ps, us)]
+        weighted = pus[0]
+        for pu in pus[1:]:
+            weighted = weighted + pu
+        return [p - p * weighted + pu for p, pu in zip(ps, pus)]
+    peak = views[0].clone()
+    for view in views[1:]:
+        torch.maximum(peak, view, out=peak)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    us = [(view - peak).mul_(1.0 / temp) for view in views]
+    ps = [torch.exp(u) for u in us]
+    total = ps[0].clone()
+    for p in ps[1:]:
+        total.add_(p)
+    inv_total = total.reciprocal_()
+    weighted = torch.zeros_like(peak)  # sum_v p_v u_v
+    for p, u in zip(ps, us):
+        p.mul_(inv_total)
+        weighted.add_(torch.nan_to_num_(u.mul_(p), nan=0.0, neginf=0.0))
+    return [p.sub_(p * weighted).add_(pu) for p, pu in zip(ps, us)]
+
+
 def soft_max_pool2d_backward(
     grad: Tensor,
     x: Tensor,
@@ -74,6 +137,7 @@ def soft_max_pool2d_backward(
     dilation: Sequence[int],
     ceil_mode: bool,
     temp: float,
+    functional: bool = False,
 ) -> Tensor:
     """Gradient of soft pooling ``s = sum_w softmax(x_w / temp) * x_w``, summed over windows.
 
@@ -89,6 +153,8 @@ def soft_max_pool2d_backward(
     The window elements are handled as ``kh * kw`` strided *views* of the (padded)
     input, each of output size, so nothing of input size times ``kh * kw`` is ever
     materialised (no im2col / col2im), and non-overlapping pools need no padding copy.
+    ``functional=True`` avoids in-place writes that involve ``grad`` (needed under
+    ``torch.func`` transforms, where ``grad`` may be batched and ``x`` not).
     """
     batch_shape = x.shape[:-2]
     height, width = x.shape[-2:]
@@ -104,28 +170,17 @@ def soft_max_pool2d_backward(
     padded = F.pad(flat, pads, value=-math.inf) if any(pads) else flat
     views = [padded[:, rows, cols] for rows, cols in _offsets(kernel_size, stride, dilation, (out_h, out_w))]
 
-    peak = views[0].clone()
-    for view in views[1:]:
-        torch.maximum(peak, view, out=peak)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    inv_temp = 1.0 / temp
-    us = [(view - peak).mul_(inv_temp) for view in views]  # <= 0, -inf outside the input
-    ps = [u.exp() for u in us]
-    total = ps[0].clone()
-    for p in ps[1:]:
-        total.add_(p)
-    inv_total = total.reciprocal_()
-    weighted = torch.zeros_like(peak)  # sum_v p_v u_v
-    for p, u in zip(ps, us):
-        p.mul_(inv_total)
-        # p * u: 0 * -inf = NaN at positions outside the input, where the weight must be 0.
-        torch.nan_to_num_(u.mul_(p), nan=0.0, neginf=0.0)
-        weighted.add_(u)
+    weights = _window_weights(views, temp, in_place=not functional)
     g = grad.reshape(-1, out_h, out_w).to(compute_dtype)
-    result = torch.zeros_like(padded)
-    for (rows, cols), p, pu in zip(_offsets(kernel_size, stride, dilation, (out_h, out_w)), ps, us):
-        # p + p u - p * sum(p u), times the incoming gradient; overlapping windows accumulate.
-        result[:, rows, cols] += (p.sub_(p * weighted).add_(pu)).mul_(g)
+    if functional:
+        # Under torch.func (vmap over cotangents) ``g`` is batched but ``x`` is not: no
+        # in-place write may mix them, so overlapping windows are summed by F.fold.
+        columns = torch.stack([w * g for w in weights], dim=1).flatten(2)
+        result = F.fold(columns, padded.shape[-2:], kernel_size, dilation=dilation, stride=stride)[:, 0]
+    else:
+        result = torch.zeros_like(padded)
+        for (rows, cols), w in zip(_offsets(kernel_size, stride, dilation, (out_h, out_w)), weights):
+            result[:, rows, cols] += w.mul_(g)  # overlapping windows accumulate
     if any(pads):
         result = result[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
     return result.reshape(*batch_shape, height, width).to(x.dtype)

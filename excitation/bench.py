@@ -1,0 +1,308 @@
+"""``excitation bench``: pullback cost against the vanilla gradient and against peers, in one process.
+
+Every method computes the input gradient of one class logit per image for the
+same model, batch and device; timings are interleaved round by round (so drift
+and noise hit every method alike) and reported as median and p20-p80 spread.
+Memory is the autograd *saved-tensor* footprint of one forward (unique
+storages) on CPU, and the peak allocated memory on CUDA.  The last column says
+whether each method's result equals our pullback (relative L2 <= 1e-4).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .fxpass.rewrite import excite
+from .kernels.reference import surrogate_relu_backward
+
+__all__ = ["BenchRow", "BenchResult", "run_bench", "add_bench_parser", "format_table"]
+
+EQUAL_TOL = 1e-4
+
+
+@dataclass
+class BenchRow:
+    method: str
+    ms_median: Optional[float] = None
+    ms_p20: Optional[float] = None
+    ms_p80: Optional[float] = None
+    images_per_s: Optional[float] = None
+    ratio: Optional[float] = None  # to the vanilla row of the same mode (eager or compiled)
+    memory_mb: Optional[float] = None
+    memory_ratio: Optional[float] = None
+    rel_diff_to_ours: Optional[float] = None
+    equals_ours: Optional[bool] = None
+    note: str = ""
+
+
+@dataclass
+class BenchResult:
+    model: str
+    batch: int
+    size: int
+    device: str
+    temp: float
+    torch_version: str
+    date: str
+    machine: str
+    memory_kind: str
+    rows: List[BenchRow] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+class _SoftReLUFunction(torch.autograd.Function):
+    """The paper-style surrogate: a straightforward autograd.Function (three-pass backward)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, temp: float) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.temp = temp
+        return torch.relu(z)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (z,) = ctx.saved_tensors
+        return grad * torch.sigmoid(z / ctx.temp), None
+
+
+class _SoftReLU(nn.Module):
+    def __init__(self, temp: float) -> None:
+        super().__init__()
+        self.temp = temp
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _SoftReLUFunction.apply(z, self.temp)
+
+
+def _swap_relus(model: nn.Module, temp: float) -> nn.Module:
+    swapped = copy.deepcopy(model)
+    for module in swapped.modules():
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, _SoftReLU(temp))
+    return swapped
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} cores"
+
+
+def _input_gradient(module: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    leaf = x.detach().requires_grad_(True)
+    out = module(leaf)
+    (grad,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), leaf)
+    return grad
+
+
+def _methods(model: nn.Module, model_name: str, temp: float, compile_: bool, peers: bool) -> Dict[str, Callable]:
+    """name -> callable(x, target) -> input gradient; names starting 'vanilla' are baselines."""
+    excited = excite(model, temp=temp)
+    methods: Dict[str, Callable] = {
+        "vanilla gradient": lambda x, t: _input_gradient(model, x, t),
+        "excitation (ours)": lambda x, t: _input_gradient(excited, x, t),
+        "paper-style: nn.ReLU -> autograd.Function": (lambda swapped: lambda x, t: _input_gradient(swapped, x, t))(
+            _swap_relus(model, temp)
+        ),
+    }
+    if compile_:
+        compiled_vanilla = torch.compile(model)
+        compiled_ours = torch.compile(excited)
+        methods["vanilla gradient, compiled"] = lambda x, t: _input_gradient(compiled_vanilla, x, t)
+        methods["excitation (ours), compiled"] = lambda x, t: _input_gradient(compiled_ours, x, t)
+    if not peers:
+        return methods
+    try:
+        from zennit.composites import BetaSmooth
+        from zennit.torchvision import ResNetCanonizer
+    except ImportError:
+        methods["zennit BetaSmooth"] = None  # reported as skipped
+    else:
+        canonizers = [ResNetCanonizer()] if model_name.startswith(("resnet", "resnext", "wide_resnet")) else []
+        composite = BetaSmooth(beta_smooth=1.0 / temp, canonizers=canonizers)
+
+        def zennit_grad(x, t):
+            with composite.context(model) as modified:
+                return _input_gradient(modified, x, t)
+
+        methods["zennit BetaSmooth"] = zennit_grad
+    try:
+        from captum.attr import GuidedBackprop
+    except ImportError:
+        methods["captum GuidedBackprop"] = None
+    else:
+        guided = GuidedBackprop(model)
+        methods["captum GuidedBackprop"] = lambda x, t: guided.attribute(x.detach().requires_grad_(True), target=t)
+    return methods
+
+
+def _saved_bytes(fn: Callable, x: Tensor, target: Tensor) -> int:
+    """Bytes of the unique storages autograd saves for backward during one call."""
+    storages: Dict[int, int] = {}
+
+    def pack(tensor: Tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x, target)
+    return sum(storages.values())
+
+
+def run_bench(
+    model_name: str = "resnet50",
+    *,
+    batch: int = 8,
+    size: int = 224,
+    device: str = "cpu",
+    compile_: bool = False,
+    temp: float = 0.3,
+    repeats: int = 10,
+    warmup: int = 2,
+    peers: bool = True,
+    progress: bool = True,
+    model: Optional[nn.Module] = None,
+) -> BenchResult:
+    """Measure every method on one torchvision model (random weights, eval, frozen parameters)."""
+    import torchvision
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device.")
+    if model is None:
+        if model_name not in torchvision.models.list_models(module=torchvision.models):
+            raise ValueError(f"--model {model_name!r} is not a torchvision classification model.")
+        kwargs = {"aux_logits": False, "init_weights": True} if model_name in ("googlenet", "inception_v3") else {}
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(model_name, weights=None, **kwargs)
+    model = model.eval().to(dev)
+    for param in model.parameters():
+        param.requires_grad_(False)  # input gradients only, as users of attribution run it
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, size, size, generator=generator).to(dev)
+    target = torch.randint(0, 1000, (batch,), generator=generator).to(dev)
+    methods = _methods(model, model_name, temp, compile_, peers)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    rows = {name: BenchRow(name) for name in methods}
+    live = {}
+    results = {}
+    for name, fn in methods.items():
+        if fn is None:
+            rows[name].note = "not installed (pip install -e '.[bench]')"
+            continue
+        try:
+            for _ in range(max(1, warmup)):
+                results[name] = fn(x, target)
+            sync()
+            live[name] = fn
+        except Exception as exc:  # a peer that crashes on this model is a result, not a bench failure
+            rows[name].note = f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    times: Dict[str, List[float]] = {name: [] for name in live}
+    rounds = range(repeats)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc=f"bench {model_name} b{batch} {device}", unit="round", leave=False)
+    for _ in rounds:
+        for name, fn in live.items():  # interleaved: every method sees the same machine state
+            sync()
+            start = time.perf_counter()
+            fn(x, target)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    ours = results.get("excitation (ours)")
+    for name, fn in live.items():
+        row = rows[name]
+        samples = sorted(times[name])
+        row.ms_median = 1e3 * statistics.median(samples)
+        row.ms_p20 = 1e3 * samples[int(0.2 * (len(samples) - 1))]
+        row.ms_p80 = 1e3 * samples[int(round(0.8 * (len(samples) - 1)))]
+        row.images_per_s = batch / (row.ms_median / 1e3)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn(x, target)
+            row.memory_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            row.memory_mb = _saved_bytes(fn, x, target) / 2**20
+        if ours is not None:
+            diff = float((results[name].double() - ours.double()).norm() / ours.double().norm())
+            row.rel_diff_to_ours = diff
+            row.equals_ours = diff <= EQUAL_TOL
+    for name, row in rows.items():
+        base_name = "vanilla gradient, compiled" if name.endswith("compiled") else "vanilla gradient"
+        base = rows.get(base_name)
+        if row.ms_median is not None and base is not None and base.ms_median:
+            row.ratio = row.ms_median / base.ms_median
+            if base.memory_mb:
+                row.memory_ratio = row.memory_mb / base.memory_mb
+    return BenchResult(
+        model=model_name, batch=batch, size=size, device=str(dev), temp=temp, torch_version=torch.__version__,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), machine=_machine() if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        memory_kind="autograd saved tensors" if dev.type == "cpu" else "peak CUDA allocation", rows=list(rows.values()),
+    )
+
+
+def format_table(result: BenchResult) -> str:
+    """A Markdown table of one run, with its conditions in a header line."""
+    head = (f"{result.model}, batch {result.batch}, {result.size}x{result.size}, {result.device} ({result.machine}), "
+            f"torch {result.torch_version}, {result.date}; memory = {result.memory_kind}")
+    lines = [head, "",
+             "| method | ms / batch (median, p20-p80) | images/s | time / vanilla | memory MiB | memory / vanilla | equals our pullback |",
+             "|---|---|---|---|---|---|---|"]
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)
+    for row in result.rows:
+        if row.ms_median is None:
+            lines.append(f"| {row.method} | {row.note} | | | | | |")
+            continue
+        equal = "–" if row.equals_ours is None else ("yes" if row.equals_ours else f"no (rel. diff {row.rel_diff_to_ours:.2g})")
+        lines.append(
+            f"| {row.method} | {row.ms_median:.1f} ({row.ms_p20:.1f}–{row.ms_p80:.1f}) | {row.images_per_s:.1f} | "
+            f"{fmt(row.ratio, '.3f')} | {row.memory_mb:.0f} | {fmt(row.memory_ratio, '.3f')} | {equal} |"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_bench(args) -> int:
+    result = run_bench(args.model, batch=args.batch, size=args.size, device=args.device, compile_=args.compile,
+                       temp=args.temp, repeats=args.repeats, warmup=args.warmup, peers=not args.no_peers,
+                       progress=not args.no_progress)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(result.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="time pullbacks against the vanilla gradient and peers",
+                           description=__doc__.splitlines()[0])
+    bench.add_argument("--model", default="resnet50", help="torchvision classification model (random weights)")
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--size", type=int, default=224, help="input side in pixels")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--compile", action="store_true", help="also time torch.compile'd vanilla and ours")
+    bench.add_argument("--temp", type=float, default=0.3)
+    bench.add_argument("--repeats", type=int, default=10, help="timed rounds (each runs every method once)")
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--no-peers", action="store_true", help="skip zennit and captum")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--json", help="also write the result as JSON")
+    bench.set_defaults(func=_cmd_bench)
