@@ -1,4 +1,4 @@
-"""``excitation bench``: pullback cost against the vanilla gradient and against peers, in one process.
+"""Benchmarks behind ``excitation bench``: pullback cost against the vanilla gradient and against peers, in one process.
 
 Every method computes the input gradient of one class logit per image for the
 same model, batch and device; timings are interleaved round by round (so drift
@@ -26,7 +26,7 @@ from torch import Tensor
 from .fxpass.rewrite import excite
 from .kernels.reference import surrogate_relu_backward
 
-__all__ = ["BenchRow", "BenchResult", "run_bench", "add_bench_parser", "format_table"]
+__all__ = ["BenchRow", "BenchResult", "run_bench", "format_table"]
 
 EQUAL_TOL = 1e-4
 
@@ -278,31 +278,3 @@ def format_table(result: BenchResult) -> str:
             f"{fmt(row.ratio, '.3f')} | {row.memory_mb:.0f} | {fmt(row.memory_ratio, '.3f')} | {equal} |"
         )
     return "\n".join(lines)
-
-
-def _cmd_bench(args) -> int:
-    result = run_bench(args.model, batch=args.batch, size=args.size, device=args.device, compile_=args.compile,
-                       temp=args.temp, repeats=args.repeats, warmup=args.warmup, peers=not args.no_peers,
-                       progress=not args.no_progress)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(result.to_json())
-        print(f"wrote {args.json}")
-    return 0
-
-
-def add_bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="time pullbacks against the vanilla gradient and peers",
-                           description=__doc__.splitlines()[0])
-    bench.add_argument("--model", default="resnet50", help="torchvision classification model (random weights)")
-    bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--size", type=int, default=224, help="input side in pixels")
-    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    bench.add_argument("--compile", action="store_true", help="also time torch.compile'd vanilla and ours")
-    bench.add_argument("--temp", type=float, default=0.3)
-    bench.add_argument("--repeats", type=int, default=10, help="timed rounds (each runs every method once)")
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--no-peers", action="store_true", help="skip zennit and captum")
-    bench.add_argument("--no-progress", action="store_true")
-    bench.add_argument("--json", help="also write the result as JSON")
-    bench.set_defaults(func=_cmd_bench)

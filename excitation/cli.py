@@ -118,6 +118,20 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ bench
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, run_bench
+
+    result = run_bench(args.model, batch=args.batch, size=args.size, device=args.device, compile_=args.compile,
+                       temp=args.temp, repeats=args.repeats, warmup=args.warmup, peers=not args.no_peers,
+                       progress=not args.no_progress)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(result.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
 # ----------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="excitation", description="Excitation pullbacks for ReLU networks.")
@@ -148,12 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--device", default="cpu", help="cpu or cuda")
     explain.set_defaults(func=_cmd_explain)
 
-    try:
-        from .bench import add_bench_parser
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        add_bench_parser(sub)
+    bench = sub.add_parser("bench", help="time pullbacks against the vanilla gradient and peers",
+                           description="Time pullbacks against the vanilla gradient and peers (one process, "
+                                       "interleaved rounds); prints a Markdown table.")
+    bench.add_argument("--model", default="resnet50", help="torchvision classification model (random weights)")
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--size", type=int, default=224, help="input side in pixels")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--compile", action="store_true", help="also time torch.compile'd vanilla and ours")
+    bench.add_argument("--temp", type=float, default=0.3)
+    bench.add_argument("--repeats", type=int, default=10, help="timed rounds (each runs every method once)")
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--no-peers", action="store_true", help="skip zennit and captum")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--json", help="also write the result as JSON")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

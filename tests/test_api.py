@@ -209,3 +209,9 @@ def test_create_graph_allows_second_order():
     x = torch.randn(2, 10, dtype=torch.float64)
     grad = excitation.pullback(model, x, 1, create_graph=True)
     assert grad.requires_grad
+
+
+def test_input_on_another_device_is_refused():
+    model = _mlp().to("meta")
+    with pytest.raises(ValueError, match="x is on cpu but the model is on meta"):
+        excitation.pullback(model, torch.randn(2, 10, dtype=torch.float64), 0)

@@ -121,3 +121,13 @@ def test_bad_arguments(digits, kwargs, match):
     model, x, target = digits
     with pytest.raises(ValueError, match=match):
         excitation.ascend(model, x, target, progress=False, **kwargs)
+
+
+def test_bad_inputs_and_targets_are_refused(digits):
+    model, x, _ = digits
+    with pytest.raises(TypeError, match="integer dtype"):
+        excitation.ascend(model, (x * 255).long(), 1, progress=False)
+    with pytest.raises(IndexError, match="out of range"):
+        excitation.ascend(model, x, 10, progress=False)
+    with pytest.raises(ValueError, match="16 entries|entries for a batch"):
+        excitation.ascend(model, x, [1, 2], progress=False)

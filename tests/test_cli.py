@@ -120,3 +120,22 @@ def test_explain_target_out_of_range(local_weights, capsys):
 def test_console_script_help():
     done = subprocess.run([sys.executable, "-m", "excitation.cli", "explain", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--weights-file" in done.stdout
+
+
+def test_bench_command_prints_a_table(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", "resnet18", "--batch", "1", "--size", "32", "--repeats", "2", "--warmup", "1",
+                 "--no-peers", "--no-progress", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "| excitation (ours) |" in text and "| vanilla gradient |" in text
+    import json
+
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["excitation (ours)"]["equals_ours"] is True
+    assert rows["vanilla gradient"]["equals_ours"] is False and rows["vanilla gradient"]["ratio"] == 1.0
+    assert rows["paper-style: nn.ReLU -> autograd.Function"]["ms_median"] > 0
+
+
+def test_bench_rejects_unknown_model(capsys):
+    assert main(["bench", "--model", "not_a_model", "--no-progress"]) == 2
+    assert "not a torchvision classification model" in capsys.readouterr().err

@@ -150,3 +150,14 @@ def test_pool_functional_and_in_place_backward_agree(kernel, stride, padding, di
     fast = soft_max_pool2d_backward(g, x, *args)
     functional = soft_max_pool2d_backward(g, x, *args, functional=True)
     torch.testing.assert_close(fast, functional, rtol=1e-12, atol=1e-12)
+
+
+def test_pool_backward_supports_double_backward():
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(surrogate_max_pool2d(x, 3, 2, 1).sum(), x, create_graph=True)
+    (ref,) = torch.autograd.grad(soft_pool_reference(x, 3, 2, 1, 1, False, 0.3).sum(), x, create_graph=True)
+    assert rel_err(grad, ref) < 1e-10
+    # Second order through our backward: d/dx sum(grad * w) for a fixed w.
+    w = torch.randn_like(x)
+    (second,) = torch.autograd.grad((grad * w).sum(), x)
+    assert torch.isfinite(second).all()

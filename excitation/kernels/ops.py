@@ -104,7 +104,10 @@ def _pool_setup_context(ctx, inputs, output) -> None:
 
 def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
     (x,) = ctx.saved_tensors
-    dx = soft_max_pool2d_backward(grad, x, *ctx.pool_args, functional=_under_functorch())
+    # In-place buffers are only safe in a plain first-order backward: with create_graph
+    # (grad mode on, e.g. torch.func.grad) autograd tracks x, and under vmap grad is batched.
+    functional = torch.is_grad_enabled() or _under_functorch()
+    dx = soft_max_pool2d_backward(grad, x, *ctx.pool_args, functional=functional)
     return dx, None, None, None, None, None, None
 
 

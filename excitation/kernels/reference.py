@@ -99,14 +99,16 @@ def _window_weights(views: List[Tensor], temp: float, in_place: bool) -> List[Te
         for view in views[1:]:
             peak = torch.maximum(peak, view)
         peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-        us = [(view - peak) / temp for view in views]  # <= 0, -inf outside the input
+        # Outside the input u = -inf; a finite stand-in with exp(u) == 0 keeps p * u and
+        # its derivatives (create_graph / torch.func higher orders) free of 0 * inf.
+        us = [(view - peak) / temp for view in views]
+        us = [torch.where(torch.isneginf(u), torch.full_like(u, -1e4), u) for u in us]
         ps = [torch.exp(u) for u in us]
         total = ps[0]
         for p in ps[1:]:
             total = total + p
         ps = [p / total for p in ps]
-        # 0 * -inf = NaN at positions outside the input, where the weight must be 0.
-        pus = [torch.nan_to_num(p * u, nan=0.0, neginf=0.0) for p, u in zip(ps, us)]
+        pus = [p * u for p, u in zip(ps, us)]
         weighted = pus[0]
         for pu in pus[1:]:
             weighted = weighted + pu
