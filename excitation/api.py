@@ -16,9 +16,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 import torch.nn as nn
-from torch import Tensor, fx
+from torch import Tensor
 
-from .errors import ExcitationError
 from .fxpass.rewrite import TempsSpec, excite, is_excited, report
 from .fxpass.tracing import clone_module_tree
 

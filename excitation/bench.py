@@ -16,7 +16,6 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -24,7 +23,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from .fxpass.rewrite import excite
-from .kernels.reference import surrogate_relu_backward
 
 __all__ = ["BenchRow", "BenchResult", "run_bench", "format_table"]
 

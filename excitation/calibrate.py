@@ -11,7 +11,7 @@ scale of their positive inputs (see ``_Recorder``).
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, Union
 
 import torch
 import torch.nn as nn

@@ -60,7 +60,7 @@ def _load_classifier(args: argparse.Namespace):
     return model.eval(), categories, transform
 
 
-def _load_images(paths: Sequence[str], transform) -> "torch.Tensor":
+def _load_images(paths: Sequence[str], transform):
     import torch
     from PIL import Image
     from torchvision.transforms import functional as TF

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 __all__ = ["pullback_grid", "accentuation_grid", "scale_each"]

@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import excitation
 from excitation import api
 
-from .helpers import AllForms, fingerprint, reference_pullback, rel_err, vanilla_gradient
+from .helpers import fingerprint, reference_pullback, rel_err, vanilla_gradient
 
 
 def _x(n=3):

@@ -6,7 +6,7 @@ import excitation
 from excitation.calibrate import robust_std
 from excitation.demo.digits import load_digits, load_model
 
-from .helpers import fingerprint, reference_pullback, rel_err
+from .helpers import fingerprint
 
 
 def test_robust_std_of_gaussian_is_its_std():

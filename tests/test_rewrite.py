@@ -1,7 +1,5 @@
 """The FX pass: which sites it finds, what it puts there, and what it refuses."""
 
-import operator
-import warnings
 
 import pytest
 import torch

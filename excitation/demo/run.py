@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -70,7 +70,7 @@ class DemoResult:
         trials = self.baseline[1]
         lines = [
             f"held-out accuracy: model A {self.accuracy['a']:.1%}, model B {self.accuracy['b']:.1%}",
-            f"transfer test: accentuate held-out images on model A towards another class, classify with model B",
+            "transfer test: accentuate held-out images on model A towards another class, classify with model B",
             f"  ({trials} image/target pairs, {BUDGET['steps']} steps of radius/5; unperturbed, B predicts the "
             f"target {self.baseline[0] / trials:.1%})",
             "  L2 radius | along pullbacks: B hits target (95% CI)  [A] | along gradients: B hits target (95% CI)  [A]",

@@ -8,9 +8,10 @@ is the public entry point that produces such a GraphModule from a model.
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 import operator
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -116,7 +117,7 @@ def _resolve_temps(
         for site in sites:
             chosen = temps(site)
             if chosen is not None:
-                site = _replace(site, temp=check_temp(chosen, argument=f"temps({site.name!r})"))
+                site = replace(site, temp=check_temp(chosen, argument=f"temps({site.name!r})"))
             resolved.append(site)
         return resolved
     if not isinstance(temps, Mapping):
@@ -138,14 +139,8 @@ def _resolve_temps(
     checked = {key: check_temp(value, argument=f"temps[{key!r}]") for key, value in temps.items()}
     # A node name is more specific than a module path (a reused module has one path, many nodes).
     return [
-        _replace(site, temp=checked.get(site.node, checked.get(site.name, site.temp))) for site in sites
+        replace(site, temp=checked.get(site.node, checked.get(site.name, site.temp))) for site in sites
     ]
-
-
-def _replace(site: Site, **changes: Any) -> Site:
-    from dataclasses import replace
-
-    return replace(site, **changes)
 
 
 def _rewrite_site(graph: fx.Graph, match: SiteMatch, site: Site, order: Dict[fx.Node, int]) -> fx.Node:

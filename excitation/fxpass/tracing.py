@@ -13,7 +13,7 @@ import copy
 import os
 import threading
 import traceback
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import soft_max_pool2d_backward, surrogate_relu_backward
