@@ -15,7 +15,7 @@ Importing this package registers the ``excitation::`` ops with
 """
 
 from .api import clear_cache, gradient, prepare, pullback, pullbacks
-from .ascent import IMAGENET_NORMALIZE, ascend
+from .ascent import IMAGENET_NORMALIZE, Normalized, ascend
 from .calibrate import calibrate
 from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
 from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
@@ -35,6 +35,7 @@ __all__ = [
     "ascend",
     "calibrate",
     "IMAGENET_NORMALIZE",
+    "Normalized",
     "pullbacks",
     "gradient",
     "prepare",

@@ -23,3 +23,19 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     assert block == ['pip install -e . && excitation demo', 'pip install -e ".[dev]" && pytest -q']
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -e ".[dev]" && pytest -q' in ci.splitlines()
+
+
+def test_readme_api_example_runs():
+    # The example as printed, with random weights and small images (no downloads here).
+    code = README.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'weights="IMAGENET1K_V1"' in code and "224, 224" in code
+    code = code.replace('weights="IMAGENET1K_V1"', "weights=None").replace("224, 224", "64, 64")
+    code = code.replace("print(", "str(")
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["pb"].shape == (4, 3, 64, 64)
+    assert namespace["grid"].shape == (4, 3, 3, 64, 64)
+    assert namespace["moved"].shape == (4, 3, 64, 64)
+    report = namespace["excitation"].report(namespace["excited"])
+    assert report.counts() == {"relu": 49, "max_pool2d": 1}
+    assert "49 ReLU and 1 max-pool" in str(report)
