@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .fxpass.rewrite import TempsSpec, excite, is_excited, report
-from .fxpass.tracing import clone_module_tree
+from .fxpass.tracing import TRACE_GATE, clone_module_tree
 
 __all__ = ["pullback", "pullbacks", "gradient", "prepare", "clear_cache"]
 
@@ -213,7 +213,7 @@ def target_indices(target: Any, batch: int, classes: int, *, device: torch.devic
 def _input_gradient(module: nn.Module, x: Tensor, target: Target, create_graph: bool) -> Tensor:
     x = check_input(module, x)
     leaf = x.detach().requires_grad_(True)
-    with torch.enable_grad(), _eval_mode(module):
+    with TRACE_GATE.running(), torch.enable_grad(), _eval_mode(module):
         out = module(leaf)
         score = select_target(out, target, x.shape[0])
         (grad,) = torch.autograd.grad(score.sum(), leaf, create_graph=create_graph)
@@ -289,7 +289,7 @@ def pullbacks(
         index = index[None, :].expand(batch, -1)
     if index.dim() != 2 or index.shape[0] != batch or index.shape[1] == 0:
         raise ValueError(f"targets must have shape [K] or [{batch}, K] with K >= 1, got {tuple(index.shape)}.")
-    with torch.enable_grad(), _eval_mode(module):
+    with TRACE_GATE.running(), torch.enable_grad(), _eval_mode(module):
         out, vjp = torch.func.vjp(module, x.detach())
         if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .api import Target, check_input, prepare, select_target
 from .fxpass.rewrite import TempsSpec
+from .fxpass.tracing import TRACE_GATE
 
 __all__ = ["ascend", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENET_NORMALIZE", "Normalized"]
 
@@ -133,7 +134,7 @@ def ascend(
     try:
         for _ in range(steps):
             leaf = current.requires_grad_(True)
-            with torch.enable_grad():
+            with TRACE_GATE.running(), torch.enable_grad():
                 score = select_target(module(leaf), target, x0.shape[0])
                 (direction_t,) = torch.autograd.grad(score.sum(), leaf)
             with torch.no_grad():

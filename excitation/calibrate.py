@@ -19,6 +19,7 @@ from torch import Tensor, fx
 
 from .api import check_input, prepare
 from .fxpass.sites import SITE_NODE_META
+from .fxpass.tracing import TRACE_GATE
 from .gates import check_temp
 from .kernels import surrogate_max_pool2d, surrogate_relu
 
@@ -109,7 +110,8 @@ def calibrate(
     try:
         with torch.no_grad():
             for batch in iterator:
-                recorder.run(check_input(excited, batch, argument="batch"))
+                with TRACE_GATE.running():
+                    recorder.run(check_input(excited, batch, argument="batch"))
                 seen += 1
     finally:
         excited.train(training)

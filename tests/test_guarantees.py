@@ -128,17 +128,33 @@ def test_two_threads_share_one_excited_model():
         assert rel_err(got, want) <= 1e-5
 
 
-def test_two_threads_on_a_plain_model_share_one_cache_entry():
-    model = _model(torch.float32)
-    before = fingerprint(model)
+@pytest.mark.parametrize("repeat", range(5))
+def test_threads_tracing_while_others_run(repeat):
+    # symbolic_trace patches nn.Module.__call__ process-wide: a thread tracing one model
+    # must not capture another thread's forward.  Four threads, each on a fresh model.
+    models = [_model(torch.float32) for _ in range(4)]
+    before = [fingerprint(m) for m in models]
     x = torch.randn(2, 3, 17, 19)
-    out = [None, None]
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, excitation.pullback(model, x, 2))) for i in range(2)]
+    out, errors = [None] * 4, []
+    barrier = threading.Barrier(4)
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                out[i] = excitation.pullback(models[i], x, 2)
+                excitation.clear_cache()  # re-trace on the next call, while others run
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert torch.equal(out[0], out[1]) and fingerprint(model) == before
+    assert not errors, errors
+    for i in range(4):
+        assert torch.equal(out[i], out[0]) and fingerprint(models[i]) == before[i]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -13,7 +13,8 @@ import copy
 import os
 import threading
 import traceback
-from typing import Dict, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -23,12 +24,59 @@ from ..errors import ExcitationTraceError
 from ..kernels import surrogate_max_pool2d, surrogate_relu
 from .excited import adopt_module_tree
 
-__all__ = ["clone_module_tree", "trace", "copy_graph_module"]
+__all__ = ["clone_module_tree", "trace", "copy_graph_module", "TRACE_GATE"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-# symbolic_trace patches torch globally while it runs (fx's CURRENT_PATCHER): two
-# threads tracing at once corrupt each other, so tracing is serialised.
-_TRACE_LOCK = threading.Lock()
+
+
+class _TraceGate:
+    """One tracer or many runners at a time.
+
+    ``symbolic_trace`` patches ``nn.Module.__call__`` process-wide while it runs, so a
+    module executed by another thread meanwhile is routed into the tracer.  Our own
+    entry points run models inside :meth:`running` and trace inside :meth:`tracing`,
+    so they never overlap.  A thread may trace from inside its own ``running`` block.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._tracing = False
+        self._local = threading.local()
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        mine = getattr(self._local, "running", 0)
+        with self._cond:
+            while self._tracing and mine == 0:
+                self._cond.wait()
+            self._running += 1
+        self._local.running = mine + 1
+        try:
+            yield
+        finally:
+            self._local.running = mine
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def tracing(self) -> Iterator[None]:
+        mine = getattr(self._local, "running", 0)
+        with self._cond:
+            while self._tracing or self._running > mine:
+                self._cond.wait()
+            self._tracing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._tracing = False
+                self._cond.notify_all()
+
+
+#: Entry points that run models use ``TRACE_GATE.running()``; tracing uses ``.tracing()``.
+TRACE_GATE = _TraceGate()
 
 
 def clone_module_tree(module: nn.Module, memo: Optional[Dict[int, nn.Module]] = None) -> nn.Module:
@@ -84,7 +132,7 @@ def trace(module: nn.Module) -> fx.GraphModule:
     """
     tracer = _ExcitationTracer()
     try:
-        with _TRACE_LOCK:
+        with TRACE_GATE.tracing():
             graph = tracer.trace(module)
     except Exception as exc:  # fx raises many types: TraceError, TypeError, NotImplementedError...
         where = tracer.failed_module or ""
