@@ -17,7 +17,7 @@ from torch import fx
 
 from ..kernels import surrogate_max_pool2d, surrogate_relu
 from ..kernels.ops import _pair
-from .sites import _POOL_PARAMS, _bind
+from .sites import SURROGATE_POOL_PARAMS, SURROGATE_RELU_PARAMS, _bind
 
 __all__ = ["to_scriptable"]
 
@@ -36,7 +36,7 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_function":
             continue
         if node.target is surrogate_relu:
-            bound = _bind((("input", None), ("temp", 0.3), ("gate", "sigmoid")), node.args, node.kwargs)
+            bound = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
             with graph.inserting_after(node):
                 replacement = graph.call_function(
                     torch.ops.excitation.surrogate_relu, (bound["input"], float(bound["temp"]), bound["gate"])
@@ -44,7 +44,7 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)
         elif node.target is surrogate_max_pool2d:
-            bound = _bind(_POOL_PARAMS + (("temp", 0.3),), node.args, node.kwargs)
+            bound = _bind(SURROGATE_POOL_PARAMS, node.args, node.kwargs)
             constants = [bound[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")]
             if any(isinstance(value, fx.Node) for value in constants):
                 raise TypeError(

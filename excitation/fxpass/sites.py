@@ -9,7 +9,7 @@ surrogate calls (so that excite(excite(m)) re-tempers instead of double-wrapping
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -36,6 +36,9 @@ _POOL_PARAMS = (
     ("return_indices", False),
 )
 _ATEN_POOL_PARAMS = _POOL_PARAMS[:6]
+# Our own surrogate calls (what an excited graph holds).
+SURROGATE_RELU_PARAMS = (("input", None), ("temp", 0.3), ("gate", "sigmoid"))
+SURROGATE_POOL_PARAMS = _POOL_PARAMS + (("temp", 0.3),)
 
 # target -> (params, forced inplace or None, forced "returns indices" or None)
 _RELU_FUNCTIONS: Dict[Any, Tuple[Sequence, Optional[bool]]] = {
@@ -90,8 +93,6 @@ class SiteMatch:
     # max-pool only: kernel_size, stride, padding, dilation, ceil_mode (values or Nodes).
     pool_args: Tuple[Any, ...] = ()
     returns_indices: bool = False
-    # For form == "excited": the temperature and gate already set there.
-    current: Dict[str, Any] = field(default_factory=dict)
 
 
 def _bind(params: Sequence[Tuple[str, Any]], args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -186,13 +187,11 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         indices = forced_indices if forced_indices is not None else bound["return_indices"]
         return _pool_site(node, form, bound, indices)
     if target is surrogate_relu:
-        bound = _bind((("input", None), ("temp", 0.3), ("gate", "sigmoid")), node.args, node.kwargs)
-        return SiteMatch(node, "relu", "excited", bound["input"], current={"temp": bound["temp"], "gate": bound["gate"]})
+        bound = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
+        return SiteMatch(node, "relu", "excited", bound["input"])
     if target is surrogate_max_pool2d:
-        bound = _bind(_POOL_PARAMS + (("temp", 0.3),), node.args, node.kwargs)
-        site = _pool_site(node, "excited", bound, bound["return_indices"])
-        site.current = {"temp": bound["temp"]}
-        return site
+        bound = _bind(SURROGATE_POOL_PARAMS, node.args, node.kwargs)
+        return _pool_site(node, "excited", bound, bound["return_indices"])
     return None
 
 
