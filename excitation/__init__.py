@@ -19,6 +19,7 @@ from .ascent import IMAGENET_NORMALIZE, Normalized, ascend
 from .calibrate import calibrate
 from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
 from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
+from .fxpass.rules import DEFAULT_RULES, RULES, Rule
 from .fxpass.backend import backend
 from .gates import GATES
 from .kernels import surrogate_max_pool2d, surrogate_relu
@@ -46,6 +47,9 @@ __all__ = [
     "Site",
     "Unhandled",
     "GATES",
+    "RULES",
+    "DEFAULT_RULES",
+    "Rule",
     "ExcitationError",
     "ExcitationTraceError",
     "InplaceAliasError",

@@ -1,4 +1,4 @@
-"""The ``excitation`` command: ``demo``, ``explain`` and ``bench``.
+"""The ``excitation`` command: ``demo``, ``explain``, ``bench`` and ``zoo``.
 
 Every subcommand has ``--help``.  Errors print one line, ``excitation: error: ...``,
 and exit with status 2; ``--traceback`` shows the full trace instead.
@@ -132,6 +132,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------- zoo
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from .zoo import format_zoo_table, rows_to_json, run_zoo
+
+    def show(row) -> None:
+        if not args.no_progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(format_zoo_table([row], title=False).splitlines()[-1])
+
+    rows = run_zoo(args.models, repeats=args.repeats, progress=not args.no_progress, on_row=show)
+    table = format_zoo_table(rows)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("# The torchvision zoo\n\nMade by `excitation zoo --out " + args.out + "`.\n\n"
+                                  + table + "\n")
+        print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(rows_to_json(rows))
+        print(f"wrote {args.json}")
+    return 0
+
+
 # ----------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="excitation", description="Excitation pullbacks for ReLU networks.")
@@ -177,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true")
     bench.add_argument("--json", help="also write the result as JSON")
     bench.set_defaults(func=_cmd_bench)
+
+    zoo = sub.add_parser("zoo", help="excite every torchvision classifier and tabulate the checks",
+                         description="For each torchvision classification model (random weights, small input): "
+                                     "traced?, sites by kind, unhandled sites, forward bit-identical?, finite?, "
+                                     "relative difference from the gradient, time ratio. Prints a Markdown table.")
+    zoo.add_argument("--models", nargs="+", help="model names (default: all of list_models(module=torchvision.models))")
+    zoo.add_argument("--repeats", type=int, default=3, help="timed rounds per model (interleaved with vanilla)")
+    zoo.add_argument("--out", help="also write the table as a Markdown page, e.g. docs/zoo.md")
+    zoo.add_argument("--json", help="also write the rows as JSON")
+    zoo.add_argument("--no-progress", action="store_true")
+    zoo.set_defaults(func=_cmd_zoo)
     return parser
 
 

@@ -17,7 +17,18 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor
 
-__all__ = ["GATES", "sigmoid_gate", "normal_cdf_gate", "check_gate", "check_temp"]
+__all__ = [
+    "GATES",
+    "ACTIVATION_GATES",
+    "sigmoid_gate",
+    "normal_cdf_gate",
+    "hardtanh_gate",
+    "leaky_relu_gate",
+    "hard_sigmoid_gate",
+    "hardsigmoid_unit_gate",
+    "check_gate",
+    "check_temp",
+]
 
 
 def sigmoid_gate(z: Tensor, temp: float) -> Tensor:
@@ -34,6 +45,52 @@ def normal_cdf_gate(z: Tensor, temp: float) -> Tensor:
 GATES: Dict[str, Callable[[Tensor, float], Tensor]] = {
     "sigmoid": sigmoid_gate,
     "normal_cdf": normal_cdf_gate,
+}
+
+
+def hardtanh_gate(z: Tensor, temp: float, min_val: float = 0.0, max_val: float = 6.0) -> Tensor:
+    """``sigmoid((z - min_val)/temp) - sigmoid((z - max_val)/temp)``: a soft window for clipped ReLUs.
+
+    The derivative of the soft clamp ``min_val + temp*softplus((z - min_val)/temp)
+    - temp*softplus((z - max_val)/temp)``, so, as for ReLU, the pullback is the
+    gradient of a smooth stand-in network (ReLU6 is ``hardtanh(z, 0, 6)``).  It
+    differs from the product ``sigmoid((z - lo)/t) * sigmoid((hi - z)/t)`` by at
+    most about ``exp(-(hi - lo)/t)`` (2e-9 for ReLU6 at t = 0.3).  ``temp -> 0``
+    gives the vanilla ``1[min_val < z < max_val]``.
+    """
+    return torch.sigmoid((z - min_val) / temp) - torch.sigmoid((z - max_val) / temp)
+
+
+def leaky_relu_gate(z: Tensor, temp: float, negative_slope: float = 0.01) -> Tensor:
+    """``a + (1 - a) * sigmoid(z / temp)``: the sigmoid gate, lifted to LeakyReLU's floor ``a``."""
+    return negative_slope + (1.0 - negative_slope) * torch.sigmoid(z / temp)
+
+
+def hard_sigmoid_gate(z: Tensor, temp: float) -> Tensor:
+    """``hardsigmoid(z / temp) = clamp(z / (6 temp) + 1/2, 0, 1)``, the gate of Hardswish.
+
+    Hardswish is ``z * hardsigmoid(z)``; like SiLU (``z * sigmoid(z)``, backward
+    ``sigmoid(z / temp)``) it is read as a gated linear unit whose gate is
+    softened by ``temp``.  ``temp = 1`` is the unit's own gate.
+    """
+    return torch.clamp(z / (6.0 * temp) + 0.5, 0.0, 1.0)
+
+
+def hardsigmoid_unit_gate(z: Tensor, temp: float) -> Tensor:
+    """``hardtanh_gate(z + 3, temp, 0, 6) / 6``: Hardsigmoid is ``relu6(z + 3) / 6``, a clipped ReLU."""
+    return hardtanh_gate(z + 3.0, temp, 0.0, 6.0) / 6.0
+
+
+#: The gate of every elementwise activation rule other than ReLU, by op kind.
+#: ``params`` are the op's own constants (``min_val, max_val`` / ``negative_slope``).
+ACTIVATION_GATES: Dict[str, Callable[..., Tensor]] = {
+    "hardtanh": hardtanh_gate,
+    "leaky_relu": leaky_relu_gate,
+    "silu": sigmoid_gate,
+    "gelu": normal_cdf_gate,
+    "gelu_tanh": normal_cdf_gate,
+    "hardswish": hard_sigmoid_gate,
+    "hardsigmoid": hardsigmoid_unit_gate,
 }
 
 

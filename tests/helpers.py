@@ -1,9 +1,10 @@
 """Independent references and state checks for the test-suite.
 
 Nothing here imports ``excitation``: the references intercept ReLU and
-max-pool calls with a ``TorchFunctionMode`` and build the surrogate from plain
-autograd (``temp * softplus(z / temp)`` and an explicit, loop-built soft pool),
-so they share no code with the pass they check.
+max-pool calls (and, with ``rules=True``, every other rule's op) with a
+``TorchFunctionMode`` and build the surrogate from plain autograd on smooth
+stand-ins (``temp * softplus(z / temp)``, an explicit loop-built soft pool,
+straight-through detaches), so they share no code with the pass they check.
 """
 
 from __future__ import annotations
@@ -32,6 +33,49 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 def _straight_through(exact: Tensor, smooth: Tensor) -> Tensor:
     # Value of ``exact``, gradient of ``smooth``.
     return exact.detach() + (smooth - smooth.detach())
+
+
+# ------------------------------------------------- smooth stand-ins of every rule
+def softplus(x: Tensor) -> Tensor:
+    # torch's default threshold (20) switches to the identity, whose derivative 1 is 2e-9 off sigmoid(20).
+    return F.softplus(x, threshold=700.0)
+
+
+def soft_clamp(z: Tensor, lo: float, hi: float, t: float) -> Tensor:
+    """Derivative ``sigmoid((z - lo)/t) - sigmoid((z - hi)/t)``."""
+    return lo + t * softplus((z - lo) / t) - t * softplus((z - hi) / t)
+
+
+def gaussian_smoothed_relu(z: Tensor, t: float) -> Tensor:
+    """``E[relu(z + t * eps)]``, eps ~ N(0, 1); derivative ``Phi(z / t)``."""
+    x = z / t
+    return t * (x * torch.special.ndtr(x) + torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+
+
+def soft_hardswish_standin(z: Tensor, t: float) -> Tensor:
+    """Derivative ``clamp(z / (6 t) + 1/2, 0, 1)``."""
+    w = z / (6 * t) + 0.5
+    return 3 * t * (F.relu(w) ** 2 - F.relu(w - 1) ** 2)
+
+
+# Published / documented default temperatures of the non-ReLU rules.
+RULE_TEMPS = {"silu": 1.6, "gelu": 1.0, "hardswish": 1.6}
+
+
+def _arg(args, kwargs, index, name, default):
+    return kwargs.get(name, args[index] if len(args) > index else default)
+
+
+def _frozen_mha(query, key, value, num_heads, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                batch_first_input: bool) -> Tensor:
+    """Self-attention with detached attention weights, written out (no masks, no dropout)."""
+    x = query.transpose(0, 1) if not batch_first_input else query  # (batch, tokens, dim)
+    batch, tokens, dim = x.shape
+    q, k, v = F.linear(x, in_proj_weight, in_proj_bias).chunk(3, dim=-1)
+    heads = lambda t: t.reshape(batch, tokens, num_heads, dim // num_heads).transpose(1, 2)  # noqa: E731
+    weights = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(dim // num_heads), -1).detach()
+    out = F.linear((weights @ heads(v)).transpose(1, 2).reshape(batch, tokens, dim), out_proj_weight, out_proj_bias)
+    return out if batch_first_input else out.transpose(0, 1)
 
 
 def soft_pool_reference(x: Tensor, kernel, stride, padding, dilation, ceil_mode: bool, temp: float) -> Tensor:
@@ -66,12 +110,67 @@ class ExcitationReference(TorchFunctionMode):
     Max-pool: forward ``max_pool2d``, gradient of :func:`soft_pool_reference`.
     """
 
-    def __init__(self, temp: float = 0.3, pool_temp: float | None = None, gate: str = "sigmoid") -> None:
+    def __init__(self, temp: float = 0.3, pool_temp: float | None = None, gate: str = "sigmoid",
+                 rules: bool = False) -> None:
         super().__init__()
         self.temp = temp
         self.pool_temp = temp if pool_temp is None else pool_temp
         self.gate = gate
+        self.rules = rules
         self.calls: Dict[str, int] = {"relu": 0, "max_pool2d": 0}
+
+    def _other_rule(self, func, args, kwargs):
+        """The non-ReLU rules, out-of-place forms as nn modules call them; ``None`` if ``func`` is none of them."""
+        t = self.temp
+        if func is F.hardtanh:
+            z, lo, hi = args[0], _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+            kind, exact, smooth = "hardtanh", F.hardtanh(z, lo, hi), soft_clamp(z, lo, hi, t)
+        elif func is F.relu6:
+            z = args[0]
+            kind, exact, smooth = "hardtanh", F.relu6(z), soft_clamp(z, 0.0, 6.0, t)
+        elif func is F.leaky_relu:
+            z, a = args[0], _arg(args, kwargs, 1, "negative_slope", 0.01)
+            kind, exact, smooth = "leaky_relu", F.leaky_relu(z, a), a * z + (1 - a) * t * softplus(z / t)
+        elif func is F.silu:
+            z, ts = args[0], RULE_TEMPS["silu"]
+            kind, exact, smooth = "silu", F.silu(z), ts * softplus(z / ts)
+        elif func is F.gelu:
+            z = args[0]
+            exact = F.gelu(z, approximate=_arg(args, kwargs, 1, "approximate", "none"))
+            kind, smooth = "gelu", gaussian_smoothed_relu(z, RULE_TEMPS["gelu"])
+        elif func is F.hardswish:
+            z = args[0]
+            kind, exact, smooth = "hardswish", F.hardswish(z), soft_hardswish_standin(z, RULE_TEMPS["hardswish"])
+        elif func is F.hardsigmoid:
+            z = args[0]
+            kind, exact, smooth = "hardsigmoid", F.hardsigmoid(z), soft_clamp(z + 3, 0.0, 6.0, t) / 6
+        elif func is F.layer_norm:
+            z, shape = args[0], _arg(args, kwargs, 1, "normalized_shape", None)
+            weight, bias = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "bias", None)
+            eps = _arg(args, kwargs, 4, "eps", 1e-5)
+            dims = tuple(range(-len(shape), 0))
+            mean = z.mean(dims, keepdim=True).detach()
+            rstd = torch.rsqrt(z.var(dims, unbiased=False, keepdim=True) + eps).detach()
+            smooth = (z - mean) * rstd * (1 if weight is None else weight) + (0 if bias is None else bias)
+            kind, exact = "layer_norm", F.layer_norm(z, shape, weight, bias, eps)
+        elif func in (F.softmax, torch.softmax, Tensor.softmax):
+            self.calls["softmax"] = self.calls.get("softmax", 0) + 1
+            return func(*args, **kwargs).detach()  # in the models we check, every softmax is attention
+        elif func is F.scaled_dot_product_attention:
+            self.calls["sdpa"] = self.calls.get("sdpa", 0) + 1
+            return func(args[0].detach(), args[1].detach(), *args[2:], **kwargs)
+        elif func is F.multi_head_attention_forward:
+            self.calls["mha"] = self.calls.get("mha", 0) + 1
+            exact = func(*args, **kwargs)
+            query, key, value, _, num_heads, in_w, in_b = args[:7]
+            out_w, out_b = args[11], args[12]
+            # F.multi_head_attention_forward takes (tokens, batch, dim) inputs.
+            smooth = _frozen_mha(query, key, value, num_heads, in_w, in_b, out_w, out_b, batch_first_input=False)
+            return _straight_through(exact[0], smooth), exact[1]
+        else:
+            return None
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        return _straight_through(exact, smooth)
 
     def _smooth_relu(self, z: Tensor) -> Tensor:
         if self.gate == "sigmoid":
@@ -106,6 +205,10 @@ class ExcitationReference(TorchFunctionMode):
             result = _straight_through(exact, soft_pool_reference(x, *pool_args, self.pool_temp))
             with_indices = func is F.max_pool2d_with_indices or bool(bound.get("return_indices", False))
             return (result, indices) if with_indices and func is not torch.max_pool2d else result
+        if self.rules:
+            found = self._other_rule(func, args, kwargs)
+            if found is not None:
+                return found
         return func(*args, **kwargs)
 
 
@@ -117,10 +220,14 @@ class _null:
         return False
 
 
-def reference_pullback(model: nn.Module, x: Tensor, target, temp: float = 0.3, pool_temp=None, gate="sigmoid") -> Tensor:
-    """The excitation pullback of ``model`` (in its current mode) by interception."""
+def reference_pullback(model: nn.Module, x: Tensor, target, temp: float = 0.3, pool_temp=None, gate="sigmoid",
+                       rules: bool = False) -> Tensor:
+    """The excitation pullback of ``model`` (in its current mode) by interception.
+
+    ``rules=True`` also intercepts every other rule's op (default temperatures).
+    """
     leaf = x.detach().clone().requires_grad_(True)
-    with ExcitationReference(temp, pool_temp, gate):
+    with ExcitationReference(temp, pool_temp, gate, rules):
         out = model(leaf)
     if isinstance(target, int):
         target = torch.full((x.shape[0],), target, dtype=torch.long)
@@ -198,3 +305,49 @@ class AllForms(nn.Module):
 # torch.relu_ + .relu() + .relu_() + F.relu_) and pools (2 module calls + 2 F + 1 torch).
 ALL_FORMS_RELUS = 10
 ALL_FORMS_POOLS = 5
+
+
+class ZooForms(nn.Module):
+    """One site of every rule beyond ReLU: a small conv stem, then a transformer block.
+
+    Hardtanh/ReLU6 (in place), LeakyReLU, SiLU (in place), Hardswish, Hardsigmoid (SE gate),
+    2-D max-pool, LayerNorm (module and functional), nn.MultiheadAttention, an explicit
+    softmax attention, F.scaled_dot_product_attention and GELU.
+    """
+
+    def __init__(self, classes: int = 10, dim: int = 16) -> None:
+        super().__init__()
+        self.dim = dim
+        self.conv = nn.Conv2d(3, dim, 3, padding=1)
+        self.bn = nn.BatchNorm2d(dim)
+        self.six = nn.ReLU6(inplace=True)
+        self.silu = nn.SiLU(inplace=True)
+        self.hswish = nn.Hardswish()
+        self.squeeze = nn.Linear(dim, dim)
+        self.gate = nn.Hardsigmoid()
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.silu(F.leaky_relu(self.six(self.bn(self.conv(x))), 0.1))
+        h = self.hswish(h)
+        h = h * self.gate(self.squeeze(h.mean((2, 3))))[:, :, None, None]
+        tokens = self.pool(h).flatten(2).transpose(1, 2)  # (batch, tokens, dim)
+        a = self.norm1(tokens)
+        tokens = tokens + self.attn(a, a, a, need_weights=False)[0]
+        q, k, v = self.qkv(F.layer_norm(tokens, (self.dim,))).chunk(3, dim=-1)
+        weights = (q @ k.transpose(-1, -2) / 4.0).softmax(dim=-1)
+        tokens = tokens + weights @ v + F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        tokens = tokens + self.mlp(tokens)
+        return self.head(tokens.mean(1))
+
+
+# Sites per kind in ZooForms.
+ZOO_FORMS_KINDS = {
+    "relu": 0, "hardtanh": 1, "leaky_relu": 1, "silu": 1, "gelu": 1, "hardswish": 1, "hardsigmoid": 1,
+    "max_pool2d": 1, "layer_norm": 2, "softmax": 1, "scaled_dot_product_attention": 1, "multihead_attention": 1,
+}

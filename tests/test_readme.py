@@ -38,4 +38,4 @@ def test_readme_api_example_runs():
     assert namespace["moved"].shape == (4, 3, 64, 64)
     report = namespace["excitation"].report(namespace["excited"])
     assert report.counts() == {"relu": 49, "max_pool2d": 1}
-    assert "49 ReLU and 1 max-pool" in str(report)
+    assert "rewrote 49 relu, 1 max_pool2d sites" in str(report)

@@ -21,6 +21,7 @@ from torch import fx
 from ..gates import check_gate, check_temp
 from .report import Report
 from .rewrite import TempsSpec, excite_graph
+from .rules import RulesSpec, resolve_rules
 
 __all__ = ["ExcitationBackend", "backend", "excitation_backend"]
 
@@ -41,12 +42,15 @@ class ExcitationBackend:
         pool_temp: Optional[float] = None,
         gate: str = "sigmoid",
         temps: TempsSpec = None,
+        rules: RulesSpec = None,
         inner: Union[str, Callable] = "inductor",
     ) -> None:
         self.temp = check_temp(temp)
         self.pool_temp = None if pool_temp is None else check_temp(pool_temp, argument="pool_temp")
         self.gate = check_gate(gate)
         self.temps = temps
+        resolve_rules(rules, self.temp, self.temp)  # refuse bad rules now, not at the first compile
+        self.rules = rules
         if not (isinstance(inner, str) or callable(inner)):
             raise TypeError(f"inner must be a backend name such as 'inductor' or 'eager', or a callable; got {inner!r}.")
         self.inner = inner
@@ -63,7 +67,9 @@ class ExcitationBackend:
         return lookup_backend(self.inner)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
-        result = excite_graph(gm, temp=self.temp, pool_temp=self.pool_temp, gate=self.gate, temps=self.temps)
+        result = excite_graph(
+            gm, temp=self.temp, pool_temp=self.pool_temp, gate=self.gate, temps=self.temps, rules=self.rules
+        )
         with self._lock:
             self.reports.append(result)
         return self._inner_backend()(gm, example_inputs)
@@ -78,15 +84,16 @@ def backend(
     pool_temp: Optional[float] = None,
     gate: str = "sigmoid",
     temps: TempsSpec = None,
+    rules: RulesSpec = None,
     inner: Union[str, Callable] = "inductor",
 ) -> ExcitationBackend:
     """A ``torch.compile`` backend with these options: ``torch.compile(model, backend=excitation.backend(...))``.
 
     ``temps`` keys are dynamo node names here (modules are inlined).  ``inner``
     is the backend that compiles the excited graph (``"inductor"``,
-    ``"aot_eager"``, ``"eager"`` or any callable backend).
+    ``"aot_eager"``, ``"eager"`` or any callable backend).  ``rules`` as in :func:`excitation.excite`.
     """
-    return ExcitationBackend(temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, inner=inner)
+    return ExcitationBackend(temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, inner=inner)
 
 
 def excitation_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):

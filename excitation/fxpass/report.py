@@ -6,9 +6,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from .rules import RULES
+
 __all__ = ["Site", "Unhandled", "Report"]
 
-_KIND_LABELS = {"relu": "ReLU", "max_pool2d": "max-pool"}
+# Every kind in report order; ReLU and 2-D max-pool are always counted (the classic pair).
+_KINDS = [kind for rule in RULES.values() for kind in rule.kinds]
+_ALWAYS_COUNTED = ("relu", "max_pool2d")
 
 
 @dataclass(frozen=True)
@@ -25,33 +29,47 @@ class Site:
         model, ``ep.module()``, dynamo's graph); unique per site and stable when
         re-exciting.  ``temps`` accepts it.
     kind : str
-        ``"relu"`` or ``"max_pool2d"``.
+        The op kind: ``"relu"``, ``"hardtanh"`` (ReLU6 too), ``"leaky_relu"``,
+        ``"silu"``, ``"gelu"``, ``"hardswish"``, ``"hardsigmoid"``,
+        ``"max_pool1d/2d/3d"``, ``"adaptive_max_pool1d/2d/3d"``, ``"layer_norm"``,
+        ``"softmax"``, ``"scaled_dot_product_attention"``, ``"multihead_attention"``
+        or ``"attention_function"`` (e.g. Swin's ``shifted_window_attention``).
     form : str
         How the original called it: ``"module"``, ``"function"``, ``"method"``,
         ``"aten"``, or ``"excited"`` (an existing surrogate that was re-tempered).
-    temp : float
-        The temperature of this site's backward.
+    temp : float or None
+        The temperature of this site's backward (``None`` for rules without one:
+        ``layer_norm``, ``attention``).
     gate : str or None
-        The ReLU gate (``None`` for max-pool sites).
+        The ReLU gate (``None`` for other sites).
     inplace : bool
         Whether the original call was in place.
+    rule : str
+        The rule that rewrote it (a key of :data:`excitation.RULES`).
     """
 
     name: str
     node: str
     kind: str
     form: str
-    temp: float
+    temp: Optional[float]
     gate: Optional[str] = None
     inplace: bool = False
+    rule: str = "relu"
 
 
 @dataclass(frozen=True)
 class Unhandled:
-    """An activation-like call the pass left unchanged (its backward stays vanilla)."""
+    """An activation-like call the pass left unchanged (its backward stays vanilla).
+
+    ``reason`` is ``"no rule"`` (nothing covers it), ``"rule off"`` (its rule was
+    not selected in ``rules=``) or ``"smooth"`` (sigmoid, tanh: no hard gate to
+    soften, so kept vanilla by design; listed in :attr:`Report.smooth`).
+    """
 
     name: str
     op: str
+    reason: str = "no rule"
 
 
 @dataclass
@@ -63,11 +81,22 @@ class Report:
     temp: float = 0.3
     pool_temp: float = 0.3
     gate: str = "sigmoid"
+    #: The rules that applied, with their default temperatures.
+    rules: Dict[str, Optional[float]] = field(default_factory=dict)
+    #: Smooth activations (sigmoid, tanh) kept vanilla by design.
+    smooth: List[Unhandled] = field(default_factory=list)
 
     def counts(self) -> Dict[str, int]:
-        """Number of rewritten sites per kind, e.g. ``{"relu": 49, "max_pool2d": 1}``."""
+        """Rewritten sites per kind, e.g. ``{"relu": 49, "max_pool2d": 1}``.
+
+        ``relu`` and ``max_pool2d`` are always listed; other kinds when present.
+        """
         counts = Counter(site.kind for site in self.sites)
-        return {kind: counts.get(kind, 0) for kind in _KIND_LABELS}
+        return {kind: counts.get(kind, 0) for kind in _KINDS if kind in _ALWAYS_COUNTED or counts.get(kind)}
+
+    def rule_counts(self) -> Dict[str, int]:
+        """Rewritten sites per rule, e.g. ``{"relu": 16, "max_pool": 1, "gelu": 12}``."""
+        return dict(Counter(site.rule for site in self.sites))
 
     def unhandled_counts(self) -> Dict[str, int]:
         """Number of activation-like sites left alone, per op name."""
@@ -77,20 +106,22 @@ class Report:
         return len(self.sites)
 
     def __str__(self) -> str:
-        counts = self.counts()
-        parts = [f"{counts[kind]} {label}" for kind, label in _KIND_LABELS.items()]
-        temps = sorted({site.temp for site in self.sites})
+        parts = [f"{n} {kind}" for kind, n in self.counts().items()]
+        temps = sorted({site.temp for site in self.sites if site.temp is not None})
         temp_text = (
             f"temp {self.temp:g}, pool_temp {self.pool_temp:g}"
             if len(temps) <= 2
             else f"temps {temps[0]:g}..{temps[-1]:g} over {len(temps)} values"
         )
-        lines = [f"excitation: rewrote {' and '.join(parts)} sites (gate {self.gate}, {temp_text})"]
+        lines = [f"excitation: rewrote {', '.join(parts)} sites (gate {self.gate}, {temp_text})"]
         if self.unhandled:
             left = ", ".join(f"{op} x{n}" for op, n in sorted(self.unhandled_counts().items()))
             lines.append(f"  left alone (vanilla backward): {left}")
         else:
             lines.append("  left alone: no other activation sites")
+        if self.smooth:
+            smooth = ", ".join(f"{op} x{n}" for op, n in sorted(Counter(s.op for s in self.smooth).items()))
+            lines.append(f"  smooth, vanilla by design: {smooth}")
         if not self.sites:
             lines.append("  nothing was rewritten: this model's pullback equals its vanilla gradient")
         return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The pass: every ReLU / max-pool site -> a surrogate op, with a report of what changed.
+"""The pass: every site of a selected rule -> a surrogate op, with a report of what changed.
 
 :func:`excite_graph` edits a GraphModule we own (a traced clone, a copy of the
 user's GraphModule, or a graph dynamo hands to our backend).  :func:`excite`
@@ -20,10 +20,11 @@ from torch import fx
 
 from ..errors import ExcitationError, InplaceAliasError
 from ..gates import check_gate, check_temp
-from ..kernels import surrogate_max_pool2d, surrogate_relu
+from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
 from .report import Report, Site, Unhandled
 from .excited import REPORT_ATTR, make_excited
-from .sites import SITE_NAME_META, SITE_NODE_META, SiteMatch, match_site, match_unhandled, site_name
+from .rules import RulesSpec, resolve_rules
+from .sites import SITE_NAME_META, SITE_NODE_META, SiteMatch, match_site, match_unhandled, site_name, surrogate_call
 from .tracing import clone_module_tree, copy_graph_module, trace
 
 __all__ = ["excite", "excite_graph", "report", "is_excited", "TempsSpec"]
@@ -51,7 +52,7 @@ def _is_view(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         # Unpacking (values, indices) of a max-pool gives two separate tensors.
         source = match_site(gm, node.args[0])
-        return source is None or source.kind != "max_pool2d"
+        return source is None or not source.returns_indices
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     if node.op == "call_function":
@@ -94,20 +95,20 @@ def _check_inplace_aliases(site: SiteMatch, order: Dict[fx.Node, int], gm: fx.Gr
 
 
 def _resolve_temps(
-    matches: List[SiteMatch], gm: fx.GraphModule, temp: float, pool_temp: float, gate: str, temps: TempsSpec
+    matches: List[SiteMatch], gm: fx.GraphModule, rules: Dict[str, Optional[float]], gate: str, temps: TempsSpec
 ) -> List[Site]:
     sites = []
     for match in matches:
-        default = temp if match.kind == "relu" else pool_temp
         sites.append(
             Site(
                 name=site_name(gm, match.node),
                 node=match.node.meta.get(SITE_NODE_META, match.node.name),
                 kind=match.kind,
                 form=match.form,
-                temp=default,
+                temp=rules[match.rule],
                 gate=gate if match.kind == "relu" else None,
                 inplace=match.inplace,
+                rule=match.rule,
             )
         )
     if temps is None:
@@ -115,7 +116,7 @@ def _resolve_temps(
     if callable(temps):
         resolved = []
         for site in sites:
-            chosen = temps(site)
+            chosen = temps(site) if site.temp is not None else None
             if chosen is not None:
                 site = replace(site, temp=check_temp(chosen, argument=f"temps({site.name!r})"))
             resolved.append(site)
@@ -125,7 +126,7 @@ def _resolve_temps(
             f"temps must be a mapping {{site name: temp}}, a callable(site) -> temp, or None; "
             f"got {type(temps).__name__}."
         )
-    known = {s.name for s in sites} | {s.node for s in sites}
+    known = {s.name for s in sites if s.temp is not None} | {s.node for s in sites if s.temp is not None}
     unknown = [key for key in temps if key not in known]
     if unknown:
         hints = []
@@ -134,27 +135,52 @@ def _resolve_temps(
             hints.append(f"{key!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
         raise ValueError(
             f"temps names sites that do not exist: {', '.join(hints)}. Valid names are module paths "
-            f"or node names of ReLU/max-pool sites; see excitation.report(excite(model)).sites."
+            f"or node names of sites with a temperature; see excitation.report(excite(model)).sites."
         )
     checked = {key: check_temp(value, argument=f"temps[{key!r}]") for key, value in temps.items()}
     # A node name is more specific than a module path (a reused module has one path, many nodes).
     return [
-        replace(site, temp=checked.get(site.node, checked.get(site.name, site.temp))) for site in sites
+        site if site.temp is None else replace(site, temp=checked.get(site.node, checked.get(site.name, site.temp)))
+        for site in sites
     ]
 
 
-def _rewrite_site(graph: fx.Graph, match: SiteMatch, site: Site, order: Dict[fx.Node, int]) -> fx.Node:
-    node = match.node
+def _rewrite_module(gm: fx.GraphModule, match: SiteMatch, site: Site) -> fx.Node:
+    """Module-level rules: re-class the (cloned) module; the graph keeps calling it."""
+    module = gm.get_submodule(match.node.target)
+    if match.kind == "multihead_attention" and type(module) is not ExcitedMultiheadAttention:
+        module.__class__ = ExcitedMultiheadAttention  # our clone only; the user's module keeps its class
+    match.node.meta[SITE_NAME_META] = site.name
+    match.node.meta[SITE_NODE_META] = site.node
+    return match.node
+
+
+def _surrogate_node(graph: fx.Graph, match: SiteMatch, site: Site) -> fx.Node:
+    if match.kind == "relu":
+        return graph.call_function(surrogate_relu, (match.input,), {"temp": site.temp, "gate": site.gate})
+    if match.kind == "max_pool2d":
+        kernel, stride, padding, dilation, ceil_mode = match.pool_args
+        return graph.call_function(
+            surrogate_max_pool2d,
+            (match.input, kernel, stride, padding, dilation, ceil_mode, match.returns_indices),
+            {"temp": site.temp},
+        )
+    target, kwargs = surrogate_call(match, site.temp)
+    if match.kind == "attention_function":
+        return graph.call_function(target, match.node.args, match.node.kwargs)
+    for key in ("weight", "bias"):
+        if match.kind == "layer_norm" and match.form == "module" and isinstance(kwargs.get(key), str):
+            with graph.inserting_before(match.node):  # defined before the surrogate that reads it
+                kwargs[key] = graph.get_attr(kwargs[key])
+    return graph.call_function(target, (match.input,), kwargs)
+
+
+def _rewrite_site(gm: fx.GraphModule, match: SiteMatch, site: Site, order: Dict[fx.Node, int]) -> fx.Node:
+    if match.kind == "multihead_attention":
+        return _rewrite_module(gm, match, site)
+    graph, node = gm.graph, match.node
     with graph.inserting_after(node):
-        if match.kind == "relu":
-            new = graph.call_function(surrogate_relu, (match.input,), {"temp": site.temp, "gate": site.gate})
-        else:
-            kernel, stride, padding, dilation, ceil_mode = match.pool_args
-            new = graph.call_function(
-                surrogate_max_pool2d,
-                (match.input, kernel, stride, padding, dilation, ceil_mode, match.returns_indices),
-                {"temp": site.temp},
-            )
+        new = _surrogate_node(graph, match, site)
     new.meta = dict(node.meta)
     new.meta[SITE_NAME_META] = site.name
     new.meta[SITE_NODE_META] = site.node
@@ -176,36 +202,45 @@ def excite_graph(
     pool_temp: Optional[float] = None,
     gate: str = "sigmoid",
     temps: TempsSpec = None,
+    rules: RulesSpec = None,
 ) -> Report:
-    """Rewrite every ReLU / 2-D max-pool site of ``gm`` in place; return the :class:`Report`.
+    """Rewrite every site of the selected rules in ``gm`` in place; return the :class:`Report`.
 
     All checks run before the first edit, so a failure leaves ``gm`` as it was.
     """
     temp = check_temp(temp)
     pool_temp = temp if pool_temp is None else check_temp(pool_temp, argument="pool_temp")
     gate = check_gate(gate)
+    active = resolve_rules(rules, temp, pool_temp)
     graph = gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
-    matches, unhandled = [], []
+    matches, unhandled, smooth = [], [], []
     for node in graph.nodes:
         match = match_site(gm, node)
         if match is not None:
-            matches.append(match)
+            if match.rule in active:
+                matches.append(match)
+            elif match.form != "excited":
+                unhandled.append(Unhandled(site_name(gm, node), match.kind, "rule off"))
             continue
-        op = match_unhandled(gm, node)
-        if op is not None:
-            unhandled.append(Unhandled(site_name(gm, node), op))
-    sites = _resolve_temps(matches, gm, temp, pool_temp, gate, temps)
+        found = match_unhandled(gm, node)
+        if found is not None:
+            op, is_smooth = found
+            (smooth if is_smooth else unhandled).append(
+                Unhandled(site_name(gm, node), op, "smooth" if is_smooth else "no rule")
+            )
+    sites = _resolve_temps(matches, gm, active, gate, temps)
     for match in matches:
         if match.inplace and isinstance(match.input, fx.Node):
             _check_inplace_aliases(match, order, gm)
     for match, site in zip(matches, sites):
         # Re-match: rewriting earlier sites replaced this node's inputs.
-        new = _rewrite_site(graph, match_site(gm, match.node), site, order)
+        new = _rewrite_site(gm, match_site(gm, match.node), site, order)
         order[new] = order[match.node]
     graph.lint()
     gm.recompile()
-    return Report(sites=sites, unhandled=unhandled, temp=temp, pool_temp=pool_temp, gate=gate)
+    return Report(sites=sites, unhandled=unhandled, temp=temp, pool_temp=pool_temp, gate=gate, rules=active,
+                  smooth=smooth)
 
 
 def excite(
@@ -215,14 +250,17 @@ def excite(
     pool_temp: Optional[float] = None,
     gate: str = "sigmoid",
     temps: TempsSpec = None,
+    rules: RulesSpec = None,
 ) -> fx.GraphModule:
     """Return a copy of ``model`` whose backward pass yields excitation pullbacks.
 
     The forward is bit-identical to ``model``'s.  Every ReLU site (``nn.ReLU``,
     ``F.relu``/``F.relu_``, ``torch.relu``/``torch.relu_``, ``.relu()``/``.relu_()``,
     ATen ``relu``/``relu_``) gets the backward ``grad * gate(z / temp)``, and every
-    2-D max-pool site (``nn.MaxPool2d``, ``F.max_pool2d``, ``torch.max_pool2d``,
-    ATen ``max_pool2d*``) the gradient of soft pooling at ``pool_temp``.
+    max-pool site (``nn.MaxPool1d/2d/3d``, adaptive max-pools, their functional,
+    ``torch`` and ATen forms) the gradient of soft pooling at ``pool_temp``.  The
+    other rules (ReLU6/Hardtanh, LeakyReLU, SiLU, GELU, Hardswish, Hardsigmoid,
+    LayerNorm, attention) are listed in :data:`excitation.RULES`; all apply by default.
 
     Parameters
     ----------
@@ -239,6 +277,12 @@ def excite(
     temps : mapping or callable, optional
         Per-site temperatures: ``{module path or node name: temp}``, or
         ``callable(site) -> temp | None``.  See :class:`excitation.Site`.
+    rules : list of names or mapping, optional
+        Which rules apply (default: all of :data:`excitation.RULES`).  A list
+        names the rules to apply (``["relu", "max_pool"]`` is the seed paper's
+        method); a mapping starts from all rules and switches some off or
+        re-tempers them: ``{"layer_norm": False, "silu": 2.0}``.  Sites of rules
+        that are off are reported in ``report.unhandled`` with reason ``"rule off"``.
 
     Returns
     -------
@@ -259,12 +303,13 @@ def excite(
     if pool_temp is not None:
         check_temp(pool_temp, argument="pool_temp")
     check_gate(gate)
+    resolve_rules(rules, 0.3, 0.3)
     gm = copy_graph_module(model) if isinstance(model, fx.GraphModule) else trace(clone_module_tree(model))
-    result = excite_graph(gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps)
+    result = excite_graph(gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules)
     gm = make_excited(gm, result)
     if not result.sites:
         warnings.warn(
-            f"excite() found no ReLU or 2-D max-pool site in {type(model).__name__}; its pullback "
+            f"excite() found no site of the rules {list(result.rules)} in {type(model).__name__}; its pullback "
             f"equals the vanilla gradient. {_describe_unhandled(result)}",
             UserWarning,
             stacklevel=2,

@@ -9,15 +9,75 @@ op schema, and the op's registered autograd still runs.  TorchScript has no
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any
 
 import torch
 from torch import fx
 
-from ..kernels import surrogate_max_pool2d, surrogate_relu
+import torch.nn.functional as F
+
+from ..errors import ExcitationError
+from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
 from ..kernels.ops import _pair
-from .sites import SURROGATE_POOL_PARAMS, SURROGATE_RELU_PARAMS, _bind
+from .sites import SURROGATE_POOL_PARAMS, SURROGATE_RELU_PARAMS, SiteMatch, _bind, match_site
+
+_ACTIVATION_PARAMS = {"hardtanh": ("min_val", "max_val"), "leaky_relu": ("negative_slope",)}
+
+
+def _constant(match: SiteMatch, value: Any, name: str) -> Any:
+    if isinstance(value, fx.Node):
+        raise TypeError(
+            f"torch.jit.script needs constant {name} arguments, but '{match.node.name}' computes them at run "
+            f"time; use torch.jit.trace or torch.export instead."
+        )
+    return value
+
+
+def _lower(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> Any:
+    """The direct ``torch.ops.excitation`` call for a site of the newer rules, or ``None`` if not one."""
+    match = match_site(gm, node)
+    if match is None or match.form != "excited" or match.kind in ("relu", "max_pool2d"):
+        return None  # not ours (a site whose rule was off stays as the model wrote it)
+    if match.kind in ("multihead_attention", "attention_function"):
+        raise ExcitationError(
+            f"torch.jit.script cannot compile the attention rule at '{node.name}' (a re-globalled copy of "
+            f"{'nn.MultiheadAttention.forward' if match.kind == 'multihead_attention' else 'an attention function'}"
+            f"). Use torch.jit.trace, torch.export or torch.compile, or excite(model, "
+            f"rules={{'attention': False}}) to keep attention vanilla."
+        )
+    ops, p = torch.ops.excitation, match.params
+    bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    temp = float(bound.arguments.get("temp") or 0.0)  # rules without a temperature ignore it
+    if match.kind in ("hardtanh", "leaky_relu", "silu", "gelu", "hardswish", "hardsigmoid"):
+        kind = "gelu_tanh" if match.kind == "gelu" and p.get("approximate") == "tanh" else match.kind
+        params = [float(_constant(match, p[name], name)) for name in _ACTIVATION_PARAMS.get(match.kind, ())]
+        return graph.call_function(ops.surrogate_activation, (match.input, kind, temp, params))
+    if match.kind == "layer_norm":
+        shape = [int(v) for v in _constant(match, p["normalized_shape"], "normalized_shape")]
+        normed = graph.call_function(ops.surrogate_layer_norm, (match.input, shape, p["weight"], p["bias"], float(p["eps"])))
+        return graph.call_function(operator.getitem, (normed, 0))
+    if match.kind == "softmax":
+        return graph.call_function(ops.constant_softmax, (match.input, int(_constant(match, p["dim"], "dim")), p.get("dtype")))
+    if match.kind == "scaled_dot_product_attention":
+        query = graph.call_function(ops.stop_gradient, (match.input,))
+        key = graph.call_function(ops.stop_gradient, (p["key"],))
+        kwargs = {k: v for k, v in p.items() if k not in ("key", "value")}
+        return graph.call_function(F.scaled_dot_product_attention, (query, key, p["value"]), kwargs)
+    dims = p["dims"]
+    tup = lambda v, default: [int(default if v is None else v)] * dims if not isinstance(v, (list, tuple)) else [int(i) for i in v]  # noqa: E731
+    if match.kind.startswith("adaptive"):
+        args = (match.input, tup(_constant(match, p["output_size"], "output_size"), 0), temp)
+        pooled = graph.call_function(ops.surrogate_adaptive_max_pool, args)
+    else:
+        kernel = tup(_constant(match, p["kernel_size"], "kernel_size"), 0)
+        stride = kernel if p.get("stride") in (None, [], ()) else tup(p["stride"], 0)
+        args = (match.input, kernel, stride, tup(p.get("padding", 0), 0), tup(p.get("dilation", 1), 1),
+                bool(p.get("ceil_mode", False)), temp)
+        pooled = graph.call_function(ops.surrogate_max_pool, args)
+    return pooled if match.returns_indices else graph.call_function(operator.getitem, (pooled, 0))
 
 __all__ = ["to_scriptable"]
 
@@ -29,6 +89,8 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
     new = copy_graph_module(gm)
     graph = new.graph
     for node in list(graph.nodes):
+        if node.op == "call_module" and isinstance(new.get_submodule(node.target), ExcitedMultiheadAttention):
+            _lower(graph, new, node)  # raises: TorchScript cannot compile it
         if isinstance(node.type, str):
             # Annotations under `from __future__ import annotations` arrive as strings,
             # which fx prints as unresolvable names (`_Tensor_`) that TorchScript rejects.
@@ -63,6 +125,12 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
                     replacement = graph.call_function(operator.getitem, (pooled, 0))
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)
+        else:
+            with graph.inserting_before(node):  # several new nodes: keep them in creation order
+                lowered = _lower(graph, new, node)
+            if lowered is not None:
+                node.replace_all_uses_with(lowered)
+                graph.erase_node(node)
     graph.lint()
     new.recompile()
     return new

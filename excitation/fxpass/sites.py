@@ -1,4 +1,4 @@
-"""Matching: which FX nodes are ReLU or max-pool sites, and what their arguments are.
+"""Matching: which FX nodes are sites of a rule, and what their arguments are.
 
 Matching is kept apart from rewriting (see :mod:`.rewrite`).  A site can be an
 ``nn.Module`` call, a ``torch``/``torch.nn.functional`` call, a tensor method,
@@ -8,16 +8,34 @@ surrogate calls (so that excite(excite(m)) re-tempers instead of double-wrapping
 
 from __future__ import annotations
 
+import inspect
 import operator
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from ..kernels import surrogate_max_pool2d, surrogate_relu
+from ..kernels import (
+    ExcitedMultiheadAttention,
+    freeze_attention,
+    surrogate_adaptive_max_pool,
+    surrogate_gelu,
+    surrogate_hardsigmoid,
+    surrogate_hardswish,
+    surrogate_hardtanh,
+    surrogate_layer_norm,
+    surrogate_leaky_relu,
+    surrogate_max_pool,
+    surrogate_max_pool2d,
+    surrogate_relu,
+    surrogate_scaled_dot_product_attention,
+    surrogate_silu,
+    surrogate_softmax,
+)
+from .rules import KIND_TO_RULE
 
 __all__ = ["SiteMatch", "match_site", "match_unhandled", "site_name", "SITE_NAME_META", "SITE_NODE_META"]
 
@@ -40,7 +58,7 @@ _ATEN_POOL_PARAMS = _POOL_PARAMS[:6]
 SURROGATE_RELU_PARAMS = (("input", None), ("temp", 0.3), ("gate", "sigmoid"))
 SURROGATE_POOL_PARAMS = _POOL_PARAMS + (("temp", 0.3),)
 
-# target -> (params, forced inplace or None, forced "returns indices" or None)
+# target -> (params, forced inplace or None)
 _RELU_FUNCTIONS: Dict[Any, Tuple[Sequence, Optional[bool]]] = {
     F.relu: (_RELU_PARAMS, None),
     F.relu_: (_RELU_PARAMS[:1], True),
@@ -64,35 +82,167 @@ _POOL_FUNCTIONS: Dict[Any, Tuple[Sequence, Optional[bool]]] = {
     aten.max_pool2d_with_indices: (_ATEN_POOL_PARAMS, True),
 }
 
-# Activation-like sites that ReLU excitation does not cover, reported as "left alone".
+
+def _schema_params(op: Any) -> Tuple[Tuple[str, Any], ...]:
+    """Parameter names and defaults of an ATen overload, first one called ``input``."""
+    overload = op.default if isinstance(op, torch._ops.OpOverloadPacket) else op
+    params = []
+    for i, arg in enumerate(overload._schema.arguments):
+        default = arg.default_value if arg.has_default_value() else None
+        params.append(("input" if i == 0 else arg.name, default))
+    return tuple(params)
+
+
+def _aten(name: str) -> Tuple[Any, ...]:
+    packet = getattr(aten, name)
+    return (packet, packet.default)
+
+
+def _table(entries) -> Dict[Any, Tuple[str, Tuple[Tuple[str, Any], ...], Optional[bool], Dict[str, Any]]]:
+    """``target -> (kind, params, forced inplace, fixed arguments)``; ATen params come from the schema."""
+    table = {}
+    for kind, targets, params, inplace, fixed in entries:
+        for target in targets:
+            found = params if params is not None else _schema_params(target)
+            table[target] = (kind, found, inplace, fixed)
+    return table
+
+
+_HARDTANH = (("input", None), ("min_val", -1.0), ("max_val", 1.0), ("inplace", False))
+_LEAKY = (("input", None), ("negative_slope", 0.01), ("inplace", False))
+_UNARY = (("input", None), ("inplace", False))
+_ADAPTIVE = (("input", None), ("output_size", None), ("return_indices", False))
+_LAYER_NORM = (("input", None), ("normalized_shape", None), ("weight", None), ("bias", None), ("eps", 1e-5))
+_SOFTMAX = (("input", None), ("dim", None), ("_stacklevel", 3), ("dtype", None))
+_SDPA = (("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
+         ("is_causal", False), ("scale", None), ("enable_gqa", False))
+
+# Elementwise activations other than ReLU, and the layer/attention functions.
+_FUNCTIONS = _table([
+    ("hardtanh", (F.hardtanh,), _HARDTANH, None, {}),
+    ("hardtanh", (F.hardtanh_,), _HARDTANH[:3], True, {}),
+    ("hardtanh", (F.relu6,), _UNARY, None, {"min_val": 0.0, "max_val": 6.0}),
+    ("hardtanh", _aten("hardtanh"), None, False, {}),
+    ("hardtanh", _aten("hardtanh_"), None, True, {}),
+    ("hardtanh", _aten("relu6"), None, False, {"min_val": 0.0, "max_val": 6.0}),
+    ("leaky_relu", (F.leaky_relu,), _LEAKY, None, {}),
+    ("leaky_relu", (F.leaky_relu_,), _LEAKY[:2], True, {}),
+    ("leaky_relu", _aten("leaky_relu"), None, False, {}),
+    ("leaky_relu", _aten("leaky_relu_"), None, True, {}),
+    ("silu", (F.silu,), _UNARY, None, {}),
+    ("silu", _aten("silu"), None, False, {}),
+    ("silu", _aten("silu_"), None, True, {}),
+    ("gelu", (F.gelu,), (("input", None), ("approximate", "none")), False, {}),
+    ("gelu", _aten("gelu"), None, False, {}),
+    ("gelu", _aten("gelu_"), None, True, {}),
+    ("hardswish", (F.hardswish,), _UNARY, None, {}),
+    ("hardswish", _aten("hardswish"), None, False, {}),
+    ("hardswish", _aten("hardswish_"), None, True, {}),
+    ("hardsigmoid", (F.hardsigmoid,), _UNARY, None, {}),
+    ("hardsigmoid", _aten("hardsigmoid"), None, False, {}),
+    ("hardsigmoid", _aten("hardsigmoid_"), None, True, {}),
+    ("max_pool1d", (F.max_pool1d, F._max_pool1d), _POOL_PARAMS, False, {}),
+    ("max_pool1d", (F.max_pool1d_with_indices,), _POOL_PARAMS, False, {"return_indices": True}),
+    ("max_pool1d", (torch.max_pool1d, *_aten("max_pool1d")), _ATEN_POOL_PARAMS, False, {}),
+    ("max_pool1d", (torch.max_pool1d_with_indices, *_aten("max_pool1d_with_indices")), _ATEN_POOL_PARAMS, False,
+     {"return_indices": True}),
+    ("max_pool3d", (F.max_pool3d, F._max_pool3d), _POOL_PARAMS, False, {}),
+    ("max_pool3d", (F.max_pool3d_with_indices,), _POOL_PARAMS, False, {"return_indices": True}),
+    ("max_pool3d", (torch.max_pool3d, *_aten("max_pool3d")), _ATEN_POOL_PARAMS, False, {}),
+    ("max_pool3d", _aten("max_pool3d_with_indices"), _ATEN_POOL_PARAMS, False, {"return_indices": True}),
+    ("adaptive_max_pool1d", (F.adaptive_max_pool1d, F._adaptive_max_pool1d), _ADAPTIVE, False, {}),
+    ("adaptive_max_pool1d", (F.adaptive_max_pool1d_with_indices,), _ADAPTIVE, False, {"return_indices": True}),
+    ("adaptive_max_pool1d", (torch.adaptive_max_pool1d, *_aten("adaptive_max_pool1d")), _ADAPTIVE[:2], False,
+     {"return_indices": True}),
+    ("adaptive_max_pool2d", (F.adaptive_max_pool2d, F._adaptive_max_pool2d), _ADAPTIVE, False, {}),
+    ("adaptive_max_pool2d", (F.adaptive_max_pool2d_with_indices,), _ADAPTIVE, False, {"return_indices": True}),
+    ("adaptive_max_pool2d", _aten("adaptive_max_pool2d"), _ADAPTIVE[:2], False, {"return_indices": True}),
+    ("adaptive_max_pool3d", (F.adaptive_max_pool3d, F._adaptive_max_pool3d), _ADAPTIVE, False, {}),
+    ("adaptive_max_pool3d", (F.adaptive_max_pool3d_with_indices,), _ADAPTIVE, False, {"return_indices": True}),
+    ("adaptive_max_pool3d", _aten("adaptive_max_pool3d"), _ADAPTIVE[:2], False, {"return_indices": True}),
+    ("layer_norm", (F.layer_norm,), _LAYER_NORM, False, {}),
+    ("layer_norm", (torch.layer_norm, *_aten("layer_norm")), _LAYER_NORM, False, {}),
+    ("softmax", (F.softmax, torch.softmax), _SOFTMAX, False, {}),
+    ("softmax", (aten.softmax, aten.softmax.int), (("input", None), ("dim", None), ("dtype", None)), False, {}),
+    ("scaled_dot_product_attention", (F.scaled_dot_product_attention, *_aten("scaled_dot_product_attention")),
+     _SDPA, False, {}),
+])
+
+# Activation modules: type -> (kind, attributes passed as arguments).
+_MODULES: Dict[type, Tuple[str, Tuple[str, ...]]] = {
+    nn.Hardtanh: ("hardtanh", ("min_val", "max_val")),
+    nn.ReLU6: ("hardtanh", ("min_val", "max_val")),
+    nn.LeakyReLU: ("leaky_relu", ("negative_slope",)),
+    nn.SiLU: ("silu", ()),
+    nn.GELU: ("gelu", ("approximate",)),
+    nn.Hardswish: ("hardswish", ()),
+    nn.Hardsigmoid: ("hardsigmoid", ()),
+    nn.MaxPool1d: ("max_pool1d", ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    nn.MaxPool3d: ("max_pool3d", ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
+    nn.AdaptiveMaxPool1d: ("adaptive_max_pool1d", ("output_size", "return_indices")),
+    nn.AdaptiveMaxPool2d: ("adaptive_max_pool2d", ("output_size", "return_indices")),
+    nn.AdaptiveMaxPool3d: ("adaptive_max_pool3d", ("output_size", "return_indices")),
+    nn.LayerNorm: ("layer_norm", ("normalized_shape", "eps")),
+    nn.MultiheadAttention: ("multihead_attention", ()),
+    ExcitedMultiheadAttention: ("multihead_attention", ()),
+}
+
+# Functions fx keeps as leaves (``torch.fx.wrap``) that compute attention inside.
+_ATTENTION_FUNCTIONS = {F.multi_head_attention_forward}
+try:
+    from torchvision.models.swin_transformer import shifted_window_attention
+
+    _ATTENTION_FUNCTIONS.add(shifted_window_attention)
+except ImportError:  # torchvision is optional for the pass itself
+    pass
+
+# Our own surrogate wrappers, re-matched so that excite(excite(m)) re-tempers.
+_SURROGATE_KINDS: Dict[Callable, str] = {
+    surrogate_hardtanh: "hardtanh",
+    surrogate_leaky_relu: "leaky_relu",
+    surrogate_silu: "silu",
+    surrogate_gelu: "gelu",
+    surrogate_hardswish: "hardswish",
+    surrogate_hardsigmoid: "hardsigmoid",
+    surrogate_layer_norm: "layer_norm",
+    surrogate_softmax: "softmax",
+    surrogate_scaled_dot_product_attention: "scaled_dot_product_attention",
+}
+
+# Smooth activations: no hard gate to soften, kept vanilla by design (reported as such).
+_SMOOTH_MODULES = (nn.Sigmoid, nn.Tanh, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink)
+_SMOOTH_NAMES = frozenset("sigmoid tanh logsigmoid log_sigmoid softsign tanhshrink".split())
+# Activation-like sites with a hard gate (or a max) that no rule covers.
 _UNHANDLED_MODULES = (
-    nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
-    nn.Threshold, nn.LogSigmoid, nn.GLU, nn.Softshrink, nn.Hardshrink, nn.Tanhshrink,
-    nn.MaxPool1d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+    nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Threshold, nn.GLU,
+    nn.Softshrink, nn.Hardshrink, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.LPPool1d, nn.LPPool2d,
 )
 _UNHANDLED_NAMES = frozenset(
-    """relu6 leaky_relu prelu rrelu elu selu celu gelu silu mish hardswish hardsigmoid hardtanh
-    sigmoid tanh softplus threshold logsigmoid log_sigmoid glu softshrink hardshrink tanhshrink
-    max_pool1d max_pool3d max_pool1d_with_indices max_pool3d_with_indices adaptive_max_pool1d
-    adaptive_max_pool2d adaptive_max_pool3d fractional_max_pool2d fractional_max_pool3d
-    lp_pool1d lp_pool2d""".split()
+    """prelu rrelu elu selu celu mish softplus threshold glu softshrink hardshrink
+    fractional_max_pool2d fractional_max_pool3d lp_pool1d lp_pool2d""".split()
 )
+_MATMUL_TARGETS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, aten.matmul, aten.matmul.default,
+                   aten.bmm, aten.bmm.default, aten.einsum, aten.einsum.default}
 
 
 @dataclass
 class SiteMatch:
-    """One ReLU or max-pool site, as found in a graph."""
+    """One site of a rule, as found in a graph."""
 
     node: Node
-    kind: str  # "relu" or "max_pool2d"
+    kind: str  # see excitation.fxpass.rules.RULES[...].kinds
     form: str  # "module", "function", "method", "aten" or "excited"
     input: Any
     inplace: bool = False
-    # max-pool only: kernel_size, stride, padding, dilation, ceil_mode (values or Nodes).
+    # max_pool2d only: kernel_size, stride, padding, dilation, ceil_mode (values or Nodes).
     pool_args: Tuple[Any, ...] = ()
     returns_indices: bool = False
+    # Every other kind: the arguments of its surrogate besides the input and temp.
+    params: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rule(self) -> str:
+        return KIND_TO_RULE[self.kind]
 
 
 def _bind(params: Sequence[Tuple[str, Any]], args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -108,7 +258,9 @@ def _bind(params: Sequence[Tuple[str, Any]], args: Sequence[Any], kwargs: Dict[s
 
 SITE_NAME_META = "excitation_site"  # the site's name, kept across re-excitation
 SITE_NODE_META = "excitation_node"  # the node name the site had in the user's graph
-_SITE_MODULE_TYPES = ("torch.nn.modules.activation.ReLU", "torch.nn.modules.pooling.MaxPool2d")
+_SITE_MODULE_TYPES = frozenset(
+    f"{t.__module__}.{t.__qualname__}" for t in (nn.ReLU, nn.MaxPool2d, nn.LayerNorm, *_MODULES)
+)
 
 
 def site_name(gm: GraphModule, node: Node) -> str:
@@ -116,7 +268,7 @@ def site_name(gm: GraphModule, node: Node) -> str:
 
     A name given once is kept in ``node.meta`` so re-exciting keeps it.  Graphs from
     ``torch.export`` and dynamo record the calling module in ``nn_module_stack``;
-    when that module is itself the ReLU / MaxPool2d, its path is the name.
+    when that module is itself the site's module (ReLU, MaxPool2d, ...), its path is the name.
     """
     if SITE_NAME_META in node.meta:
         return node.meta[SITE_NAME_META]
@@ -146,26 +298,76 @@ def _pool_site(node: Node, form: str, bound: Dict[str, Any], returns_indices: bo
     return SiteMatch(node, "max_pool2d", form, bound["input"], False, args, bool(returns_indices))
 
 
-def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
-    """Return a :class:`SiteMatch` if ``node`` is a ReLU or 2-D max-pool site, else ``None``."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if type(module) is nn.ReLU:
-            return SiteMatch(node, "relu", "module", node.args[0], bool(module.inplace))
-        if type(module) is nn.MaxPool2d:
-            bound = {
-                "input": node.args[0],
-                "kernel_size": module.kernel_size,
-                "stride": module.stride,
-                "padding": module.padding,
-                "dilation": module.dilation,
-                "ceil_mode": module.ceil_mode,
-            }
-            return _pool_site(node, "module", bound, module.return_indices)
+def _feeds_matmul(node: Node, depth: int = 3) -> bool:
+    """Whether ``node``'s output reaches a matmul / bmm / einsum within ``depth`` ops (attention weights)."""
+    frontier = [node]
+    for _ in range(depth):
+        following = []
+        for current in frontier:
+            for user in current.users:
+                if user.target in _MATMUL_TARGETS or (user.op == "call_method" and user.target in ("matmul", "bmm")):
+                    return True
+                following.append(user)
+        frontier = following
+    return False
+
+
+def _general_site(node: Node, kind: str, form: str, bound: Dict[str, Any], inplace: bool) -> Optional[SiteMatch]:
+    """A site of any kind but ReLU / 2-D max-pool, from its bound arguments."""
+    if kind == "softmax" and not _feeds_matmul(node):
+        return None  # a softmax that is not attention (e.g. class probabilities) is left alone
+    if kind == "scaled_dot_product_attention":
+        params = {k: v for k, v in bound.items() if k not in ("query",)}
+        return SiteMatch(node, kind, form, bound["query"], params=params)
+    params = {k: v for k, v in bound.items() if k not in ("input", "inplace", "temp", "_stacklevel", "cudnn_enable")}
+    if kind.startswith("max_pool") or kind.startswith("adaptive_max_pool"):
+        params["dims"] = int(kind[-2])
+        if params.get("stride") in ([], ()):
+            params["stride"] = None
+    return SiteMatch(node, kind, form, bound["input"], inplace, params=params,
+                     returns_indices=bool(params.pop("return_indices", False)))
+
+
+def _match_module(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
+    module = gm.get_submodule(node.target)
+    if type(module) is nn.ReLU:
+        return SiteMatch(node, "relu", "module", node.args[0], bool(module.inplace))
+    if type(module) is nn.MaxPool2d:
+        bound = {
+            "input": node.args[0],
+            "kernel_size": module.kernel_size,
+            "stride": module.stride,
+            "padding": module.padding,
+            "dilation": module.dilation,
+            "ceil_mode": module.ceil_mode,
+        }
+        return _pool_site(node, "module", bound, module.return_indices)
+    entry = _MODULES.get(type(module))
+    if entry is None:
         return None
+    kind, attributes = entry
+    if kind == "multihead_attention":
+        form = "excited" if type(module) is ExcitedMultiheadAttention else "module"
+        return SiteMatch(node, kind, form, node.args[0] if node.args else node.kwargs.get("query"))
+    bound = {name: getattr(module, name) for name in attributes}
+    bound["input"] = node.args[0] if node.args else node.kwargs.get("input")
+    if kind == "layer_norm":
+        bound["weight"] = f"{node.target}.weight" if module.weight is not None else None
+        bound["bias"] = f"{node.target}.bias" if module.bias is not None else None
+        bound["normalized_shape"] = list(module.normalized_shape)
+    return _general_site(node, kind, "module", bound, bool(getattr(module, "inplace", False)))
+
+
+def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
+    """Return a :class:`SiteMatch` if ``node`` is a site of any rule, else ``None``."""
+    if node.op == "call_module":
+        return _match_module(gm, node)
     if node.op == "call_method":
         if node.target in _RELU_METHODS:
             return SiteMatch(node, "relu", "method", node.args[0], _RELU_METHODS[node.target])
+        if node.target == "softmax":
+            bound = _bind(_SOFTMAX, node.args, node.kwargs)
+            return _general_site(node, "softmax", "method", bound, False)
         return None
     if node.op != "call_function":
         return None
@@ -174,6 +376,8 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
     try:
         relu_entry = _RELU_FUNCTIONS.get(target)
         pool_entry = _POOL_FUNCTIONS.get(target)
+        entry = _FUNCTIONS.get(target)
+        surrogate_kind = _SURROGATE_KINDS.get(target)
     except TypeError:  # unhashable target
         return None
     if relu_entry is not None:
@@ -186,13 +390,59 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         bound = _bind(params, node.args, node.kwargs)
         indices = forced_indices if forced_indices is not None else bound["return_indices"]
         return _pool_site(node, form, bound, indices)
+    if entry is not None:
+        kind, params, forced_inplace, fixed = entry
+        bound = _bind(params, node.args, node.kwargs)
+        bound.update(fixed)
+        if kind == "softmax" and "dtype" not in bound:
+            bound["dtype"] = None
+        inplace = forced_inplace if forced_inplace is not None else bool(bound.get("inplace", False))
+        return _general_site(node, kind, form, bound, inplace)
     if target is surrogate_relu:
         bound = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
         return SiteMatch(node, "relu", "excited", bound["input"])
     if target is surrogate_max_pool2d:
         bound = _bind(SURROGATE_POOL_PARAMS, node.args, node.kwargs)
         return _pool_site(node, "excited", bound, bound["return_indices"])
+    if surrogate_kind is not None or target in (surrogate_max_pool, surrogate_adaptive_max_pool):
+        bound = dict(inspect.signature(target).bind(*node.args, **node.kwargs).arguments)
+        if surrogate_kind is None:
+            dims = bound.get("dims")
+            prefix = "max_pool" if target is surrogate_max_pool else "adaptive_max_pool"
+            surrogate_kind = f"{prefix}{dims}d"
+        bound = {("input" if k == "x" else k): v for k, v in bound.items()}
+        return _general_site(node, surrogate_kind, "excited", bound, False)
+    if target in _ATTENTION_FUNCTIONS or getattr(target, "__wrapped_original__", None) in _ATTENTION_FUNCTIONS:
+        form = "excited" if hasattr(target, "__wrapped_original__") else "function"
+        original = getattr(target, "__wrapped_original__", target)
+        return SiteMatch(node, "attention_function", form, node.args[0] if node.args else None,
+                         params={"function": original})
     return None
+
+
+def surrogate_call(match: SiteMatch, temp: Optional[float]) -> Tuple[Callable, Dict[str, Any]]:
+    """The surrogate function for a general site and the keyword arguments it takes (besides the input)."""
+    kind, params = match.kind, dict(match.params)
+    if kind == "attention_function":
+        return freeze_attention(params["function"]), {}
+    if kind.startswith("max_pool") or kind.startswith("adaptive_max_pool"):
+        params["return_indices"] = match.returns_indices
+        target = surrogate_max_pool if kind.startswith("max_pool") else surrogate_adaptive_max_pool
+        return target, {**params, "temp": temp}
+    target = {
+        "hardtanh": surrogate_hardtanh,
+        "leaky_relu": surrogate_leaky_relu,
+        "silu": surrogate_silu,
+        "gelu": surrogate_gelu,
+        "hardswish": surrogate_hardswish,
+        "hardsigmoid": surrogate_hardsigmoid,
+        "layer_norm": surrogate_layer_norm,
+        "softmax": surrogate_softmax,
+        "scaled_dot_product_attention": surrogate_scaled_dot_product_attention,
+    }[kind]
+    if temp is not None:
+        params["temp"] = temp
+    return target, params
 
 
 def _callable_name(target: Any) -> str:
@@ -203,11 +453,18 @@ def _callable_name(target: Any) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def match_unhandled(gm: GraphModule, node: Node) -> Optional[str]:
-    """Name the activation-like op at ``node`` that excitation leaves alone, or ``None``."""
+def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, bool]]:
+    """``(op name, smooth)`` for an activation-like op no rule covers at ``node``, or ``None``.
+
+    ``smooth`` marks ops without a hard gate (sigmoid, tanh), kept vanilla by design.
+    """
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        return type(module).__name__ if isinstance(module, _UNHANDLED_MODULES) else None
+        if isinstance(module, _UNHANDLED_MODULES):
+            return type(module).__name__, False
+        if isinstance(module, _SMOOTH_MODULES):
+            return type(module).__name__, True
+        return None
     if node.op == "call_method":
         name = str(node.target)
     elif node.op == "call_function" and node.target is not operator.getitem:
@@ -215,4 +472,8 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[str]:
     else:
         return None
     name = name.rstrip("_")
-    return name if name in _UNHANDLED_NAMES else None
+    if name in _UNHANDLED_NAMES:
+        return name, False
+    if name in _SMOOTH_NAMES:
+        return name, True
+    return None

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch import fx
 
 from ..errors import ExcitationTraceError
-from ..kernels import surrogate_max_pool2d, surrogate_relu
+from ..kernels import SURROGATE_FUNCTIONS, ExcitedMultiheadAttention
 from .excited import adopt_module_tree
 
 __all__ = ["clone_module_tree", "trace", "copy_graph_module", "TRACE_GATE"]
@@ -104,8 +104,12 @@ class _ExcitationTracer(fx.Tracer):
     """``fx.Tracer`` that keeps our surrogates as leaves and remembers where tracing failed."""
 
     def __init__(self) -> None:
-        super().__init__(autowrap_functions=(surrogate_relu, surrogate_max_pool2d))
+        super().__init__(autowrap_functions=SURROGATE_FUNCTIONS)
         self.failed_module: Optional[str] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # Our MultiheadAttention subclass lives outside torch.nn but is a leaf like its parent.
+        return isinstance(m, ExcitedMultiheadAttention) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         try:

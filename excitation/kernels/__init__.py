@@ -5,6 +5,58 @@ Importing this package registers the ``excitation::`` ops with ``torch.library``
 ``torch.export.load`` needs to run a saved excited program.
 """
 
+from .activations import (
+    surrogate_gelu,
+    surrogate_hardsigmoid,
+    surrogate_hardswish,
+    surrogate_hardtanh,
+    surrogate_leaky_relu,
+    surrogate_silu,
+)
+from .attention import (
+    ExcitedMultiheadAttention,
+    freeze_attention,
+    stop_gradient,
+    surrogate_scaled_dot_product_attention,
+    surrogate_softmax,
+)
+from .normalization import surrogate_layer_norm
 from .ops import surrogate_max_pool2d, surrogate_relu
+from .pooling import surrogate_adaptive_max_pool, surrogate_max_pool
 
-__all__ = ["surrogate_relu", "surrogate_max_pool2d"]
+#: Every function an excited graph may call: fx keeps them as leaves when re-tracing.
+SURROGATE_FUNCTIONS = (
+    surrogate_relu,
+    surrogate_max_pool2d,
+    surrogate_max_pool,
+    surrogate_adaptive_max_pool,
+    surrogate_hardtanh,
+    surrogate_leaky_relu,
+    surrogate_silu,
+    surrogate_gelu,
+    surrogate_hardswish,
+    surrogate_hardsigmoid,
+    surrogate_layer_norm,
+    surrogate_softmax,
+    surrogate_scaled_dot_product_attention,
+)
+
+__all__ = [
+    "surrogate_relu",
+    "surrogate_max_pool2d",
+    "surrogate_max_pool",
+    "surrogate_adaptive_max_pool",
+    "surrogate_hardtanh",
+    "surrogate_leaky_relu",
+    "surrogate_silu",
+    "surrogate_gelu",
+    "surrogate_hardswish",
+    "surrogate_hardsigmoid",
+    "surrogate_layer_norm",
+    "surrogate_softmax",
+    "surrogate_scaled_dot_product_attention",
+    "stop_gradient",
+    "freeze_attention",
+    "ExcitedMultiheadAttention",
+    "SURROGATE_FUNCTIONS",
+]

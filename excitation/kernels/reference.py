@@ -130,6 +130,15 @@ def _window_weights(views: List[Tensor], temp: float, in_place: bool) -> List[Te
     return [p.sub_(p * weighted).add_(pu) for p, pu in zip(ps, us)]
 
 
+def _finite(x: Tensor) -> Tensor:
+    """``x`` with +-inf replaced by +-(max / 4): an infinite input then takes all (or none) of its window's weight.
+
+    Without it ``(x - max) / temp`` is ``inf - inf``; the quarter keeps ``x - max`` from overflowing.
+    """
+    big = torch.finfo(x.dtype).max / 4
+    return torch.nan_to_num(x, posinf=big, neginf=-big)
+
+
 def soft_max_pool2d_backward(
     grad: Tensor,
     x: Tensor,
@@ -162,7 +171,7 @@ def soft_max_pool2d_backward(
     height, width = x.shape[-2:]
     # Work in at least float32: half-precision softmax derivatives lose too much.
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    flat = x.reshape(-1, height, width).to(compute_dtype)
+    flat = _finite(x.reshape(-1, height, width).to(compute_dtype))
     out_h = max_pool2d_output_size(height, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
     out_w = max_pool2d_output_size(width, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
     # ceil_mode windows can hang over the right/bottom edge beyond the padding.
@@ -186,3 +195,79 @@ def soft_max_pool2d_backward(
     if any(pads):
         result = result[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
     return result.reshape(*batch_shape, height, width).to(x.dtype)
+
+
+# ------------------------------------------------------ any-dimension soft pooling
+def pool_windows(
+    size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
+) -> Tuple[Tensor, Tensor]:
+    """Input positions ``[out, kernel]`` read by each window of a regular max-pool, and which are real.
+
+    Positions in the padding or past the input (``ceil_mode``) are marked invalid.
+    """
+    out = max_pool2d_output_size(size, kernel, stride, padding, dilation, ceil_mode)
+    positions = torch.arange(out)[:, None] * stride - padding + torch.arange(kernel)[None, :] * dilation
+    return positions, (positions >= 0) & (positions < size)
+
+
+def adaptive_pool_windows(size: int, out: int) -> Tuple[Tensor, Tensor]:
+    """Input positions of adaptive pooling's windows ``[floor(i L / O), ceil((i + 1) L / O))``, padded."""
+    starts = [(i * size) // out for i in range(out)]
+    ends = [-((-(i + 1) * size) // out) for i in range(out)]
+    width = max(e - s for s, e in zip(starts, ends))
+    positions = torch.tensor(starts)[:, None] + torch.arange(width)[None, :]
+    return positions, positions < torch.tensor(ends)[:, None]
+
+
+def soft_max_pool_windows_backward(
+    grad: Tensor, x: Tensor, windows: Sequence[Tuple[Tensor, Tensor]], temp: float
+) -> Tensor:
+    """Soft-pool gradient for 1-, 2- or 3-D windows given per dimension as ``(positions, valid)``.
+
+    The general (and simpler, but memory-hungrier) sibling of
+    :func:`soft_max_pool2d_backward`: it gathers every window explicitly, so it
+    handles adaptive pooling's uneven windows as well as regular ones.  The
+    math is the same: ``ds/dx_w = p_w + p_w u_w - p_w sum_v p_v u_v``, with
+    invalid positions weighted exactly 0.  Purely functional, so it runs under
+    every ``torch.func`` transform.
+    """
+    dims = len(windows)
+    spatial = x.shape[-dims:]
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    flat = _finite(x.reshape(-1, *spatial).to(compute_dtype))
+    gathered, mask_shape = flat, []
+    for axis, (positions, valid) in enumerate(windows):
+        dim = 1 + 2 * axis  # earlier axes are already split into (out, kernel) pairs
+        index = positions.clamp(0, spatial[axis] - 1).to(x.device)
+        gathered = gathered.index_select(dim, index.flatten()).unflatten(dim, positions.shape)
+        mask_shape += list(positions.shape)
+    valid_all = torch.ones((), dtype=torch.bool, device=x.device)
+    for axis, (_, valid) in enumerate(windows):
+        shape = [1] * (2 * dims)
+        shape[2 * axis : 2 * axis + 2] = valid.shape
+        valid_all = valid_all & valid.to(x.device).reshape(shape)
+    window_dims = tuple(2 + 2 * axis for axis in range(dims))
+    masked = gathered.masked_fill(~valid_all, -math.inf)
+    peak = masked.amax(dim=window_dims, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    u = (masked - peak) / temp
+    u = torch.where(torch.isneginf(u), torch.full_like(u, -1e4), u)  # finite stand-in: exp(-1e4) == 0
+    e = torch.exp(u)
+    p = e / e.sum(dim=window_dims, keepdim=True)
+    pu = p * u
+    weights = p + pu - p * pu.sum(dim=window_dims, keepdim=True)
+    g = grad.reshape(-1, *[positions.shape[0] for positions, _ in windows]).to(compute_dtype)
+    for axis in range(dims):
+        g = g.unsqueeze(2 + 2 * axis)
+    contribution = weights * g
+    for axis in reversed(range(dims)):
+        positions, valid = windows[axis]
+        dim = 1 + 2 * axis
+        index = positions.clamp(0, spatial[axis] - 1).to(x.device).flatten()
+        shape = list(contribution.shape)
+        shape[dim : dim + 2] = [spatial[axis]]
+        contribution = torch.zeros(shape, dtype=compute_dtype, device=x.device).index_add(
+            dim, index, contribution.flatten(dim, dim + 1)
+        )
+    return contribution.reshape(x.shape).to(x.dtype)
+

@@ -1,0 +1,118 @@
+"""The rules: which backward each kind of site gets, and how users choose among them.
+
+A *rule* is a family of sites with one backward (``"relu"``, ``"max_pool"``,
+``"attention"``, ...).  ``excite(model, rules=...)`` picks the rules that apply;
+:data:`DEFAULT_RULES` is all of them.  Every rule is forward-exact.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
+
+from ..gates import check_temp
+
+__all__ = ["Rule", "RULES", "DEFAULT_RULES", "RulesSpec", "resolve_rules"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One backward rule.
+
+    Attributes
+    ----------
+    name : str
+        What ``rules=`` calls it.
+    kinds : tuple of str
+        The site kinds (``Site.kind``) it covers.
+    default_temp : float, "temp", "pool_temp" or None
+        Its temperature: a number, the ``temp`` / ``pool_temp`` argument of
+        :func:`excitation.excite`, or ``None`` for rules without one.
+    backward : str
+        The backward, in one line.
+    """
+
+    name: str
+    kinds: Tuple[str, ...]
+    default_temp: Union[float, str, None]
+    backward: str
+
+
+_POOL_KINDS = ("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
+
+#: Every rule by name, in the order reports list them.
+RULES: Dict[str, Rule] = {
+    rule.name: rule
+    for rule in (
+        Rule("relu", ("relu",), "temp", "grad * gate(z / temp), gate sigmoid or normal_cdf"),
+        Rule("hardtanh", ("hardtanh",), "temp",
+             "grad * (sigmoid((z - lo) / temp) - sigmoid((z - hi) / temp)) (ReLU6 = Hardtanh(0, 6))"),
+        Rule("leaky_relu", ("leaky_relu",), "temp", "grad * (a + (1 - a) * sigmoid(z / temp))"),
+        Rule("silu", ("silu",), 1.6, "grad * sigmoid(z / temp)"),
+        Rule("gelu", ("gelu",), 1.0, "grad * Phi(z / temp)"),
+        Rule("hardswish", ("hardswish",), 1.6, "grad * hardsigmoid(z / temp)"),
+        Rule("hardsigmoid", ("hardsigmoid",), "temp",
+             "grad * (sigmoid((z + 3) / temp) - sigmoid((z - 3) / temp)) / 6"),
+        Rule("max_pool", _POOL_KINDS, "pool_temp", "gradient of sum_w softmax(x_w / temp) x_w per window"),
+        Rule("layer_norm", ("layer_norm",), None, "mean and variance held constant: grad * weight * rstd"),
+        Rule("attention", ("softmax", "scaled_dot_product_attention", "multihead_attention", "attention_function"),
+             None, "attention weights held constant: gradient flows through the values only"),
+    )
+}
+
+#: The rules ``excite`` applies unless told otherwise: all of them.
+DEFAULT_RULES: Tuple[str, ...] = tuple(RULES)
+
+#: ``None`` (all rules), names of the rules to apply, or ``{name: temp | True | False}``
+#: (start from all rules; ``False`` switches one off, a number sets its temperature).
+RulesSpec = Union[None, Iterable[str], Mapping[str, Union[float, bool, None]]]
+
+KIND_TO_RULE: Dict[str, str] = {kind: rule.name for rule in RULES.values() for kind in rule.kinds}
+
+
+def _check_names(names: Iterable[str]) -> None:
+    unknown = [name for name in names if name not in RULES]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(str(name), list(RULES), n=2)
+            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+        raise ValueError(f"rules names unknown rules: {', '.join(hints)}. Known rules: {', '.join(RULES)}.")
+
+
+def resolve_rules(rules: RulesSpec, temp: float, pool_temp: float) -> Dict[str, Optional[float]]:
+    """``{rule name: temperature or None}`` for every rule that applies."""
+    defaults: Dict[str, Optional[float]] = {}
+    for rule in RULES.values():
+        value = rule.default_temp
+        defaults[rule.name] = temp if value == "temp" else pool_temp if value == "pool_temp" else value
+    if rules is None:
+        return defaults
+    if isinstance(rules, str):
+        raise TypeError(
+            f"rules={rules!r} is a string; pass a list of rule names, e.g. rules=[{rules!r}], "
+            f"or a mapping such as rules={{{rules!r}: False}} to switch one off."
+        )
+    if isinstance(rules, Mapping):
+        _check_names(rules)
+        active = dict(defaults)
+        for name, value in rules.items():
+            if value is False or value is None:
+                active.pop(name)
+            elif value is True:
+                continue
+            elif RULES[name].default_temp is None:
+                raise ValueError(f"rule {name!r} has no temperature; use True or False for it, not {value!r}.")
+            else:
+                active[name] = check_temp(value, argument=f"rules[{name!r}]")
+        return active
+    try:
+        names = list(rules)
+    except TypeError:
+        raise TypeError(
+            f"rules must be None, a list of rule names or a mapping {{name: temp | True | False}}, "
+            f"got {type(rules).__name__}."
+        ) from None
+    _check_names(names)
+    return {name: defaults[name] for name in RULES if name in names}

@@ -1,0 +1,192 @@
+"""The rule set: choosing rules, the report, and one model with every rule through every runtime."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import excitation
+from excitation.kernels import ExcitedMultiheadAttention
+
+from .helpers import ZOO_FORMS_KINDS, ExcitationReference, ZooForms, fingerprint, reference_pullback, rel_err
+
+TARGET = 3
+
+
+@pytest.fixture(scope="module")
+def zoo_forms():
+    torch.manual_seed(0)
+    model = ZooForms().double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def excited(zoo_forms):
+    return excitation.excite(zoo_forms)
+
+
+def test_every_rule_is_found_and_reported(excited):
+    report = excitation.report(excited)
+    assert report.counts() == ZOO_FORMS_KINDS
+    assert report.unhandled == [] and report.smooth == []
+    assert set(report.rule_counts()) == set(excitation.RULES) - {"relu"}
+    temps = {s.kind: s.temp for s in report.sites}
+    assert temps["silu"] == 1.6 and temps["gelu"] == 1.0 and temps["hardswish"] == 1.6
+    assert temps["hardtanh"] == temps["leaky_relu"] == temps["hardsigmoid"] == temps["max_pool2d"] == 0.3
+    assert temps["layer_norm"] is None and temps["multihead_attention"] is None
+
+
+def test_independent_reference_sees_the_same_sites(zoo_forms, x):
+    with ExcitationReference(rules=True) as mode:
+        zoo_forms(x)
+    expected = {"hardtanh": 1, "leaky_relu": 1, "silu": 1, "hardswish": 1, "hardsigmoid": 1, "max_pool2d": 1,
+                "layer_norm": 2, "mha": 1, "softmax": 1, "sdpa": 1, "gelu": 1, "relu": 0}
+    assert mode.calls == expected
+
+
+def test_pullback_matches_reference_and_differs_from_gradient(zoo_forms, excited, x):
+    ours = excitation.pullback(excited, x, TARGET)
+    assert rel_err(ours, reference_pullback(zoo_forms, x, TARGET, rules=True)) < 1e-10
+    assert rel_err(ours, excitation.gradient(zoo_forms, x, TARGET)) > 0.05
+
+
+def test_forward_is_bit_identical_with_and_without_grad(zoo_forms, excited, x):
+    with torch.no_grad():
+        assert torch.equal(excited(x), zoo_forms(x))
+    leaf = x.clone().requires_grad_()
+    assert torch.equal(excited(leaf), zoo_forms(leaf))
+
+
+def test_original_model_is_untouched(x):
+    model = ZooForms().double().eval()
+    before = fingerprint(model)
+    gm = excitation.excite(model)
+    excitation.pullback(gm, x, TARGET)
+    assert fingerprint(model) == before
+    assert type(model.attn) is nn.MultiheadAttention and type(gm.attn) is ExcitedMultiheadAttention
+    assert list(gm.state_dict()) == list(model.state_dict())
+    assert gm.attn.in_proj_weight is model.attn.in_proj_weight
+
+
+@pytest.mark.parametrize("rules,expected_off", [
+    (["relu", "max_pool"], {"hardtanh", "leaky_relu", "silu", "gelu", "hardswish", "hardsigmoid", "layer_norm",
+                            "softmax", "scaled_dot_product_attention", "multihead_attention"}),
+    ({"attention": False}, {"softmax", "scaled_dot_product_attention", "multihead_attention"}),
+    ({"layer_norm": False, "gelu": 2.0}, {"layer_norm"}),
+])
+def test_rules_switch_sites_off(zoo_forms, x, rules, expected_off):
+    gm = excitation.excite(zoo_forms, rules=rules)
+    report = excitation.report(gm)
+    assert {u.op for u in report.unhandled} == expected_off
+    assert all(u.reason == "rule off" for u in report.unhandled)
+    assert not {s.kind for s in report.sites} & expected_off
+    if isinstance(rules, dict) and "gelu" in rules:
+        assert [s.temp for s in report.sites if s.kind == "gelu"] == [2.0]
+    # A switched-off rule really is vanilla: compare with the reference that skips nothing but those sites.
+    with torch.no_grad():
+        assert torch.equal(gm(x), zoo_forms(x))
+
+
+def test_rules_off_gives_the_vanilla_gradient(zoo_forms, x):
+    with pytest.warns(UserWarning, match=r"found no site of the rules \[\]"):
+        gm = excitation.excite(zoo_forms, rules=[])
+    assert len(excitation.report(gm)) == 0
+    assert rel_err(excitation.pullback(gm, x, TARGET), excitation.gradient(zoo_forms, x, TARGET)) < 1e-12
+
+
+@pytest.mark.parametrize("rules,error,match", [
+    (["relu", "gelus"], ValueError, "did you mean 'gelu'"),
+    ({"attention": 0.5}, ValueError, "has no temperature"),
+    ({"silu": -1.0}, ValueError, r"rules\['silu'\] must be finite and > 0"),
+    ("relu", TypeError, "is a string"),
+    (3, TypeError, "rules must be None"),
+])
+def test_bad_rules_are_refused_before_tracing(zoo_forms, rules, error, match):
+    with pytest.raises(error, match=match):
+        excitation.excite(zoo_forms, rules=rules)
+    with pytest.raises(error, match=match):
+        excitation.backend(rules=rules)
+
+
+def test_temps_mapping_reaches_new_rules_and_refuses_temperature_free_sites(zoo_forms):
+    gm = excitation.excite(zoo_forms, temps={"silu": 0.7})
+    assert [s.temp for s in excitation.report(gm).sites if s.kind == "silu"] == [0.7]
+    with pytest.raises(ValueError, match="do not exist"):
+        excitation.excite(zoo_forms, temps={"norm1": 0.7})
+
+
+def test_reexcite_keeps_sites_and_retempers(excited, x):
+    again = excitation.excite(excited, rules={"silu": 3.0})
+    report = excitation.report(again)
+    assert report.counts() == ZOO_FORMS_KINDS and {s.form for s in report.sites} == {"excited"}
+    assert [s.temp for s in report.sites if s.kind == "silu"] == [3.0]
+    with torch.no_grad():
+        assert torch.equal(again(x), excited(x))
+
+
+# ------------------------------------------------------------------ runtimes
+def _grad(module, x):
+    leaf = x.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(module(leaf)[:, TARGET].sum(), leaf)
+    return grad
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_runtimes_agree_with_eager(zoo_forms, excited, x):
+    eager = excitation.pullback(excited, x, TARGET)
+    vanilla = excitation.gradient(zoo_forms, x, TARGET)
+
+    def check(result, tol=1e-10):
+        assert rel_err(result, vanilla) > 0.05, "returned the vanilla gradient"
+        assert rel_err(result, eager) <= tol
+
+    check(torch.func.grad(lambda t: excited(t)[:, TARGET].sum())(x))
+    torch._dynamo.reset()
+    check(_grad(torch.compile(excited, backend="aot_eager", fullgraph=True), x), 1e-8)
+    exported = torch.export.export(excited, (x,))
+    names = {str(n.target) for n in exported.graph.nodes}
+    assert {"excitation.surrogate_activation.default", "excitation.surrogate_layer_norm.default",
+            "excitation.constant_softmax.default", "excitation.stop_gradient.default"} <= names
+    check(_grad(exported.module(), x))
+    check(_grad(exported.run_decompositions().module(), x))
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    buffer.seek(0)
+    check(_grad(torch.export.load(buffer).module(), x))
+    traced = torch.jit.trace(copy.deepcopy(excited), (x,), check_trace=False)
+    check(_grad(traced, x))
+
+
+def test_backend_covers_inlined_rules(zoo_forms, x):
+    # dynamo inlines nn.MultiheadAttention: its scaled_dot_product_attention call is the site there.
+    torch._dynamo.reset()
+    compiler = excitation.backend(inner="aot_eager")
+    compiled = torch.compile(zoo_forms, backend=compiler)
+    result = _grad(compiled, x)
+    kinds = set()
+    for report in compiler.reports:
+        kinds |= {s.kind for s in report.sites}
+    assert {"hardtanh", "leaky_relu", "silu", "gelu", "hardswish", "hardsigmoid", "layer_norm", "softmax",
+            "scaled_dot_product_attention", "max_pool2d"} <= kinds
+    assert rel_err(result, reference_pullback(zoo_forms, x, TARGET, rules=True)) < 1e-8
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_jit_script_runs_every_rule_but_attention(zoo_forms, x):
+    with pytest.raises(excitation.ExcitationError, match="rules=\\{'attention': False\\}"):
+        torch.jit.script(excitation.excite(zoo_forms))
+    excited = excitation.excite(zoo_forms, rules={"attention": False})
+    scripted = torch.jit.script(excited)
+    eager = excitation.pullback(excited, x, TARGET)
+    assert rel_err(_grad(scripted, x), eager) < 1e-10
+    assert rel_err(eager, excitation.gradient(zoo_forms, x, TARGET)) > 0.05
