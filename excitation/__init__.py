@@ -19,8 +19,8 @@ from .ascent import IMAGENET_NORMALIZE, Normalized, ascend
 from .calibrate import calibrate
 from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
 from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
-from .fxpass.rules import DEFAULT_RULES, RULES, Rule
 from .fxpass.backend import backend
+from .fxpass.rules import DEFAULT_RULES, RULES, Rule
 from .gates import GATES
 from .kernels import surrogate_max_pool2d, surrogate_relu
 

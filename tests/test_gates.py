@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from excitation.gates import GATES, check_gate, check_temp, normal_cdf_gate, sigmoid_gate
+from excitation.gates import (
+    GATES,
+    check_gate,
+    check_temp,
+    normal_cdf_gate,
+    sigmoid_gate,
+)
 
 
 @pytest.mark.parametrize("temp", [1e-3, 0.3, 5.0])

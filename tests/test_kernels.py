@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from excitation.kernels import surrogate_max_pool2d, surrogate_relu
-from excitation.kernels.reference import max_pool2d_output_size, soft_max_pool2d_backward
+from excitation.kernels.reference import (
+    max_pool2d_output_size,
+    soft_max_pool2d_backward,
+)
 
 from .helpers import rel_err, soft_pool_reference
 

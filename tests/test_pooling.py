@@ -7,7 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from excitation.kernels import surrogate_adaptive_max_pool, surrogate_max_pool, surrogate_max_pool2d
+from excitation.kernels import (
+    surrogate_adaptive_max_pool,
+    surrogate_max_pool,
+    surrogate_max_pool2d,
+)
 
 MAX_POOL = {1: F.max_pool1d, 3: F.max_pool3d}
 ADAPTIVE = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}

@@ -11,7 +11,14 @@ import excitation
 from excitation import ExcitationTraceError, InplaceAliasError
 from excitation.kernels import surrogate_max_pool2d, surrogate_relu
 
-from .helpers import ALL_FORMS_POOLS, ALL_FORMS_RELUS, AllForms, fingerprint, reference_pullback, rel_err
+from .helpers import (
+    ALL_FORMS_POOLS,
+    ALL_FORMS_RELUS,
+    AllForms,
+    fingerprint,
+    reference_pullback,
+    rel_err,
+)
 
 
 def _x(dtype=torch.float64):

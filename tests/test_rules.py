@@ -10,7 +10,14 @@ import torch.nn as nn
 import excitation
 from excitation.kernels import ExcitedMultiheadAttention
 
-from .helpers import ZOO_FORMS_KINDS, ExcitationReference, ZooForms, fingerprint, reference_pullback, rel_err
+from .helpers import (
+    ZOO_FORMS_KINDS,
+    ExcitationReference,
+    ZooForms,
+    fingerprint,
+    reference_pullback,
+    rel_err,
+)
 
 TARGET = 3
 

@@ -8,23 +8,30 @@ is the public entry point that produces such a GraphModule from a model.
 from __future__ import annotations
 
 import difflib
-from dataclasses import replace
 import operator
 import warnings
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import fx
 
-
 from ..errors import ExcitationError, InplaceAliasError
 from ..gates import check_gate, check_temp
 from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
-from .report import Report, Site, Unhandled
 from .excited import REPORT_ATTR, make_excited
+from .report import Report, Site, Unhandled
 from .rules import RulesSpec, resolve_rules
-from .sites import SITE_NAME_META, SITE_NODE_META, SiteMatch, match_site, match_unhandled, site_name, surrogate_call
+from .sites import (
+    SITE_NAME_META,
+    SITE_NODE_META,
+    SiteMatch,
+    match_site,
+    match_unhandled,
+    site_name,
+    surrogate_call,
+)
 from .tracing import clone_module_tree, copy_graph_module, trace
 
 __all__ = ["excite", "excite_graph", "report", "is_excited", "TempsSpec"]

@@ -14,14 +14,19 @@ import operator
 from typing import Any
 
 import torch
-from torch import fx
-
 import torch.nn.functional as F
+from torch import fx
 
 from ..errors import ExcitationError
 from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
 from ..kernels.ops import _pair
-from .sites import SURROGATE_POOL_PARAMS, SURROGATE_RELU_PARAMS, SiteMatch, _bind, match_site
+from .sites import (
+    SURROGATE_POOL_PARAMS,
+    SURROGATE_RELU_PARAMS,
+    SiteMatch,
+    _bind,
+    match_site,
+)
 
 _ACTIVATION_PARAMS = {"hardtanh": ("min_val", "max_val"), "leaky_relu": ("negative_slope",)}
 

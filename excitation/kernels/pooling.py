@@ -13,7 +13,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .reference import adaptive_pool_windows, pool_windows, soft_max_pool_windows_backward
+from .reference import (
+    adaptive_pool_windows,
+    pool_windows,
+    soft_max_pool_windows_backward,
+)
 from .registry import define_surrogate_op
 
 __all__ = ["surrogate_max_pool", "surrogate_adaptive_max_pool"]
