@@ -6,7 +6,10 @@ site's input on real batches and sets ``temp = scale_factor * robust_std``,
 where ``robust_std = 1.4826 * median(|z - median(z)|)`` (equal to the standard
 deviation for Gaussian data).  A BatchNorm'd layer with unit-variance
 pre-activations thus lands on the published 0.3.  Max-pool sites use the
-scale of their positive inputs (see ``_Recorder``).
+scale of their positive inputs (see ``_Recorder``).  Rules with their own
+published temperature scale it instead of ``scale_factor``: SiLU and Hardswish
+get ``1.6 * robust_std``, GELU ``1.0 * robust_std``, so unit-variance inputs keep
+the published defaults.  LayerNorm and attention sites have no temperature.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import torch.nn as nn
 from torch import Tensor, fx
 
 from .api import check_input, prepare
-from .fxpass.sites import SITE_NODE_META
+from .fxpass.rules import RULES
+from .fxpass.sites import SITE_NODE_META, surrogate_rule
 from .fxpass.tracing import TRACE_GATE
 from .gates import check_temp
-from .kernels import surrogate_max_pool2d, surrogate_relu
 
 __all__ = ["calibrate", "robust_std"]
 
@@ -42,12 +45,15 @@ class _Recorder(fx.Interpreter):
         self.max_samples = max_samples
         self.generator = generator
         self.samples: Dict[str, list] = {}
+        self.rules: Dict[str, str] = {}
 
     def call_function(self, target, args, kwargs):
-        if target is surrogate_relu or target is surrogate_max_pool2d:
+        rule = surrogate_rule(target)
+        if rule is not None and RULES[rule].default_temp is not None:
             z = args[0].detach()
             flat = z.reshape(1, -1)
-            if target is surrogate_max_pool2d:
+            self.rules[self.current_node.meta[SITE_NODE_META]] = rule
+            if rule == "max_pool":
                 # Pools usually follow a ReLU: over half their inputs are 0 and the
                 # median deviation vanishes.  The spread of the active values is the scale.
                 active = flat[flat > 0]
@@ -81,8 +87,10 @@ def calibrate(
     batches : Tensor or iterable of Tensors
         Input batches (a single batch is fine).
     scale_factor : float
-        ``temp = scale_factor * robust_std(site input)``; 0.3 puts unit-variance
-        (BatchNorm'd) pre-activations at the published temperature.
+        ``temp = scale_factor * robust_std(site input)`` at ReLU, ReLU6/Hardtanh,
+        LeakyReLU, Hardsigmoid and max-pool sites; 0.3 puts unit-variance
+        (BatchNorm'd) pre-activations at the published temperature.  SiLU,
+        Hardswish (1.6) and GELU (1.0) sites use their published default instead.
     max_samples : int
         Values kept per site and batch (a random subsample) to bound memory.
     min_temp : float
@@ -120,5 +128,7 @@ def calibrate(
     temps: Dict[str, float] = {}
     for node, chunks in recorder.samples.items():
         scale = robust_std(torch.cat(chunks, dim=1))
-        temps[node] = float((scale_factor * scale).clamp_min(min_temp)[0])
+        default = RULES[recorder.rules[node]].default_temp
+        factor = default if isinstance(default, float) else scale_factor
+        temps[node] = float((factor * scale).clamp_min(min_temp)[0])
     return temps

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-__all__ = ["ExcitationError", "ExcitationTraceError", "InplaceAliasError"]
+import difflib
+from typing import Iterable
+
+__all__ = ["ExcitationError", "ExcitationTraceError", "InplaceAliasError", "with_suggestions"]
+
+
+def with_suggestions(unknown: Iterable[object], known: Iterable[str]) -> str:
+    """``"'gelus' (did you mean 'gelu'?), 'x'"``: each unknown name with its closest known ones."""
+    candidates = sorted(known)
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), candidates, n=3)
+        hints.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    return ", ".join(hints)
 
 
 class ExcitationError(RuntimeError):

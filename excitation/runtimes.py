@@ -38,7 +38,8 @@ RUNTIMES: List[Runtime] = [
     Runtime("`torch.compile(torch.func.grad(...))`", "yes", "", "test_compile_func_grad"),
     Runtime("`torch.jit.trace(excited, x)`", "yes", "TorchScript is deprecated upstream", "test_jit_trace"),
     Runtime("`torch.jit.script(excited)`", "yes",
-            "scripts a copy calling `torch.ops.excitation.*` directly (`__prepare_scriptable__`)", "test_jit_script"),
+            "scripts a copy calling `torch.ops.excitation.*` directly (`__prepare_scriptable__`); the attention "
+            "rule cannot be scripted and says so (`rules={'attention': False}` or `jit.trace`)", "test_jit_script"),
     Runtime("`torch.compile(model, backend=\"excitation\")`", "yes",
             "rewrites dynamo's graphs; works where `symbolic_trace` fails (data-dependent control flow)",
             "test_backend_by_name"),

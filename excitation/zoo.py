@@ -94,9 +94,14 @@ def _timed(fn: Callable[[], torch.Tensor]) -> float:
 
 
 def check_model(
-    model: nn.Module, x: torch.Tensor, *, name: str = "model", target: int = 1, repeats: int = 3, **excite_options
+    model: nn.Module, x: torch.Tensor, *, name: str = "model", target: Optional[int] = None, repeats: int = 3,
+    **excite_options,
 ) -> ZooRow:
-    """Excite ``model`` (fx, or the dynamo backend if fx cannot trace it) and check it on ``x``."""
+    """Excite ``model`` (fx, or the dynamo backend if fx cannot trace it) and check it on ``x``.
+
+    ``target`` defaults to the class the model predicts for ``x[0]``: with random
+    weights a final ReLU (SqueezeNet) can zero other logits, and their gradients.
+    """
     start = time.perf_counter()
     model = model.eval()
     row = ZooRow(model=name, size=int(x.shape[-1]), params_m=sum(p.numel() for p in model.parameters()) / 1e6,
@@ -114,7 +119,10 @@ def check_model(
         run = torch.compile(model, backend=compiler)
         result = None
     with torch.no_grad():
-        same = torch.equal(run(x), model(x))
+        expected = model(x)
+        same = torch.equal(run(x), expected)
+    if target is None:
+        target = int(expected[0].argmax())
     grad_x = x.clone().requires_grad_(True)
     same = same and torch.equal(run(grad_x).detach(), model(grad_x).detach())
     row.forward_identical = bool(same)

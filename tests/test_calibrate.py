@@ -57,3 +57,26 @@ def test_calibrate_errors():
         excitation.calibrate(model, torch.randn(2, 4), scale_factor=0, progress=False)
     with pytest.raises(TypeError, match="integer dtype"):
         excitation.calibrate(model, torch.ones(2, 4, dtype=torch.long), progress=False)
+
+
+def test_every_tempered_rule_is_calibrated_with_its_own_factor():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 12), nn.SiLU(), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 12), nn.ReLU6(),
+        nn.Linear(12, 12), nn.LeakyReLU(0.1), nn.Linear(12, 12), nn.Hardswish(), nn.LayerNorm(12), nn.Linear(12, 2),
+    ).eval()
+    x = torch.randn(400, 6)
+    temps = excitation.calibrate(model, x, progress=False)
+    sites = [s for s in excitation.report(excitation.excite(model)).sites]
+    tempered = [s for s in sites if s.temp is not None]
+    assert sorted(temps) == sorted(s.node for s in tempered) and len(tempered) == 5
+    inputs, h = [], x
+    with torch.no_grad():
+        for layer in model:
+            if not isinstance(layer, (nn.Linear, nn.LayerNorm)):
+                inputs.append(h)
+            h = layer(h)
+    factors = {"silu": 1.6, "gelu": 1.0, "hardtanh": 0.3, "leaky_relu": 0.3, "hardswish": 1.6}
+    for site, z in zip(tempered, inputs):
+        want = factors[site.kind] * float(robust_std(z.reshape(1, -1))[0])
+        assert abs(temps[site.node] - want) / want < 0.02, site.kind

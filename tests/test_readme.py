@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from excitation.fxpass.rules import rules_table
 from excitation.runtimes import RUNTIMES, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -10,6 +11,10 @@ README = (ROOT / "README.md").read_text()
 
 def test_runtimes_table_is_current():
     assert markdown_table() in README
+
+
+def test_rules_table_is_current():
+    assert rules_table() in README
 
 
 def test_every_runtime_row_has_its_test():

@@ -7,7 +7,6 @@ is the public entry point that produces such a GraphModule from a model.
 
 from __future__ import annotations
 
-import difflib
 import operator
 import warnings
 from dataclasses import replace
@@ -17,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from ..errors import ExcitationError, InplaceAliasError
+from ..errors import ExcitationError, InplaceAliasError, with_suggestions
 from ..gates import check_gate, check_temp
 from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
 from .excited import REPORT_ATTR, make_excited
@@ -136,12 +135,8 @@ def _resolve_temps(
     known = {s.name for s in sites if s.temp is not None} | {s.node for s in sites if s.temp is not None}
     unknown = [key for key in temps if key not in known]
     if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), sorted(known), n=3)
-            hints.append(f"{key!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
         raise ValueError(
-            f"temps names sites that do not exist: {', '.join(hints)}. Valid names are module paths "
+            f"temps names sites that do not exist: {with_suggestions(unknown, known)}. Valid names are module paths "
             f"or node names of sites with a temperature; see excitation.report(excite(model)).sites."
         )
     checked = {key: check_temp(value, argument=f"temps[{key!r}]") for key, value in temps.items()}

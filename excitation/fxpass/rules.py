@@ -7,10 +7,10 @@ A *rule* is a family of sites with one backward (``"relu"``, ``"max_pool"``,
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
+from ..errors import with_suggestions
 from ..gates import check_temp
 
 __all__ = ["Rule", "RULES", "DEFAULT_RULES", "RulesSpec", "resolve_rules"]
@@ -45,9 +45,9 @@ _POOL_KINDS = ("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", 
 RULES: Dict[str, Rule] = {
     rule.name: rule
     for rule in (
-        Rule("relu", ("relu",), "temp", "grad * gate(z / temp), gate sigmoid or normal_cdf"),
+        Rule("relu", ("relu",), "temp", "grad * sigmoid(z / temp)  or  grad * Phi(z / temp)"),
         Rule("hardtanh", ("hardtanh",), "temp",
-             "grad * (sigmoid((z - lo) / temp) - sigmoid((z - hi) / temp)) (ReLU6 = Hardtanh(0, 6))"),
+             "grad * (sigmoid((z - lo) / temp) - sigmoid((z - hi) / temp))"),
         Rule("leaky_relu", ("leaky_relu",), "temp", "grad * (a + (1 - a) * sigmoid(z / temp))"),
         Rule("silu", ("silu",), 1.6, "grad * sigmoid(z / temp)"),
         Rule("gelu", ("gelu",), 1.0, "grad * Phi(z / temp)"),
@@ -74,11 +74,7 @@ KIND_TO_RULE: Dict[str, str] = {kind: rule.name for rule in RULES.values() for k
 def _check_names(names: Iterable[str]) -> None:
     unknown = [name for name in names if name not in RULES]
     if unknown:
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(str(name), list(RULES), n=2)
-            hints.append(f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
-        raise ValueError(f"rules names unknown rules: {', '.join(hints)}. Known rules: {', '.join(RULES)}.")
+        raise ValueError(f"rules names unknown rules: {with_suggestions(unknown, RULES)}. Known rules: {', '.join(RULES)}.")
 
 
 def resolve_rules(rules: RulesSpec, temp: float, pool_temp: float) -> Dict[str, Optional[float]]:
@@ -116,3 +112,30 @@ def resolve_rules(rules: RulesSpec, temp: float, pool_temp: float) -> Dict[str, 
         ) from None
     _check_names(names)
     return {name: defaults[name] for name in RULES if name in names}
+
+
+_SITES_TEXT = {
+    "relu": "`nn.ReLU`, `F.relu(_)`, `torch.relu(_)`, `.relu(_)()`, ATen `relu(_)`; gate `sigmoid` or "
+            "`normal_cdf` (`gate=`)",
+    "hardtanh": "`nn.ReLU6` (= `Hardtanh(0, 6)`), `nn.Hardtanh`, `F.relu6`, `F.hardtanh(_)`, ATen `hardtanh(_)`, `relu6`",
+    "leaky_relu": "`nn.LeakyReLU`, `F.leaky_relu(_)`, ATen `leaky_relu(_)`",
+    "silu": "`nn.SiLU`, `F.silu`, ATen `silu(_)`",
+    "gelu": "`nn.GELU` (both approximations), `F.gelu`, ATen `gelu(_)`",
+    "hardswish": "`nn.Hardswish`, `F.hardswish`, ATen `hardswish(_)`",
+    "hardsigmoid": "`nn.Hardsigmoid`, `F.hardsigmoid`, ATen `hardsigmoid(_)`",
+    "max_pool": "`nn.MaxPool1d/2d/3d`, `nn.AdaptiveMaxPool1d/2d/3d`, their `F.` / `torch.` / ATen forms",
+    "layer_norm": "`nn.LayerNorm`, `F.layer_norm` (so ConvNeXt's `LayerNorm2d`), ATen `layer_norm`",
+    "attention": "`nn.MultiheadAttention`, `F.scaled_dot_product_attention`, `F.multi_head_attention_forward`, "
+                 "torchvision's `shifted_window_attention` (Swin), any softmax whose output feeds a matmul "
+                 "(MaxViT, hand-written attention)",
+}
+
+
+def rules_table() -> str:
+    """The README's rule table: every rule, its sites, backward and default temperature."""
+    lines = ["| rule | sites | backward (forward unchanged) | default temp |", "|---|---|---|---|"]
+    for rule in RULES.values():
+        named = {"temp": "`temp` (0.3)", "pool_temp": "`pool_temp` (= `temp`)", None: "none"}
+        temp = named[rule.default_temp] if rule.default_temp in named else f"{rule.default_temp:g}"
+        lines.append(f"| `{rule.name}` | {_SITES_TEXT[rule.name]} | `{rule.backward}` | {temp} |")
+    return "\n".join(lines)

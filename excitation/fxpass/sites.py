@@ -37,7 +37,9 @@ from ..kernels import (
 )
 from .rules import KIND_TO_RULE
 
-__all__ = ["SiteMatch", "match_site", "match_unhandled", "site_name", "SITE_NAME_META", "SITE_NODE_META"]
+__all__ = [
+    "SiteMatch", "match_site", "match_unhandled", "site_name", "surrogate_rule", "SITE_NAME_META", "SITE_NODE_META",
+]
 
 aten = torch.ops.aten
 
@@ -208,6 +210,24 @@ _SURROGATE_KINDS: Dict[Callable, str] = {
     surrogate_softmax: "softmax",
     surrogate_scaled_dot_product_attention: "scaled_dot_product_attention",
 }
+
+# Every surrogate function -> its rule.
+_SURROGATE_RULES: Dict[Callable, str] = {
+    surrogate_relu: "relu",
+    surrogate_max_pool2d: "max_pool",
+    surrogate_max_pool: "max_pool",
+    surrogate_adaptive_max_pool: "max_pool",
+    **{function: KIND_TO_RULE[kind] for function, kind in _SURROGATE_KINDS.items()},
+}
+
+
+def surrogate_rule(target: Any) -> Optional[str]:
+    """The rule whose surrogate ``target`` is, or ``None`` if it is not one of ours."""
+    try:
+        return _SURROGATE_RULES.get(target)
+    except TypeError:  # unhashable target
+        return None
+
 
 # Smooth activations: no hard gate to soften, kept vanilla by design (reported as such).
 _SMOOTH_MODULES = (nn.Sigmoid, nn.Tanh, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink)

@@ -13,11 +13,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .reference import (
-    adaptive_pool_windows,
-    pool_windows,
-    soft_max_pool_windows_backward,
-)
+from .ops import _pool_setup_context  # the 2-D op's: same arguments, save x
+from .reference import adaptive_pool_windows, pool_windows, soft_max_pool_windows_backward
 from .registry import define_surrogate_op
 
 __all__ = ["surrogate_max_pool", "surrogate_adaptive_max_pool"]
@@ -42,16 +39,9 @@ def _pool_forward(
     return _MAX_POOL[len(kernel_size)](x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
-def _pool_setup_context(ctx, inputs, output) -> None:
-    x, kernel_size, stride, padding, dilation, ceil_mode, temp = inputs
-    ctx.save_for_backward(x)
-    ctx.args = (kernel_size, stride, padding, dilation, ceil_mode, temp)
-    ctx.mark_non_differentiable(output[1])
-
-
 def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
     (x,) = ctx.saved_tensors
-    kernel_size, stride, padding, dilation, ceil_mode, temp = ctx.args
+    kernel_size, stride, padding, dilation, ceil_mode, temp = ctx.pool_args
     dims = len(kernel_size)
     windows = [
         pool_windows(x.shape[-dims + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
