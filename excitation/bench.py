@@ -111,9 +111,12 @@ def _input_gradient(module: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 def _methods(model: nn.Module, model_name: str, temp: float, compile_: bool, peers: bool) -> Dict[str, Callable]:
     """name -> callable(x, target) -> input gradient; names starting 'vanilla' are baselines."""
     excited = excite(model, temp=temp)
+    compact = {saved: excite(model, temp=temp, saved=saved) for saved in ("bfloat16", "uint8")}
     methods: Dict[str, Callable] = {
         "vanilla gradient": lambda x, t: _input_gradient(model, x, t),
         "excitation (ours)": lambda x, t: _input_gradient(excited, x, t),
+        "excitation (ours), bfloat16 saved gate": lambda x, t: _input_gradient(compact["bfloat16"], x, t),
+        "excitation (ours), uint8 saved gate": lambda x, t: _input_gradient(compact["uint8"], x, t),
         "paper-style: nn.ReLU -> autograd.Function": (lambda swapped: lambda x, t: _input_gradient(swapped, x, t))(
             _swap_relus(model, temp)
         ),

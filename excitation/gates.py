@@ -27,6 +27,7 @@ __all__ = [
     "hard_sigmoid_gate",
     "hardsigmoid_unit_gate",
     "check_gate",
+    "check_saved",
     "check_temp",
 ]
 
@@ -100,6 +101,17 @@ def check_gate(gate: object, *, argument: str = "gate") -> str:
         valid = ", ".join(repr(name) for name in GATES)
         raise ValueError(f"{argument}={gate!r} is not a known gate; use one of {valid}.")
     return gate
+
+
+def check_saved(saved: object) -> str:
+    """Return ``saved`` if it names what a surrogate ReLU may keep for its backward, else raise."""
+    modes = ("exact", "bfloat16", "uint8")
+    if saved not in modes:
+        raise ValueError(
+            f"saved={saved!r} is not known; use 'exact' (the pre-activation, default), 'bfloat16' or "
+            f"'uint8' (the gate itself in 2 or 1 bytes: less memory, a small measured error)."
+        )
+    return str(saved)
 
 
 def check_temp(temp: object, *, argument: str = "temp") -> float:

@@ -164,3 +164,55 @@ def test_pool_backward_supports_double_backward():
     w = torch.randn_like(x)
     (second,) = torch.autograd.grad((grad * w).sum(), x)
     assert torch.isfinite(second).all()
+
+
+# --------------------------------------------------------------- compact saved gate
+def _saved_bytes(fn):
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf"])
+def test_compact_saved_gate_error_and_size(gate):
+    z = (torch.randn(64, 1000) * 2).requires_grad_()
+    g = torch.randn(64, 1000)
+    (exact,) = torch.autograd.grad(surrogate_relu(z, 0.3, gate), z, g)
+    bound = {"bfloat16": 2.0**-8, "uint8": 0.5 / 255 + 1e-6}
+    sizes = {}
+    for saved in ("exact", "bfloat16", "uint8"):
+        (compact,) = torch.autograd.grad(surrogate_relu(z, 0.3, gate, saved), z, g)
+        if saved != "exact":
+            # Elementwise: |g * (gate_q - gate)| <= |g| * quantisation step / 2.
+            assert ((compact - exact).abs() <= g.abs() * bound[saved] + 1e-7).all(), saved
+            assert not torch.equal(compact, exact)
+        sizes[saved] = _saved_bytes(lambda: surrogate_relu(z, 0.3, gate, saved))
+    assert sizes == {"exact": 4 * z.numel(), "bfloat16": 2 * z.numel(), "uint8": z.numel()}
+
+
+def test_compact_saved_gate_through_excite_and_runtimes():
+    import excitation
+
+    from .helpers import AllForms, rel_err
+
+    torch.manual_seed(0)
+    model, x = AllForms().eval(), torch.randn(2, 3, 17, 19)
+    exact = excitation.pullback(excitation.excite(model), x, 3)
+    excited = excitation.excite(model, saved="uint8")
+    assert excitation.report(excited).saved == "uint8"
+    ours = excitation.pullback(excited, x, 3)
+    assert 0 < rel_err(ours, exact) < 2e-2
+    leaf = x.clone().requires_grad_()
+    exported = torch.export.export(excited, (x,)).module()
+    (via_export,) = torch.autograd.grad(exported(leaf)[:, 3].sum(), leaf)
+    assert rel_err(via_export, ours) < 1e-6
+    via_func = torch.func.grad(lambda t: excited(t)[:, 3].sum())(x)
+    assert rel_err(via_func, ours) < 1e-6
+    with pytest.raises(ValueError, match="saved='int4' is not known"):
+        excitation.excite(model, saved="int4")

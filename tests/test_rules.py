@@ -197,3 +197,13 @@ def test_jit_script_runs_every_rule_but_attention(zoo_forms, x):
     eager = excitation.pullback(excited, x, TARGET)
     assert rel_err(_grad(scripted, x), eager) < 1e-10
     assert rel_err(eager, excitation.gradient(zoo_forms, x, TARGET)) > 0.05
+
+
+def test_excited_model_with_every_rule_roundtrips(excited, x):
+    import pickle
+
+    eager = excitation.pullback(excited, x, TARGET)
+    for clone in (copy.deepcopy(excited), pickle.loads(pickle.dumps(excited))):
+        assert excitation.report(clone).counts() == ZOO_FORMS_KINDS
+        assert type(clone.attn) is ExcitedMultiheadAttention
+        assert torch.equal(excitation.pullback(clone, x, TARGET), eager)

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import fx
 
-from ..gates import check_gate, check_temp
+from ..gates import check_gate, check_saved, check_temp
 from .report import Report
 from .rewrite import TempsSpec, excite_graph
 from .rules import RulesSpec, resolve_rules
@@ -43,6 +43,7 @@ class ExcitationBackend:
         gate: str = "sigmoid",
         temps: TempsSpec = None,
         rules: RulesSpec = None,
+        saved: str = "exact",
         inner: Union[str, Callable] = "inductor",
     ) -> None:
         self.temp = check_temp(temp)
@@ -51,6 +52,7 @@ class ExcitationBackend:
         self.temps = temps
         resolve_rules(rules, self.temp, self.temp)  # refuse bad rules now, not at the first compile
         self.rules = rules
+        self.saved = check_saved(saved)
         if not (isinstance(inner, str) or callable(inner)):
             raise TypeError(f"inner must be a backend name such as 'inductor' or 'eager', or a callable; got {inner!r}.")
         self.inner = inner
@@ -68,7 +70,8 @@ class ExcitationBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
         result = excite_graph(
-            gm, temp=self.temp, pool_temp=self.pool_temp, gate=self.gate, temps=self.temps, rules=self.rules
+            gm, temp=self.temp, pool_temp=self.pool_temp, gate=self.gate, temps=self.temps, rules=self.rules,
+            saved=self.saved,
         )
         with self._lock:
             self.reports.append(result)
@@ -85,15 +88,17 @@ def backend(
     gate: str = "sigmoid",
     temps: TempsSpec = None,
     rules: RulesSpec = None,
+    saved: str = "exact",
     inner: Union[str, Callable] = "inductor",
 ) -> ExcitationBackend:
     """A ``torch.compile`` backend with these options: ``torch.compile(model, backend=excitation.backend(...))``.
 
     ``temps`` keys are dynamo node names here (modules are inlined).  ``inner``
     is the backend that compiles the excited graph (``"inductor"``,
-    ``"aot_eager"``, ``"eager"`` or any callable backend).  ``rules`` as in :func:`excitation.excite`.
+    ``"aot_eager"``, ``"eager"`` or any callable backend).  ``rules`` and ``saved`` as in :func:`excitation.excite`.
     """
-    return ExcitationBackend(temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, inner=inner)
+    return ExcitationBackend(temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, saved=saved,
+                             inner=inner)
 
 
 def excitation_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):

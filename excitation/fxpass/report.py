@@ -85,6 +85,8 @@ class Report:
     rules: Dict[str, Optional[float]] = field(default_factory=dict)
     #: Smooth activations (sigmoid, tanh) kept vanilla by design.
     smooth: List[Unhandled] = field(default_factory=list)
+    #: What the ReLU sites keep for their backward ("exact", "bfloat16" or "uint8").
+    saved: str = "exact"
 
     def counts(self) -> Dict[str, int]:
         """Rewritten sites per kind, e.g. ``{"relu": 49, "max_pool2d": 1}``.

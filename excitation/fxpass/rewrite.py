@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch import fx
 
 from ..errors import ExcitationError, InplaceAliasError, with_suggestions
-from ..gates import check_gate, check_temp
+from ..gates import check_gate, check_saved, check_temp
 from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
 from .excited import REPORT_ATTR, make_excited
 from .report import Report, Site, Unhandled
@@ -157,9 +157,12 @@ def _rewrite_module(gm: fx.GraphModule, match: SiteMatch, site: Site) -> fx.Node
     return match.node
 
 
-def _surrogate_node(graph: fx.Graph, match: SiteMatch, site: Site) -> fx.Node:
+def _surrogate_node(graph: fx.Graph, match: SiteMatch, site: Site, saved: str) -> fx.Node:
     if match.kind == "relu":
-        return graph.call_function(surrogate_relu, (match.input,), {"temp": site.temp, "gate": site.gate})
+        kwargs = {"temp": site.temp, "gate": site.gate}
+        if saved != "exact":  # graphs stay as they were unless asked
+            kwargs["saved"] = saved
+        return graph.call_function(surrogate_relu, (match.input,), kwargs)
     if match.kind == "max_pool2d":
         kernel, stride, padding, dilation, ceil_mode = match.pool_args
         return graph.call_function(
@@ -177,12 +180,14 @@ def _surrogate_node(graph: fx.Graph, match: SiteMatch, site: Site) -> fx.Node:
     return graph.call_function(target, (match.input,), kwargs)
 
 
-def _rewrite_site(gm: fx.GraphModule, match: SiteMatch, site: Site, order: Dict[fx.Node, int]) -> fx.Node:
+def _rewrite_site(
+    gm: fx.GraphModule, match: SiteMatch, site: Site, order: Dict[fx.Node, int], saved: str
+) -> fx.Node:
     if match.kind == "multihead_attention":
         return _rewrite_module(gm, match, site)
     graph, node = gm.graph, match.node
     with graph.inserting_after(node):
-        new = _surrogate_node(graph, match, site)
+        new = _surrogate_node(graph, match, site, saved)
     new.meta = dict(node.meta)
     new.meta[SITE_NAME_META] = site.name
     new.meta[SITE_NODE_META] = site.node
@@ -205,6 +210,7 @@ def excite_graph(
     gate: str = "sigmoid",
     temps: TempsSpec = None,
     rules: RulesSpec = None,
+    saved: str = "exact",
 ) -> Report:
     """Rewrite every site of the selected rules in ``gm`` in place; return the :class:`Report`.
 
@@ -213,6 +219,7 @@ def excite_graph(
     temp = check_temp(temp)
     pool_temp = temp if pool_temp is None else check_temp(pool_temp, argument="pool_temp")
     gate = check_gate(gate)
+    saved = check_saved(saved)
     active = resolve_rules(rules, temp, pool_temp)
     graph = gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
@@ -237,12 +244,12 @@ def excite_graph(
             _check_inplace_aliases(match, order, gm)
     for match, site in zip(matches, sites):
         # Re-match: rewriting earlier sites replaced this node's inputs.
-        new = _rewrite_site(gm, match_site(gm, match.node), site, order)
+        new = _rewrite_site(gm, match_site(gm, match.node), site, order, saved)
         order[new] = order[match.node]
     graph.lint()
     gm.recompile()
     return Report(sites=sites, unhandled=unhandled, temp=temp, pool_temp=pool_temp, gate=gate, rules=active,
-                  smooth=smooth)
+                  smooth=smooth, saved=saved)
 
 
 def excite(
@@ -253,6 +260,7 @@ def excite(
     gate: str = "sigmoid",
     temps: TempsSpec = None,
     rules: RulesSpec = None,
+    saved: str = "exact",
 ) -> fx.GraphModule:
     """Return a copy of ``model`` whose backward pass yields excitation pullbacks.
 
@@ -285,6 +293,11 @@ def excite(
         method); a mapping starts from all rules and switches some off or
         re-tempers them: ``{"layer_norm": False, "silu": 2.0}``.  Sites of rules
         that are off are reported in ``report.unhandled`` with reason ``"rule off"``.
+    saved : {"exact", "bfloat16", "uint8"}
+        What each ReLU keeps for its backward: its pre-activation (exact), or its
+        gate already evaluated in 2 or 1 bytes, which cuts the pullback's memory
+        overhead over the vanilla gradient to a half or a quarter at a small error
+        (see the README's Performance section).
 
     Returns
     -------
@@ -305,9 +318,10 @@ def excite(
     if pool_temp is not None:
         check_temp(pool_temp, argument="pool_temp")
     check_gate(gate)
+    check_saved(saved)
     resolve_rules(rules, 0.3, 0.3)
     gm = copy_graph_module(model) if isinstance(model, fx.GraphModule) else trace(clone_module_tree(model))
-    result = excite_graph(gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules)
+    result = excite_graph(gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, saved=saved)
     gm = make_excited(gm, result)
     if not result.sites:
         warnings.warn(

@@ -106,7 +106,8 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
             bound = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
             with graph.inserting_after(node):
                 replacement = graph.call_function(
-                    torch.ops.excitation.surrogate_relu, (bound["input"], float(bound["temp"]), bound["gate"])
+                    torch.ops.excitation.surrogate_relu,
+                    (bound["input"], float(bound["temp"]), bound["gate"], bound["saved"]),
                 )
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)

@@ -57,7 +57,7 @@ _POOL_PARAMS = (
 )
 _ATEN_POOL_PARAMS = _POOL_PARAMS[:6]
 # Our own surrogate calls (what an excited graph holds).
-SURROGATE_RELU_PARAMS = (("input", None), ("temp", 0.3), ("gate", "sigmoid"))
+SURROGATE_RELU_PARAMS = (("input", None), ("temp", 0.3), ("gate", "sigmoid"), ("saved", "exact"))
 SURROGATE_POOL_PARAMS = _POOL_PARAMS + (("temp", 0.3),)
 
 # target -> (params, forced inplace or None)
