@@ -34,7 +34,10 @@ from .errors import ExcitationTraceError
 from .fxpass.backend import backend
 from .fxpass.rewrite import excite, report
 
-__all__ = ["ZooRow", "zoo_models", "input_size", "check_model", "run_zoo", "format_zoo_table"]
+__all__ = [
+    "ZooRow", "zoo_models", "input_size", "randomise_zero_heads", "check_model", "run_zoo", "format_zoo_table",
+    "rows_to_json",
+]
 
 # Models whose input size is fixed by their architecture (position embeddings, partitions).
 _FIXED_SIZE = {"maxvit_t": 224}
@@ -75,7 +78,7 @@ class ZooRow:
     error: str = ""
 
 
-def _randomise_zero_heads(model: nn.Module, seed: int) -> None:
+def randomise_zero_heads(model: nn.Module, seed: int) -> None:
     """Give zero-initialised linear layers (ViT's head) small random weights.
 
     With a zero head every input gradient is exactly 0 and the comparison is empty.
@@ -188,11 +191,12 @@ def run_zoo(
             iterator.set_postfix_str(name)  # type: ignore[attr-defined]
         torch.manual_seed(seed)
         size = input_size(name)
+        model = None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torchvision's init-weights FutureWarnings
                 model = torchvision.models.get_model(name, weights=None)
-            _randomise_zero_heads(model, seed)
+            randomise_zero_heads(model, seed)
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
             row = check_model(model, x, name=name, repeats=repeats)
         except Exception as exc:  # a row per model, whatever happens
@@ -247,4 +251,5 @@ def format_zoo_table(rows: List[ZooRow], *, title: bool = True) -> str:
 
 
 def rows_to_json(rows: List[ZooRow]) -> str:
+    """The rows as a JSON list of objects (the fields of :class:`ZooRow`)."""
     return json.dumps([asdict(r) for r in rows], indent=1)

@@ -139,3 +139,21 @@ def test_bench_command_prints_a_table(capsys, tmp_path):
 def test_bench_rejects_unknown_model(capsys):
     assert main(["bench", "--model", "not_a_model", "--no-progress"]) == 2
     assert "not a torchvision classification model" in capsys.readouterr().err
+
+
+def test_zoo_command_writes_table_and_json(capsys, tmp_path):
+    import json
+
+    out, js = tmp_path / "zoo.md", tmp_path / "zoo.json"
+    code = main(["zoo", "--models", "squeezenet1_1", "--repeats", "1", "--no-progress", "--out", str(out),
+                 "--json", str(js)])
+    text = capsys.readouterr().out
+    assert code == 0 and "| squeezenet1_1 | 64 |" in text and "traced 1/1" in text
+    assert "| squeezenet1_1 |" in out.read_text()
+    row = json.loads(js.read_text())[0]
+    assert row["model"] == "squeezenet1_1" and row["forward_identical"] and row["sites"] == {"relu": 26, "max_pool2d": 3}
+
+
+def test_zoo_rejects_unknown_model(capsys):
+    assert main(["zoo", "--models", "resnet5", "--no-progress"]) == 2
+    assert "not torchvision classification models: ['resnet5']" in capsys.readouterr().err

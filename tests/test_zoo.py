@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import excitation
-from excitation.zoo import ZooRow, check_model, format_zoo_table, input_size, zoo_models
+from excitation.zoo import ZooRow, check_model, format_zoo_table, input_size, randomise_zero_heads, zoo_models
 
 from .helpers import reference_pullback, rel_err
 
@@ -31,9 +31,7 @@ def _model(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None).eval()
-    from excitation.zoo import _randomise_zero_heads
-
-    _randomise_zero_heads(model, 0)
+    randomise_zero_heads(model, 0)
     return model, torch.randn(1, 3, input_size(name), input_size(name), generator=torch.Generator().manual_seed(0))
 
 
@@ -58,15 +56,18 @@ def test_zoo_model(name):
 
 
 def test_subset_covers_every_rule_kind_torchvision_uses():
-    if len(ROWS) < len(SUBSET):
-        pytest.fail("run the whole module: the per-model tests fill the rows this test reads")
     kinds = set()
-    for row in ROWS.values():
-        kinds |= set(row.sites)
+    for name in SUBSET:
+        if name in ROWS:  # filled by test_zoo_model when the module runs as a whole
+            kinds |= set(ROWS[name].sites)
+        else:
+            counts = excitation.report(excitation.excite(_model(name)[0])).counts()
+            kinds |= {kind for kind, n in counts.items() if n}
     assert kinds == {"relu", "hardtanh", "silu", "gelu", "hardswish", "hardsigmoid", "max_pool2d", "layer_norm",
                      "softmax", "multihead_attention", "attention_function"}
-    table = format_zoo_table(list(ROWS.values()))
-    assert f"traced {len(SUBSET)}/{len(SUBSET)}" in table and "unhandled activation sites 0" in table
+    if len(ROWS) == len(SUBSET):
+        table = format_zoo_table([ROWS[name] for name in SUBSET])
+        assert f"traced {len(SUBSET)}/{len(SUBSET)}" in table and "unhandled activation sites 0" in table
 
 
 def test_untraceable_model_falls_back_to_the_dynamo_backend():
@@ -84,5 +85,5 @@ def test_untraceable_model_falls_back_to_the_dynamo_backend():
     torch._dynamo.reset()
     row = check_model(DataDependent().eval(), torch.randn(2, 3, 12, 12), name="data_dependent", repeats=1)
     assert isinstance(row, ZooRow) and row.traced == "dynamo" and "symbolic_trace" in row.error
-    assert row.sites == {"relu": 2, "max_pool2d": 2} or row.sites.get("relu", 0) >= 1
+    assert row.sites.get("relu", 0) >= 1 and row.sites.get("max_pool2d", 0) >= 1  # dynamo may split graphs
     assert row.forward_identical and row.finite and row.rel_diff > 1e-3

