@@ -1,4 +1,4 @@
-"""The Triton gate kernel against the reference, on the CPU under TRITON_INTERPRET=1.
+"""The Triton kernels (ReLU gate, soft max-pool) against the reference, on the CPU under TRITON_INTERPRET=1.
 
 The interpreter must be switched on before Triton is imported, so the checks
 run in a fresh Python process; the GPU path is exercised where CUDA exists.
@@ -43,6 +43,37 @@ SCRIPT = textwrap.dedent(
             check(f"{gate} {dtype}", torch.randn(257).to(dtype), torch.randn(257).to(dtype), 0.3, gate, tol)
         z = torch.tensor([-math.inf, -1e30, -1.0, 0.0, 1.0, 1e30, math.inf])
         check(f"{gate} extremes", torch.ones(7), z, 1e-6, gate, 1e-6)
+
+    from excitation.kernels.triton import launch_soft_max_pool2d_backward
+    from excitation.kernels.reference import max_pool2d_output_size, soft_max_pool2d_backward
+
+    def check_pool(name, x, args, temp, tol):
+        k, s, p, d, c = args
+        oh = max_pool2d_output_size(x.shape[-2], k[0], s[0], p[0], d[0], c)
+        ow = max_pool2d_output_size(x.shape[-1], k[1], s[1], p[1], d[1], c)
+        g = torch.randn(*x.shape[:-2], oh, ow).to(x.dtype)
+        ours = launch_soft_max_pool2d_backward(g, x, k, s, p, d, c, temp)
+        ref = soft_max_pool2d_backward(g.double(), x.double(), k, s, p, d, c, temp)
+        err = float((ours.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        ok = ours.shape == x.shape and ours.dtype == x.dtype and bool(torch.isfinite(ours).all()) and err <= tol
+        results.append({"case": name, "ok": ok, "err": err})
+
+    pools = {  # kernel, stride, padding, dilation, ceil_mode
+        "resnet stem 3x3/2 pad 1": ([3, 3], [2, 2], [1, 1], [1, 1], False),
+        "vgg 2x2/2": ([2, 2], [2, 2], [0, 0], [1, 1], False),
+        "googlenet 3x3/2 ceil": ([3, 3], [2, 2], [0, 0], [1, 1], True),
+        "3x3/1 pad 1 (overlap)": ([3, 3], [1, 1], [1, 1], [1, 1], False),
+        "non-square dilated ceil": ([2, 3], [1, 2], [1, 0], [2, 1], True),
+    }
+    for name, args in pools.items():
+        for temp in (0.1, 1.0):
+            check_pool(f"pool {name} t={temp}", torch.randn(2, 3, 11, 9), args, temp, 1e-5)
+    check_pool("pool channels_last", torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last),
+               pools["resnet stem 3x3/2 pad 1"], 0.3, 1e-5)
+    check_pool("pool float16", torch.randn(1, 2, 8, 8).half(), pools["vgg 2x2/2"], 0.3, 5e-3)
+    x = torch.randn(1, 1, 6, 6)
+    x[0, 0, 0, 0], x[0, 0, 3, 3] = math.inf, -math.inf
+    check_pool("pool +-inf inputs", x, pools["vgg 2x2/2"], 1e-6, 1e-6)
     print(json.dumps(results))
     """
 )
@@ -54,7 +85,7 @@ def test_triton_kernel_matches_reference_under_interpreter():
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     failed = [r for r in results if not r["ok"]]
-    assert len(results) == 24 and not failed, failed
+    assert len(results) == 24 + 13 and not failed, failed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -68,3 +99,19 @@ def test_cuda_backward_uses_triton_and_matches_reference():
     (ours,) = torch.autograd.grad(excitation.surrogate_relu(z, 0.3), z, g)
     expected = g * torch.sigmoid(z.detach() / 0.3)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_pool_backward_uses_triton_and_matches_reference():
+    import excitation
+    from excitation.kernels.reference import soft_max_pool2d_backward
+
+    x = torch.randn(4, 16, 56, 56, device="cuda", requires_grad=True)
+    out = excitation.surrogate_max_pool2d(x, 3, 2, 1, temp=0.3)
+    g = torch.randn_like(out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        (ours,) = torch.autograd.grad(out, x, g)
+    assert any("soft_max_pool2d_backward_triton" in e.name for e in prof.events())
+    expected = soft_max_pool2d_backward(g.cpu().double(), x.detach().cpu().double(), [3, 3], [2, 2], [1, 1], [1, 1],
+                                        False, 0.3)
+    torch.testing.assert_close(ours.cpu().double(), expected, rtol=1e-4, atol=1e-5)

@@ -169,6 +169,12 @@ def soft_max_pool2d_backward(
     ``functional=True`` avoids in-place writes that involve ``grad`` (needed under
     ``torch.func`` transforms, where ``grad`` may be batched and ``x`` not).
     """
+    if x.is_cuda and not functional and triton_available():
+        # One fused kernel instead of ~10 passes per window offset (torch.func / double
+        # backward keep the torch path below: the kernel has no vmap or derivative rule).
+        return torch.ops.excitation.soft_max_pool2d_backward_triton(
+            grad, x, list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp
+        )
     batch_shape = x.shape[:-2]
     height, width = x.shape[-2:]
     # Work in at least float32: half-precision softmax derivatives lose too much.

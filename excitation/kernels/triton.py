@@ -1,21 +1,34 @@
-"""Triton kernel for the surrogate ReLU backward, used automatically on CUDA.
+"""Triton kernels for the surrogate backwards, used automatically on CUDA.
 
-One pass over ``(grad, z)``: load both, compute the gate in float32 registers,
-store ``grad * gate``.  The op is registered with ``torch.library.triton_op`` and
-launched through ``wrap_triton``, so ``torch.compile`` sees the kernel rather
-than an opaque call.  Import this module only where Triton imports
-(:func:`triton_available`); ``reference.surrogate_relu_backward`` is the
-contract it is tested against, on the CPU under ``TRITON_INTERPRET=1``.
+* ReLU: one pass over ``(grad, z)``: load both, compute the gate in float32
+  registers, store ``grad * gate``.
+* 2-D soft max-pool: one program per block of output positions; each reads its
+  window three times from cache (max, softmax sums, weights) and scatters
+  ``grad * d(soft pool)/dx`` into a float32 buffer with atomic adds (windows may
+  overlap), instead of the ~10 full-size elementwise passes of the torch path.
+
+Both are registered with ``torch.library.triton_op`` and launched through
+``wrap_triton``, so ``torch.compile`` sees the kernels rather than opaque calls.
+Import this module only where Triton imports (:func:`triton_available`);
+``reference.surrogate_relu_backward`` and ``reference.soft_max_pool2d_backward``
+are the contracts they are tested against, on the CPU under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
+
+from typing import List
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["surrogate_relu_backward_triton", "launch_surrogate_relu_backward"]
+__all__ = [
+    "surrogate_relu_backward_triton",
+    "launch_surrogate_relu_backward",
+    "soft_max_pool2d_backward_triton",
+    "launch_soft_max_pool2d_backward",
+]
 
 _GATES = {"sigmoid": 0, "normal_cdf": 1}
 BLOCK = 1024
@@ -71,3 +84,99 @@ def launch_surrogate_relu_backward(grad: Tensor, z: Tensor, temp: float, gate: s
 def surrogate_relu_backward_triton(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """``grad * gate(z / temp)`` in one Triton pass (CUDA); ``wrap_triton`` lets torch.compile trace it."""
     return _run(grad, z, temp, gate, torch.library.wrap_triton)
+
+
+# ------------------------------------------------------------------ soft max-pool
+POOL_BLOCK = 256
+
+
+@triton.jit
+def _soft_max_pool2d_backward_kernel(
+    grad_ptr, x_ptr, out_ptr, n_outputs, height, width, out_h, out_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inv_temp, big,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = index < n_outputs
+    plane = index // (out_h * out_w)
+    rest = index % (out_h * out_w)
+    top = (rest // out_w) * stride_h - pad_h
+    left = (rest % out_w) * stride_w - pad_w
+    base = plane * height * width
+    g = tl.load(grad_ptr + index, mask=live, other=0.0).to(tl.float32)
+    # Pass 1: the window maximum (inputs clamped to +-big, as in the reference).
+    peak = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for a in tl.static_range(KH):
+        for b in tl.static_range(KW):
+            h = top + a * dil_h
+            w = left + b * dil_w
+            ok = live & (h >= 0) & (h < height) & (w >= 0) & (w < width)
+            v = tl.load(x_ptr + base + h * width + w, mask=ok, other=float("-inf")).to(tl.float32)
+            v = tl.where(ok, tl.minimum(tl.maximum(v, -big), big), float("-inf"))
+            peak = tl.maximum(peak, v)
+    # Pass 2: S = sum e^u and SU = sum e^u u, u = (x - peak) / temp <= 0.
+    total = tl.zeros((BLOCK,), tl.float32)
+    weighted = tl.zeros((BLOCK,), tl.float32)
+    for a in tl.static_range(KH):
+        for b in tl.static_range(KW):
+            h = top + a * dil_h
+            w = left + b * dil_w
+            ok = live & (h >= 0) & (h < height) & (w >= 0) & (w < width)
+            v = tl.load(x_ptr + base + h * width + w, mask=ok, other=0.0).to(tl.float32)
+            u = (tl.minimum(tl.maximum(v, -big), big) - peak) * inv_temp
+            e = tl.where(ok, tl.exp(u), 0.0)
+            total += e
+            weighted += tl.where(e > 0.0, e * u, 0.0)
+    mean_u = weighted / tl.where(total > 0.0, total, 1.0)
+    scale = g / tl.where(total > 0.0, total, 1.0)
+    # Pass 3: dx_w += g * p_w * (1 + u_w - sum_v p_v u_v).
+    for a in tl.static_range(KH):
+        for b in tl.static_range(KW):
+            h = top + a * dil_h
+            w = left + b * dil_w
+            ok = live & (h >= 0) & (h < height) & (w >= 0) & (w < width)
+            v = tl.load(x_ptr + base + h * width + w, mask=ok, other=0.0).to(tl.float32)
+            u = (tl.minimum(tl.maximum(v, -big), big) - peak) * inv_temp
+            e = tl.where(ok, tl.exp(u), 0.0)
+            contribution = tl.where(e > 0.0, e * scale * (1.0 + u - mean_u), 0.0)
+            tl.atomic_add(out_ptr + base + h * width + w, contribution, mask=ok & (e > 0.0))
+
+
+def _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, launcher) -> Tensor:
+    from .reference import max_pool2d_output_size
+
+    height, width = x.shape[-2:]
+    out_h = max_pool2d_output_size(height, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    out_w = max_pool2d_output_size(width, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    xs = x.contiguous()
+    gs = grad.contiguous()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    n = gs.numel()
+    if n:
+        big = torch.finfo(torch.float32).max / 4
+        grid = (triton.cdiv(n, POOL_BLOCK),)
+        launcher(_soft_max_pool2d_backward_kernel)[grid](
+            gs, xs, out, n, height, width, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
+            dilation[0], dilation[1], 1.0 / temp, big, KH=kernel_size[0], KW=kernel_size[1], BLOCK=POOL_BLOCK,
+        )
+    return out.to(x.dtype)
+
+
+def launch_soft_max_pool2d_backward(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp) -> Tensor:
+    """Run the pool kernel eagerly (the plain launcher; tests call it under the interpreter)."""
+    return _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, lambda kernel: kernel)
+
+
+@torch.library.triton_op("excitation::soft_max_pool2d_backward_triton", mutates_args=())
+def soft_max_pool2d_backward_triton(
+    grad: Tensor,
+    x: Tensor,
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    ceil_mode: bool,
+    temp: float,
+) -> Tensor:
+    """The soft-pool gradient of :func:`.reference.soft_max_pool2d_backward` in one Triton kernel (CUDA)."""
+    return _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, torch.library.wrap_triton)
