@@ -12,7 +12,14 @@ import torch
 import torchvision
 
 import excitation
-from excitation.zoo import ZooRow, check_model, format_zoo_table, input_size, randomise_zero_heads, zoo_models
+from excitation.zoo import (
+    ZooRow,
+    check_model,
+    format_zoo_table,
+    input_size,
+    randomise_zero_heads,
+    zoo_models,
+)
 
 from .helpers import reference_pullback, rel_err
 

@@ -166,15 +166,20 @@ def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: s
     return torch.ops.excitation.surrogate_relu(z, temp, gate, saved)
 
 
-def _pair(value: IntOrPair, name: str) -> List[int]:
+def _tuple(value: IntOrPair, dims: int, name: str) -> List[int]:
+    """An int or a 1- / ``dims``-long sequence as ``dims`` ints, as torch's pools accept them."""
     if isinstance(value, int):
-        return [value, value]
+        return [value] * dims
     values = [int(v) for v in value]
     if len(values) == 1:
-        return values * 2
-    if len(values) != 2:
-        raise ValueError(f"max_pool2d {name} must be an int or a pair, got {value!r}.")
+        return values * dims
+    if len(values) != dims:
+        raise ValueError(f"max_pool{dims}d {name} must be an int or {dims} ints, got {value!r}.")
     return values
+
+
+def _pair(value: IntOrPair, name: str) -> List[int]:
+    return _tuple(value, 2, name)
 
 
 def surrogate_max_pool2d(

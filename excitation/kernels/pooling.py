@@ -13,8 +13,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .ops import _pool_setup_context  # the 2-D op's: same arguments, save x
-from .reference import adaptive_pool_windows, pool_windows, soft_max_pool_windows_backward
+from .ops import _pool_setup_context, _tuple  # the 2-D op's: same arguments, save x
+from .reference import (
+    adaptive_pool_windows,
+    pool_windows,
+    soft_max_pool_windows_backward,
+)
 from .registry import define_surrogate_op
 
 __all__ = ["surrogate_max_pool", "surrogate_adaptive_max_pool"]
@@ -53,17 +57,6 @@ def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
 _max_pool = define_surrogate_op(
     "surrogate_max_pool", _pool_forward, setup_context=_pool_setup_context, backward=_pool_backward
 )
-
-
-def _tuple(value: Optional[IntOrTuple], dims: int, name: str) -> List[int]:
-    if isinstance(value, int):
-        return [value] * dims
-    values = [int(v) for v in value]
-    if len(values) == 1:
-        return values * dims
-    if len(values) != dims:
-        raise ValueError(f"max_pool{dims}d {name} must be an int or {dims} ints, got {value!r}.")
-    return values
 
 
 def _pool_dims(size: Optional[IntOrTuple], dims: Optional[int]) -> int:

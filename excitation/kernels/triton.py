@@ -91,6 +91,14 @@ POOL_BLOCK = 256
 
 
 @triton.jit
+def _window_logit(x_ptr, offset, ok, peak, inv_temp, big):
+    """``u = (clamp(x, +-big) - peak) / temp`` at one window offset, and ``e^u`` (0 outside the input)."""
+    v = tl.load(x_ptr + offset, mask=ok, other=0.0).to(tl.float32)
+    u = (tl.minimum(tl.maximum(v, -big), big) - peak) * inv_temp
+    return u, tl.where(ok, tl.exp(u), 0.0)
+
+
+@triton.jit
 def _soft_max_pool2d_backward_kernel(
     grad_ptr, x_ptr, out_ptr, n_outputs, height, width, out_h, out_w,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inv_temp, big,
@@ -122,9 +130,7 @@ def _soft_max_pool2d_backward_kernel(
             h = top + a * dil_h
             w = left + b * dil_w
             ok = live & (h >= 0) & (h < height) & (w >= 0) & (w < width)
-            v = tl.load(x_ptr + base + h * width + w, mask=ok, other=0.0).to(tl.float32)
-            u = (tl.minimum(tl.maximum(v, -big), big) - peak) * inv_temp
-            e = tl.where(ok, tl.exp(u), 0.0)
+            u, e = _window_logit(x_ptr, base + h * width + w, ok, peak, inv_temp, big)
             total += e
             weighted += tl.where(e > 0.0, e * u, 0.0)
     mean_u = weighted / tl.where(total > 0.0, total, 1.0)
@@ -135,9 +141,7 @@ def _soft_max_pool2d_backward_kernel(
             h = top + a * dil_h
             w = left + b * dil_w
             ok = live & (h >= 0) & (h < height) & (w >= 0) & (w < width)
-            v = tl.load(x_ptr + base + h * width + w, mask=ok, other=0.0).to(tl.float32)
-            u = (tl.minimum(tl.maximum(v, -big), big) - peak) * inv_temp
-            e = tl.where(ok, tl.exp(u), 0.0)
+            u, e = _window_logit(x_ptr, base + h * width + w, ok, peak, inv_temp, big)
             contribution = tl.where(e > 0.0, e * scale * (1.0 + u - mean_u), 0.0)
             tl.atomic_add(out_ptr + base + h * width + w, contribution, mask=ok & (e > 0.0))
 
