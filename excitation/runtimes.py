@@ -31,7 +31,10 @@ RUNTIMES: List[Runtime] = [
             "test_export_save_load_fresh_process"),
     Runtime("`ep.run_decompositions()`", "yes", "custom ops are opaque to decompositions: the surrogates stay", "test_run_decompositions"),
     Runtime("`excite(ExportedProgram)` / `excite(ep.module())` (ATen graphs)", "yes",
-            "rewrites `aten.relu`, `aten.relu_`, `aten.max_pool2d*`; the result exports again", "test_excite_exported_program"),
+            "rewrites the ATen form of every rule's op (`aten.relu`, `aten.max_pool2d*`, `aten.gelu`, "
+            "`aten.native_layer_norm`, `aten._softmax`, ...); the result exports again. After `run_decompositions()` "
+            "SiLU / Hardswish / Hardsigmoid exist only as primitives: excite warns and reports them, so excite first",
+            "test_excite_exported_program"),
     Runtime("`torch.func.grad`, `vjp`, `jacrev`", "yes", "an `autograd.Function` twin runs under transforms", "test_func_transforms"),
     Runtime("`torch.func.vmap` over a vjp's cotangents (`excitation.pullbacks`)", "yes",
             "K class pullbacks per input from one forward", "test_vmap_pullbacks"),

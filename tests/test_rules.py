@@ -207,3 +207,20 @@ def test_excited_model_with_every_rule_roundtrips(excited, x):
         assert excitation.report(clone).counts() == ZOO_FORMS_KINDS
         assert type(clone.attn) is ExcitedMultiheadAttention
         assert torch.equal(excitation.pullback(clone, x, TARGET), eager)
+
+
+def test_decomposed_graph_keeps_what_it_can_and_says_what_it_cannot(zoo_forms, x):
+    # run_decompositions() breaks SiLU / Hardswish / Hardsigmoid into primitives: excite warns and
+    # reports them; LayerNorm (native_layer_norm) and attention (_softmax) are still rewritten.
+    decomposed = torch.export.export(zoo_forms, (x,)).run_decompositions()
+    with pytest.warns(UserWarning, match="Excite before decomposing"):
+        excited = excitation.excite(decomposed)
+    report = excitation.report(excited)
+    assert report.unhandled_counts() == {"silu (decomposed)": 1, "hardsigmoid/hardswish (decomposed)": 2}
+    assert {u.reason for u in report.unhandled} == {"decomposed"} and report.smooth == []
+    assert report.counts()["layer_norm"] == 2 and report.counts()["softmax"] == 3
+    with torch.no_grad():
+        assert torch.equal(excited(x), decomposed.module()(x))
+    # What it did rewrite is the excitation backward: equal to the fx pass with those three rules off.
+    partial = excitation.excite(zoo_forms, rules={"silu": False, "hardswish": False, "hardsigmoid": False})
+    assert rel_err(_grad(excited, x), excitation.pullback(partial, x, TARGET)) < 1e-8

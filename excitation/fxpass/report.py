@@ -63,8 +63,9 @@ class Unhandled:
     """An activation-like call the pass left unchanged (its backward stays vanilla).
 
     ``reason`` is ``"no rule"`` (nothing covers it), ``"rule off"`` (its rule was
-    not selected in ``rules=``) or ``"smooth"`` (sigmoid, tanh: no hard gate to
-    soften, so kept vanilla by design; listed in :attr:`Report.smooth`).
+    not selected in ``rules=``), ``"decomposed"`` (a rule's op that ``run_decompositions``
+    broke into primitives: excite before decomposing) or ``"smooth"`` (sigmoid, tanh:
+    no hard gate to soften, so kept vanilla by design; listed in :attr:`Report.smooth`).
     """
 
     name: str

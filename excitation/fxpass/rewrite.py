@@ -58,7 +58,7 @@ def _is_view(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         # Unpacking (values, indices) of a max-pool gives two separate tensors.
         source = match_site(gm, node.args[0])
-        return source is None or not source.returns_indices
+        return source is None or not source.returns_tuple
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     if node.op == "call_function":
@@ -167,7 +167,7 @@ def _surrogate_node(graph: fx.Graph, match: SiteMatch, site: Site, saved: str) -
         kernel, stride, padding, dilation, ceil_mode = match.pool_args
         return graph.call_function(
             surrogate_max_pool2d,
-            (match.input, kernel, stride, padding, dilation, ceil_mode, match.returns_indices),
+            (match.input, kernel, stride, padding, dilation, ceil_mode, match.returns_tuple),
             {"temp": site.temp},
         )
     target, kwargs = surrogate_call(match, site.temp)
@@ -234,10 +234,8 @@ def excite_graph(
             continue
         found = match_unhandled(gm, node)
         if found is not None:
-            op, is_smooth = found
-            (smooth if is_smooth else unhandled).append(
-                Unhandled(site_name(gm, node), op, "smooth" if is_smooth else "no rule")
-            )
+            op, reason = found
+            (smooth if reason == "smooth" else unhandled).append(Unhandled(site_name(gm, node), op, reason))
     sites = _resolve_temps(matches, gm, active, gate, temps)
     for match in matches:
         if match.inplace and isinstance(match.input, fx.Node):
@@ -248,6 +246,16 @@ def excite_graph(
         order[new] = order[match.node]
     graph.lint()
     gm.recompile()
+    decomposed = [u.op for u in unhandled if u.reason == "decomposed"]
+    if decomposed:
+        warnings.warn(
+            f"This graph is decomposed (core ATen, e.g. after run_decompositions()): {len(decomposed)} "
+            f"activation sites ({', '.join(sorted(set(decomposed)))}) exist only as primitive ops, so their rules "
+            f"cannot apply and their backward stays vanilla. Excite before decomposing: excite(model) or "
+            f"excite(exported_program), then export / run_decompositions (the excitation ops survive it).",
+            UserWarning,
+            stacklevel=3,
+        )
     return Report(sites=sites, unhandled=unhandled, temp=temp, pool_temp=pool_temp, gate=gate, rules=active,
                   smooth=smooth, saved=saved)
 

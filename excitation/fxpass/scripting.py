@@ -82,7 +82,7 @@ def _lower(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> Any:
         args = (match.input, kernel, stride, tup(p.get("padding", 0), 0), tup(p.get("dilation", 1), 1),
                 bool(p.get("ceil_mode", False)), temp)
         pooled = graph.call_function(ops.surrogate_max_pool, args)
-    return pooled if match.returns_indices else graph.call_function(operator.getitem, (pooled, 0))
+    return pooled if match.returns_tuple else graph.call_function(operator.getitem, (pooled, 0))
 
 __all__ = ["to_scriptable"]
 

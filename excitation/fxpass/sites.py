@@ -28,6 +28,7 @@ from ..kernels import (
     surrogate_hardtanh,
     surrogate_layer_norm,
     surrogate_leaky_relu,
+    surrogate_native_layer_norm,
     surrogate_max_pool,
     surrogate_max_pool2d,
     surrogate_relu,
@@ -164,6 +165,9 @@ _FUNCTIONS = _table([
     ("adaptive_max_pool3d", _aten("adaptive_max_pool3d"), _ADAPTIVE[:2], False, {"return_indices": True}),
     ("layer_norm", (F.layer_norm,), _LAYER_NORM, False, {}),
     ("layer_norm", (torch.layer_norm, *_aten("layer_norm")), _LAYER_NORM, False, {}),
+    # Core-ATen graphs (run_decompositions) hold the 3-output form and _softmax.
+    ("layer_norm", _aten("native_layer_norm"), _LAYER_NORM, False, {"native": True}),
+    ("softmax", _aten("_softmax"), (("input", None), ("dim", None), ("half_to_float", False)), False, {}),
     ("softmax", (F.softmax, torch.softmax), _SOFTMAX, False, {}),
     ("softmax", (aten.softmax, aten.softmax.int), (("input", None), ("dim", None), ("dtype", None)), False, {}),
     ("scaled_dot_product_attention", (F.scaled_dot_product_attention, *_aten("scaled_dot_product_attention")),
@@ -207,6 +211,7 @@ _SURROGATE_KINDS: Dict[Callable, str] = {
     surrogate_hardswish: "hardswish",
     surrogate_hardsigmoid: "hardsigmoid",
     surrogate_layer_norm: "layer_norm",
+    surrogate_native_layer_norm: "layer_norm",
     surrogate_softmax: "softmax",
     surrogate_scaled_dot_product_attention: "scaled_dot_product_attention",
 }
@@ -256,7 +261,8 @@ class SiteMatch:
     inplace: bool = False
     # max_pool2d only: kernel_size, stride, padding, dilation, ceil_mode (values or Nodes).
     pool_args: Tuple[Any, ...] = ()
-    returns_indices: bool = False
+    # The call returns a tuple: a pool's (values, indices), native_layer_norm's (out, mean, rstd).
+    returns_tuple: bool = False
     # Every other kind: the arguments of its surrogate besides the input and temp.
     params: Dict[str, Any] = field(default_factory=dict)
 
@@ -310,15 +316,15 @@ def _normalise_path(path: str) -> str:
     return path.replace("[", ".").replace("]", "").replace("'", "")
 
 
-def _pool_site(node: Node, form: str, bound: Dict[str, Any], returns_indices: bool) -> SiteMatch:
+def _pool_site(node: Node, form: str, bound: Dict[str, Any], returns_tuple: bool) -> SiteMatch:
     stride = bound["stride"]
     if isinstance(stride, (list, tuple)) and len(stride) == 0:
         stride = None  # aten's "[]" means "same as kernel_size"
     args = (bound["kernel_size"], stride, bound["padding"], bound["dilation"], bound["ceil_mode"])
-    return SiteMatch(node, "max_pool2d", form, bound["input"], False, args, bool(returns_indices))
+    return SiteMatch(node, "max_pool2d", form, bound["input"], False, args, bool(returns_tuple))
 
 
-def _feeds_matmul(node: Node, depth: int = 3) -> bool:
+def _feeds_matmul(node: Node, depth: int = 5) -> bool:
     """Whether ``node``'s output reaches a matmul / bmm / einsum within ``depth`` ops (attention weights)."""
     frontier = [node]
     for _ in range(depth):
@@ -340,12 +346,16 @@ def _general_site(node: Node, kind: str, form: str, bound: Dict[str, Any], inpla
         params = {k: v for k, v in bound.items() if k not in ("query",)}
         return SiteMatch(node, kind, form, bound["query"], params=params)
     params = {k: v for k, v in bound.items() if k not in ("input", "inplace", "temp", "_stacklevel", "cudnn_enable")}
+    if "half_to_float" in params:  # aten._softmax: a float32 result from a half input
+        params["dtype"] = torch.float32 if params.pop("half_to_float") else None
+    if params.pop("native", False):
+        return SiteMatch(node, kind, form, bound["input"], inplace, params=params, returns_tuple=True)
     if kind.startswith("max_pool") or kind.startswith("adaptive_max_pool"):
         params["dims"] = int(kind[-2])
         if params.get("stride") in ([], ()):
             params["stride"] = None
     return SiteMatch(node, kind, form, bound["input"], inplace, params=params,
-                     returns_indices=bool(params.pop("return_indices", False)))
+                     returns_tuple=bool(params.pop("return_indices", False)))
 
 
 def _match_module(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
@@ -426,6 +436,8 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         return _pool_site(node, "excited", bound, bound["return_indices"])
     if surrogate_kind is not None or target in (surrogate_max_pool, surrogate_adaptive_max_pool):
         bound = dict(inspect.signature(target).bind(*node.args, **node.kwargs).arguments)
+        if target is surrogate_native_layer_norm:
+            bound["native"] = True
         if surrogate_kind is None:
             dims = bound.get("dims")
             prefix = "max_pool" if target is surrogate_max_pool else "adaptive_max_pool"
@@ -446,9 +458,11 @@ def surrogate_call(match: SiteMatch, temp: Optional[float]) -> Tuple[Callable, D
     if kind == "attention_function":
         return freeze_attention(params["function"]), {}
     if kind.startswith("max_pool") or kind.startswith("adaptive_max_pool"):
-        params["return_indices"] = match.returns_indices
+        params["return_indices"] = match.returns_tuple
         target = surrogate_max_pool if kind.startswith("max_pool") else surrogate_adaptive_max_pool
         return target, {**params, "temp": temp}
+    if kind == "layer_norm" and match.returns_tuple:  # the 3-output aten.native_layer_norm
+        return surrogate_native_layer_norm, params
     target = {
         "hardtanh": surrogate_hardtanh,
         "leaky_relu": surrogate_leaky_relu,
@@ -473,18 +487,48 @@ def _callable_name(target: Any) -> str:
     return getattr(target, "__name__", str(target))
 
 
-def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, bool]]:
-    """``(op name, smooth)`` for an activation-like op no rule covers at ``node``, or ``None``.
+def _is_decomposed_silu(node: Node) -> bool:
+    """``aten.mul(x, aten.sigmoid(x))``: what SiLU becomes in a core-ATen (decomposed) graph."""
+    if node.target not in (aten.mul.Tensor, aten.mul) or len(node.args) != 2:
+        return False
+    a, b = node.args
+    for gate, other in ((a, b), (b, a)):
+        if isinstance(gate, Node) and gate.target in (aten.sigmoid.default, aten.sigmoid) and gate.args[0] is other:
+            return True
+    return False
 
-    ``smooth`` marks ops without a hard gate (sigmoid, tanh), kept vanilla by design.
+
+def _is_decomposed_hardsigmoid(node: Node) -> bool:
+    """``aten.clamp(x + 3, 0, 6)`` (or two clamps, as torch decomposes it): decomposed Hardsigmoid / Hardswish."""
+    clamps = (aten.clamp.default, aten.clamp)
+    if node.target not in clamps or len(node.args) < 3 or node.args[2] != 6:
+        return False
+    source = node.args[0]
+    if node.args[1] is None and isinstance(source, Node) and source.target in clamps and source.args[1:2] == (0,):
+        source = source.args[0]  # clamp(clamp(x + 3, 0), None, 6)
+    elif node.args[1] != 0:
+        return False
+    return isinstance(source, Node) and source.target in (aten.add.Tensor, aten.add) and 3 in source.args[1:]
+
+
+def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
+    """``(op name, reason)`` for an activation-like op no rule covers at ``node``, or ``None``.
+
+    ``reason`` is ``"no rule"``, ``"smooth"`` (sigmoid, tanh: no hard gate, kept
+    vanilla by design) or ``"decomposed"`` (a rule's op broken into primitives by
+    ``run_decompositions``, where the rule cannot apply without changing the forward).
     """
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if isinstance(module, _UNHANDLED_MODULES):
-            return type(module).__name__, False
+            return type(module).__name__, "no rule"
         if isinstance(module, _SMOOTH_MODULES):
-            return type(module).__name__, True
+            return type(module).__name__, "smooth"
         return None
+    if node.op == "call_function" and _is_decomposed_silu(node):
+        return "silu (decomposed)", "decomposed"
+    if node.op == "call_function" and _is_decomposed_hardsigmoid(node):
+        return "hardsigmoid/hardswish (decomposed)", "decomposed"
     if node.op == "call_method":
         name = str(node.target)
     elif node.op == "call_function" and node.target is not operator.getitem:
@@ -493,7 +537,9 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, bool]]:
         return None
     name = name.rstrip("_")
     if name in _UNHANDLED_NAMES:
-        return name, False
+        return name, "no rule"
     if name in _SMOOTH_NAMES:
-        return name, True
+        if any(_is_decomposed_silu(user) for user in node.users):
+            return None  # reported once, by the multiplication
+        return name, "smooth"
     return None

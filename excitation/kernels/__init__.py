@@ -20,7 +20,7 @@ from .attention import (
     surrogate_scaled_dot_product_attention,
     surrogate_softmax,
 )
-from .normalization import surrogate_layer_norm
+from .normalization import surrogate_layer_norm, surrogate_native_layer_norm
 from .ops import surrogate_max_pool2d, surrogate_relu
 from .pooling import surrogate_adaptive_max_pool, surrogate_max_pool
 
@@ -37,6 +37,7 @@ SURROGATE_FUNCTIONS = (
     surrogate_hardswish,
     surrogate_hardsigmoid,
     surrogate_layer_norm,
+    surrogate_native_layer_norm,
     surrogate_softmax,
     surrogate_scaled_dot_product_attention,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "surrogate_hardswish",
     "surrogate_hardsigmoid",
     "surrogate_layer_norm",
+    "surrogate_native_layer_norm",
     "surrogate_softmax",
     "surrogate_scaled_dot_product_attention",
     "stop_gradient",

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .registry import define_surrogate_op
 
-__all__ = ["surrogate_layer_norm", "layer_norm_constant_stats_backward"]
+__all__ = ["surrogate_layer_norm", "surrogate_native_layer_norm", "layer_norm_constant_stats_backward"]
 
 
 def layer_norm_constant_stats_backward(
@@ -69,5 +69,16 @@ def surrogate_layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """``F.layer_norm`` bit for bit; its backward holds mean and variance constant."""
+    return surrogate_native_layer_norm(input, normalized_shape, weight, bias, eps)[0]
+
+
+def surrogate_native_layer_norm(
+    input: Tensor,
+    normalized_shape: "List[int] | int",
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``aten.native_layer_norm``'s ``(out, mean, rstd)`` bit for bit (decomposed / core-ATen graphs hold it)."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
-    return _layer_norm(input, shape, weight, bias, float(eps))[0]
+    return _layer_norm(input, shape, weight, bias, float(eps))
