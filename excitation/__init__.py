@@ -3,7 +3,9 @@
 A ReLU network's input gradient hard-gates every ReLU with ``1[z > 0]``.  The
 excitation pullback keeps the forward pass bit-exact and soft-gates only the
 backward: ``dz = g * sigmoid(z / temp)`` at ReLUs, and the gradient of soft
-pooling ``sum_w softmax(x_w / temp) x_w`` at max-pools.
+pooling ``sum_w softmax(x_w / temp) x_w`` at max-pools.  Rules of the same kind
+cover ReLU6, LeakyReLU, SiLU, GELU, Hardswish, Hardsigmoid, LayerNorm and
+attention (:data:`RULES`; ``excite(model, rules=...)`` chooses among them).
 
 >>> import excitation
 >>> excited = excitation.excite(model)            # torch.fx pass; model untouched
