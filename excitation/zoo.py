@@ -7,7 +7,7 @@ some modules such as ``nn.MultiheadAttention`` take a different path when grad
 is needed), whether the pullback is finite, its relative difference from the
 vanilla gradient, and pullback time / vanilla time (medians, interleaved).
 
-    excitation zoo --out docs/zoo.md            # all 80 models, about 30 min on 2 CPU cores
+    excitation zoo --out docs/zoo.md            # all 80 models, about 4 min on 2 CPU cores
     excitation zoo --models resnet18 vit_b_16   # a few
 
 Where ``torch.fx.symbolic_trace`` fails, the model is run through the
