@@ -123,3 +123,23 @@ def test_under_torch_func_and_vmap():
 def test_rank_must_be_known():
     with pytest.raises(ValueError, match="pass dims=1, 2 or 3"):
         surrogate_max_pool(torch.randn(1, 1, 8), 2)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_excited_nd_pools_script_and_match_eager():
+    import excitation
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(2, 4, 3), torch.nn.MaxPool1d(3, 2, 1), torch.nn.AdaptiveMaxPool1d(4), torch.nn.Flatten(),
+        torch.nn.Linear(16, 3),
+    ).double().eval()
+    x = torch.randn(2, 2, 17, dtype=torch.float64)
+    excited = excitation.excite(model)
+    assert excitation.report(excited).counts() == {"relu": 0, "max_pool1d": 1, "max_pool2d": 0, "adaptive_max_pool1d": 1}
+    eager = excitation.pullback(excited, x, 1)
+    leaf = x.clone().requires_grad_()
+    (scripted,) = torch.autograd.grad(torch.jit.script(excited)(leaf)[:, 1].sum(), leaf)
+    torch.testing.assert_close(scripted, eager)
+    keeps_size = torch.nn.Sequential(torch.nn.AdaptiveMaxPool2d((2, None)), torch.nn.Flatten()).eval()
+    with pytest.raises(TypeError, match="needs every adaptive output size"):
+        torch.jit.script(excitation.excite(keeps_size))

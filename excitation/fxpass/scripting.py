@@ -19,7 +19,7 @@ from torch import fx
 
 from ..errors import ExcitationError
 from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
-from ..kernels.ops import _pair
+from ..kernels.ops import pool_arguments
 from .sites import (
     SURROGATE_POOL_PARAMS,
     SURROGATE_RELU_PARAMS,
@@ -72,15 +72,21 @@ def _lower(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> Any:
         kwargs = {k: v for k, v in p.items() if k not in ("key", "value")}
         return graph.call_function(F.scaled_dot_product_attention, (query, key, p["value"]), kwargs)
     dims = p["dims"]
-    tup = lambda v, default: [int(default if v is None else v)] * dims if not isinstance(v, (list, tuple)) else [int(i) for i in v]  # noqa: E731
     if match.kind.startswith("adaptive"):
-        args = (match.input, tup(_constant(match, p["output_size"], "output_size"), 0), temp)
-        pooled = graph.call_function(ops.surrogate_adaptive_max_pool, args)
+        sizes = _constant(match, p["output_size"], "output_size")
+        sizes = [sizes] * dims if not isinstance(sizes, (list, tuple)) else list(sizes)
+        if None in sizes:
+            raise TypeError(
+                f"torch.jit.script needs every adaptive output size, but '{node.name}' keeps an input size (None); "
+                f"use torch.jit.trace or torch.export instead."
+            )
+        pooled = graph.call_function(ops.surrogate_adaptive_max_pool, (match.input, [int(v) for v in sizes], temp))
     else:
-        kernel = tup(_constant(match, p["kernel_size"], "kernel_size"), 0)
-        stride = kernel if p.get("stride") in (None, [], ()) else tup(p["stride"], 0)
-        args = (match.input, kernel, stride, tup(p.get("padding", 0), 0), tup(p.get("dilation", 1), 1),
-                bool(p.get("ceil_mode", False)), temp)
+        arguments = pool_arguments(
+            _constant(match, p["kernel_size"], "kernel_size"), p.get("stride"), p.get("padding", 0),
+            p.get("dilation", 1), dims,
+        )
+        args = (match.input, *arguments, bool(p.get("ceil_mode", False)), temp)
         pooled = graph.call_function(ops.surrogate_max_pool, args)
     return pooled if match.returns_tuple else graph.call_function(operator.getitem, (pooled, 0))
 
@@ -119,10 +125,8 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
                     f"torch.jit.script needs constant max-pool arguments, but '{node.name}' computes them "
                     f"at run time; use torch.jit.trace or torch.export instead."
                 )
-            kernel = _pair(bound["kernel_size"], "kernel_size")
-            stride = kernel if bound["stride"] in (None, [], ()) else _pair(bound["stride"], "stride")
-            args = (bound["input"], kernel, stride, _pair(bound["padding"], "padding"),
-                    _pair(bound["dilation"], "dilation"), bool(bound["ceil_mode"]), float(bound["temp"]))
+            arguments = pool_arguments(bound["kernel_size"], bound["stride"], bound["padding"], bound["dilation"], 2)
+            args = (bound["input"], *arguments, bool(bound["ceil_mode"]), float(bound["temp"]))
             with graph.inserting_after(node):
                 pooled = graph.call_function(torch.ops.excitation.surrogate_max_pool2d, args)
             replacement: Any = pooled

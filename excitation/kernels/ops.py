@@ -178,8 +178,17 @@ def _tuple(value: IntOrPair, dims: int, name: str) -> List[int]:
     return values
 
 
-def _pair(value: IntOrPair, name: str) -> List[int]:
-    return _tuple(value, 2, name)
+def pool_arguments(
+    kernel_size: IntOrPair, stride: Optional[IntOrPair], padding: IntOrPair, dilation: IntOrPair, dims: int
+) -> Tuple[List[int], List[int], List[int], List[int]]:
+    """Kernel, stride, padding and dilation as ``dims`` ints each, the way torch's pools read them.
+
+    torch treats ``stride=None`` and ``stride=[]`` as "stride = kernel_size".
+    """
+    kernel = _tuple(kernel_size, dims, "kernel_size")
+    no_stride = stride is None or (not isinstance(stride, int) and len(stride) == 0)
+    strides = kernel if no_stride else _tuple(stride, dims, "stride")
+    return kernel, strides, _tuple(padding, dims, "padding"), _tuple(dilation, dims, "dilation")
 
 
 def surrogate_max_pool2d(
@@ -198,10 +207,7 @@ def surrogate_max_pool2d(
     window, positions outside the input excluded.  Arguments follow
     :func:`torch.nn.functional.max_pool2d`; ``temp`` is the softmax temperature.
     """
-    kernel = _pair(kernel_size, "kernel_size")
-    # torch treats stride=None and stride=[] as "stride = kernel_size".
-    strides = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride, "stride")
-    args = (kernel, strides, _pair(padding, "padding"), _pair(dilation, "dilation"), bool(ceil_mode), temp)
+    args = (*pool_arguments(kernel_size, stride, padding, dilation, 2), bool(ceil_mode), temp)
     if _under_functorch():
         out, indices = _SurrogateMaxPool2dFunction.apply(x, *args)
     else:

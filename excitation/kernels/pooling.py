@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .ops import _pool_setup_context, _tuple  # the 2-D op's: same arguments, save x
+from .ops import _pool_setup_context, pool_arguments  # the 2-D op's: same arguments, save x
 from .reference import (
     adaptive_pool_windows,
     pool_windows,
@@ -84,13 +84,8 @@ def surrogate_max_pool(
     ``dims`` (1, 2 or 3) is the pool's spatial rank; it is needed when ``kernel_size`` is an int.
     """
     dims = _pool_dims(kernel_size, dims)
-    kernel = _tuple(kernel_size, dims, "kernel_size")
-    no_stride = stride is None or (not isinstance(stride, int) and len(stride) == 0)
-    strides = kernel if no_stride else _tuple(stride, dims, "stride")
-    out, indices = _max_pool(
-        x, kernel, strides, _tuple(padding, dims, "padding"), _tuple(dilation, dims, "dilation"),
-        bool(ceil_mode), float(temp),
-    )
+    arguments = pool_arguments(kernel_size, stride, padding, dilation, dims)
+    out, indices = _max_pool(x, *arguments, bool(ceil_mode), float(temp))
     return (out, indices) if return_indices else out
 
 
