@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .fxpass.rewrite import TempsSpec, excite, is_excited, report
+from .fxpass.rewrite import TempsSpec, check_not_compiled, excite, is_excited, report
 from .fxpass.tracing import TRACE_GATE, clone_module_tree
 
 __all__ = ["pullback", "pullbacks", "gradient", "prepare", "clear_cache"]
@@ -61,6 +61,7 @@ def prepare(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    check_not_compiled(model, "pullback" if excited else "gradient")
     if excited and is_excited(model):
         if (temp, pool_temp, gate, temps) != (0.3, None, "sigmoid", None):
             found = report(model)

@@ -214,3 +214,17 @@ def test_input_on_another_device_is_refused():
     model = _mlp().to("meta")
     with pytest.raises(ValueError, match="x is on cpu but the model is on meta"):
         excitation.pullback(model, torch.randn(2, 10, dtype=torch.float64), 0)
+
+
+def test_compiled_modules_get_a_clear_error_or_work_when_excited():
+    model = _mlp().float()
+    x = torch.randn(4, 10)
+    for fn, match in ((excitation.excite, "Excite the original model first"),
+                      (lambda m: excitation.pullback(m, x, 0), "Excite the original model first"),
+                      (lambda m: excitation.gradient(m, x, 0), "Pass the original")):
+        with pytest.raises(excitation.ExcitationError, match=match):
+            fn(torch.compile(model))
+    excited = excitation.excite(model)
+    compiled = torch.compile(excited, backend="aot_eager")
+    assert excitation.is_excited(compiled) and excitation.report(compiled).counts()["relu"] == 2
+    assert rel_err(excitation.pullback(compiled, x, 0), excitation.pullback(excited, x, 0)) < 1e-6

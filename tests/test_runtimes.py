@@ -64,11 +64,15 @@ class Case:
 _CASES = {}
 
 
+def _case(name):
+    if name not in _CASES:
+        _CASES[name] = Case(name)
+    return _CASES[name]
+
+
 @pytest.fixture(params=sorted(BUILDERS))
 def case(request):
-    if request.param not in _CASES:
-        _CASES[request.param] = Case(request.param)
-    return _CASES[request.param]
+    return _case(request.param)
 
 
 def _leaf(x):
@@ -93,6 +97,30 @@ def test_compile_cpu(case):
     assert rel_err(out, case.excited(case.x)) <= 1e-5
     out[:, TARGET].sum().backward()
     case.check(leaf.grad, COMPILED_TOL)
+
+
+def test_compile_inlines_the_surrogates_and_export_keeps_the_ops():
+    """Under torch.compile the autograd.Function twins run (Inductor fuses them); export keeps our ops."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    case = _case("all_forms")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    leaf = _leaf(case.x)
+    torch.compile(case.excited, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture),
+                  fullgraph=True)(leaf)[:, TARGET].sum().backward()
+    case.check(leaf.grad)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert len(graphs) == 2 and "aten.threshold_backward.default" not in targets
+    assert not [t for t in targets if t.startswith(("excitation.surrogate_relu", "excitation.surrogate_max_pool2d"))]
+    assert "aten.softplus_backward.default" in targets  # the gate, now visible to the compiler
+    exported = [str(n.target) for n in torch.export.export(case.excited, (case.x,)).graph.nodes]
+    assert "excitation.surrogate_relu.default" in exported and "excitation.surrogate_max_pool2d.default" in exported
 
 
 def test_compile_has_no_graph_breaks(case):

@@ -64,6 +64,8 @@ SCRIPT = textwrap.dedent(
         "googlenet 3x3/2 ceil": ([3, 3], [2, 2], [0, 0], [1, 1], True),
         "3x3/1 pad 1 (overlap)": ([3, 3], [1, 1], [1, 1], [1, 1], False),
         "non-square dilated ceil": ([2, 3], [1, 2], [1, 0], [2, 1], True),
+        "3x3/3 pad 1 ceil (no overlap, stores)": ([3, 3], [3, 3], [1, 1], [1, 1], True),
+        "2x2/4 dilation 3 (no overlap, gaps)": ([2, 2], [4, 4], [0, 0], [3, 3], False),
     }
     for name, args in pools.items():
         for temp in (0.1, 1.0):
@@ -85,20 +87,22 @@ def test_triton_kernel_matches_reference_under_interpreter():
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     failed = [r for r in results if not r["ok"]]
-    assert len(results) == 24 + 13 and not failed, failed
+    assert len(results) == 24 + 17 and not failed, failed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-def test_cuda_backward_uses_triton_and_matches_reference():
+@pytest.mark.parametrize("gate, kernel", [("normal_cdf", "surrogate_relu_backward_triton"), ("sigmoid", "softplus_backward")])
+def test_cuda_backward_uses_its_kernel_and_matches_reference(gate, kernel):
     import excitation
-    from excitation.kernels.reference import triton_available
+    from excitation.gates import GATES
 
-    assert triton_available()
     z = torch.randn(4, 64, 33, 35, device="cuda", requires_grad=True)
     g = torch.randn_like(z)
-    (ours,) = torch.autograd.grad(excitation.surrogate_relu(z, 0.3), z, g)
-    expected = g * torch.sigmoid(z.detach() / 0.3)
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        (ours,) = torch.autograd.grad(excitation.surrogate_relu(z, 0.3, gate), z, g)
+    assert any(kernel in e.name for e in prof.events())
+    expected = g.double() * GATES[gate](z.detach().double(), 0.3)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

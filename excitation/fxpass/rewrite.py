@@ -321,6 +321,8 @@ def excite(
             f"excite() needs an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram, "
             f"got {type(model).__name__}."
         )
+    check_not_compiled(model, "excite")
+    model = _uncompiled(model)  # an excited model in a compile wrapper: re-excite the excited module
     # Validate options before the (possibly slow) trace.
     check_temp(temp)
     if pool_temp is not None:
@@ -347,14 +349,34 @@ def _describe_unhandled(result: Report) -> str:
     return f"Activation sites left alone: {result.unhandled_counts()}."
 
 
+def _uncompiled(model: Any) -> Any:
+    """The module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else ``model``."""
+    return getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+
+
 def is_excited(model: Any) -> bool:
-    """True if ``model`` came out of :func:`excite`."""
+    """True if ``model`` came out of :func:`excite` (also once ``torch.compile`` wrapped it)."""
+    model = _uncompiled(model)
     return isinstance(model, fx.GraphModule) and isinstance(getattr(model, REPORT_ATTR, None), Report)
+
+
+def check_not_compiled(model: Any, function: str) -> None:
+    """A clear error for a ``torch.compile`` wrapper of a plain model, which cannot be traced."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) and not is_excited(model):
+        fix = (
+            "Pass the original (uncompiled) model."
+            if function == "gradient"
+            else "Excite the original model first and compile the result: torch.compile(excitation.excite(model)); "
+            "or pass backend=excitation.backend() to torch.compile."
+        )
+        raise ExcitationError(
+            f"{function}() got a torch.compile'd module (OptimizedModule), which torch.fx cannot trace. {fix}"
+        )
 
 
 def report(model: nn.Module) -> Report:
     """The :class:`Report` of an excited model: every rewritten site and every activation left alone."""
-    found = getattr(model, REPORT_ATTR, None)
+    found = getattr(_uncompiled(model), REPORT_ATTR, None)
     if not isinstance(found, Report):
         raise ExcitationError(
             f"{type(model).__name__} is not an excited model; call excitation.excite(model) first "

@@ -1,22 +1,10 @@
-"""The registered surrogate ops and the dispatchers that pick a mechanism per runtime.
+"""The ReLU and 2-D max-pool surrogate ops, and the functions the rewritten graphs call.
 
-Why two mechanisms for one op (torch 2.14.1, measured):
-
-* A ``torch.library.custom_op`` with ``register_autograd`` survives
-  ``torch.compile``, ``torch.export`` (the exported graph holds
-  ``excitation::surrogate_relu`` and ``ep.module()`` differentiates through our
-  backward), ``save``/``load`` and ``torch.jit.trace``/``script``.  But
-  ``torch.func`` transforms refuse it ("must override setup_context").
-* An ``autograd.Function`` with ``setup_context`` and ``generate_vmap_rule``
-  works under every ``torch.func`` transform and under compile, but
-  ``torch.export`` silently drops its backward: the exported module returns
-  the *vanilla* gradient.
-
-So :func:`surrogate_relu` / :func:`surrogate_max_pool2d` check whether a
-``torch.func`` transform is active (``peek_interpreter_stack``, which dynamo
-can trace, so ``torch.compile(torch.func.grad(...))`` picks the right branch)
-and route to the ``autograd.Function`` there, and to the custom op everywhere
-else.  Both share one backward implementation from :mod:`.reference`.
+Each op is registered by :func:`.registry.define_surrogate_op` in three mechanisms
+(custom op for export / TorchScript / tracers, a ``setup_context`` twin for
+``torch.func`` and ``torch.compile``, a classic Function for plain eager; the
+registry's docstring says why, with measurements), all sharing one forward, one
+``setup_context`` and one backward, whose math lives in :mod:`.reference`.
 """
 
 from __future__ import annotations
@@ -28,7 +16,7 @@ from torch import Tensor
 
 from ..gates import GATES
 from .reference import soft_max_pool2d_backward, surrogate_relu_backward
-from .registry import NAMESPACE
+from .registry import NAMESPACE, define_surrogate_op
 from .registry import under_functorch as _under_functorch
 
 __all__ = ["surrogate_relu", "surrogate_max_pool2d", "NAMESPACE", "SAVED_MODES"]
@@ -44,15 +32,9 @@ IntOrPair = Union[int, Sequence[int]]
 
 
 # --------------------------------------------------------------------------- ReLU
-@torch.library.custom_op(f"{NAMESPACE}::surrogate_relu", mutates_args=())
-def _surrogate_relu_op(z: Tensor, temp: float, gate: str, saved: str = "exact") -> Tensor:
+def _relu_forward(z: Tensor, temp: float, gate: str, saved: str = "exact") -> Tensor:
     """Forward: exactly ``torch.relu(z)``.  Backward: ``grad * gate(z / temp)``."""
     return torch.relu(z)
-
-
-@_surrogate_relu_op.register_fake
-def _(z: Tensor, temp: float, gate: str, saved: str = "exact") -> Tensor:
-    return torch.empty_like(z)
 
 
 def _relu_setup_context(ctx, inputs, output) -> None:
@@ -75,25 +57,13 @@ def _relu_backward(ctx, grad: Tensor):
     return dz.to(grad.dtype), None, None, None
 
 
-_surrogate_relu_op.register_autograd(_relu_backward, setup_context=_relu_setup_context)
-
-
-class _SurrogateReLUFunction(torch.autograd.Function):
-    """The ``torch.func`` twin of ``excitation::surrogate_relu``."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(z: Tensor, temp: float, gate: str, saved: str = "exact") -> Tensor:
-        return torch.relu(z)
-
-    setup_context = staticmethod(_relu_setup_context)
-    backward = staticmethod(_relu_backward)
+_call_surrogate_relu = define_surrogate_op(
+    "surrogate_relu", _relu_forward, setup_context=_relu_setup_context, backward=_relu_backward
+)
 
 
 # ---------------------------------------------------------------------- max-pool
-@torch.library.custom_op(f"{NAMESPACE}::surrogate_max_pool2d", mutates_args=())
-def _surrogate_max_pool2d_op(
+def _pool_forward(
     x: Tensor,
     kernel_size: List[int],
     stride: List[int],
@@ -102,13 +72,7 @@ def _surrogate_max_pool2d_op(
     ceil_mode: bool,
     temp: float,
 ) -> Tuple[Tensor, Tensor]:
-    """Forward: exactly ``F.max_pool2d(..., return_indices=True)``.  Backward: soft-pool gradient."""
-    return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
-
-
-@_surrogate_max_pool2d_op.register_fake
-def _(x, kernel_size, stride, padding, dilation, ceil_mode, temp):
-    # The aten op's own meta kernel knows the output shape rules.
+    """Forward: exactly ``F.max_pool2d(..., return_indices=True)`` (its meta kernel is the fake).  Backward: soft-pool gradient."""
     return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
@@ -128,20 +92,9 @@ def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
     return dx, None, None, None, None, None, None
 
 
-_surrogate_max_pool2d_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
-
-
-class _SurrogateMaxPool2dFunction(torch.autograd.Function):
-    """The ``torch.func`` twin of ``excitation::surrogate_max_pool2d``."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, kernel_size, stride, padding, dilation, ceil_mode, temp):
-        return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
-
-    setup_context = staticmethod(_pool_setup_context)
-    backward = staticmethod(_pool_backward)
+_call_surrogate_max_pool2d = define_surrogate_op(
+    "surrogate_max_pool2d", _pool_forward, setup_context=_pool_setup_context, backward=_pool_backward
+)
 
 
 # -------------------------------------------------------------------- dispatch
@@ -161,9 +114,7 @@ def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: s
         What the backward keeps (see :data:`SAVED_MODES`): ``"exact"`` (the
         pre-activation), ``"bfloat16"`` or ``"uint8"`` (the evaluated gate, 2 or 1 byte).
     """
-    if _under_functorch():
-        return _SurrogateReLUFunction.apply(z, temp, gate, saved)
-    return torch.ops.excitation.surrogate_relu(z, temp, gate, saved)
+    return _call_surrogate_relu(z, temp, gate, saved)
 
 
 def _tuple(value: IntOrPair, dims: int, name: str) -> List[int]:
@@ -208,8 +159,5 @@ def surrogate_max_pool2d(
     :func:`torch.nn.functional.max_pool2d`; ``temp`` is the softmax temperature.
     """
     args = (*pool_arguments(kernel_size, stride, padding, dilation, 2), bool(ceil_mode), temp)
-    if _under_functorch():
-        out, indices = _SurrogateMaxPool2dFunction.apply(x, *args)
-    else:
-        out, indices = torch.ops.excitation.surrogate_max_pool2d(x, *args)
+    out, indices = _call_surrogate_max_pool2d(x, *args)
     return (out, indices) if return_indices else out
