@@ -24,8 +24,9 @@ step() {
     [ "$limit" -le 0 ] && { echo "== skipped (no time left): $*"; return; }
     echo "== $* (limit ${limit}s)"; timeout "$limit" "$@"; echo "== exit $?"
 }
-merge_json() {
-    merge_json
+merge_json() {  # every bench JSON of this run in one file (few files come back from the GPU machine)
+    "$py" -c "import glob, json, sys; json.dump({p.split('/')[-1][:-5]: json.load(open(p)) \
+for p in sorted(glob.glob('/tmp/bench/*.json'))}, sys.stdout, indent=1)" >"$out/bench.json"
 }
 
 # Setup without a pipe, so the exports stay in this shell.

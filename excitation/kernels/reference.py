@@ -103,7 +103,7 @@ def _window_weights(views: List[Tensor], temp: float) -> List[Tensor]:
     for view in views[1:]:
         peak = torch.maximum(peak, view)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    # Outside the input u = -inf; a finite stand-in with exp(u) == 0 keeps p * u and
+    # Outside the input (padding floor) u is hugely negative or -inf; a finite stand-in with exp(u) == 0 keeps p * u and
     # its derivatives (create_graph / torch.func higher orders) free of 0 * inf.
     us = [(view - peak) / temp for view in views]
     us = [torch.where(torch.isneginf(u), torch.full_like(u, -1e4), u) for u in us]
@@ -119,42 +119,58 @@ def _window_weights(views: List[Tensor], temp: float) -> List[Tensor]:
     return [p - p * weighted + pu for p, pu in zip(ps, pus)]
 
 
-def _window_contributions(views: List[Tensor], temp: float, grad: Tensor) -> List[Tensor]:
-    """``grad * d(soft pool)/d(view_k)`` for every offset k, in place: about 11 passes per offset.
+def _accumulate_window_gradients(views: List[Tensor], targets: List[Tensor], temp: float, grad: Tensor) -> None:
+    """``targets[k] += grad * d(soft pool)/d(views[k])`` for every window offset k, in place.
 
-    With ``e_k = exp(u_k)``, ``S = sum e``, ``SU = sum e u``, the contribution is
-    ``e_k * (u_k + 1 - SU/S) * grad / S``: the softmax is never normalised per offset,
-    and no ``p * u`` product needs a NaN clean-up because ``u`` is clamped at -1e4
-    (``exp(-1e4) == 0``), which is also what padding (-inf) becomes.  Measured 1.05-1.2x
-    faster than normalising first (resnet50 stem, vgg and googlenet pools, 2-core CPU).
+    With ``d_k = x_k - max`` (finite: inputs are clamped and padding is a finite
+    floor), ``e_k = exp(d_k / temp)``, ``S = sum e`` and ``SD = sum e d``::
+
+        grad * p_k * (1 + u_k - sum_v p_v u_v) = e_k * (grad / (temp S)) * (d_k + temp - SD / S)
+
+    Eight elementwise passes per offset (sub, mul, exp, two accumulations; add, mul and
+    one ``addcmul_`` straight into the strided input gradient), against twelve for the
+    form that normalised ``u`` first and scattered with ``result[view] += c`` (whose
+    ``__setitem__`` copies the view onto itself once more).  ``e * d`` never meets
+    ``0 * inf`` because ``d`` is finite, so no clean-up pass is needed.  Measured 3-5 %
+    faster on the resnet / vgg / googlenet pools (2-core CPU, batch 8): the strided reads
+    of the views, not the pass count, dominate (``sub`` of a strided view 3.7 ms, an
+    ``exp_`` of the same size in place 0.75 ms).
     """
     inverse = 1.0 / temp
     peak = views[0].clone()
     for view in views[1:]:
         torch.maximum(peak, view, out=peak)
     total, weighted = torch.zeros_like(peak), torch.zeros_like(peak)
-    us, es = [], []
+    ds, es = [], []
     for view in views:
-        u = torch.sub(view, peak).mul_(inverse).clamp_(min=-1e4)
-        e = torch.exp(u)
+        d = torch.sub(view, peak)
+        e = torch.mul(d, inverse).exp_()
         total.add_(e)
-        weighted.addcmul_(e, u)
-        us.append(u)
+        weighted.addcmul_(e, d)
+        ds.append(d)
         es.append(e)
-    scale = grad / total
-    shift = weighted.div_(total).neg_().add_(1.0)
-    return [u.add_(shift).mul_(e).mul_(scale) for u, e in zip(us, es)]
+    shift = weighted.div_(total).neg_().add_(temp)
+    scale = torch.div(grad, total).mul_(inverse)
+    for target, d, e in zip(targets, ds, es):
+        target.addcmul_(d.add_(shift), e.mul_(scale))
 
 
 def _finite(x: Tensor) -> Tensor:
     """``x`` with +-inf replaced by +-(max / 4): an infinite input then takes all (or none) of its window's weight.
 
-    Without it ``(x - max) / temp`` is ``inf - inf``; the quarter keeps ``x - max`` from overflowing.
+    Without it ``(x - max) / temp`` is ``inf - inf``; the quarter keeps ``x - max`` from
+    overflowing, also against the padding floor :func:`_padding_floor` (-max / 2).
     A clamp rather than ``nan_to_num``: Inductor fuses it into the pool backward, while
     ``nan_to_num`` made compiled resnet50's pullback 25 % slower (measured, 2-core CPU).
     """
     big = torch.finfo(x.dtype).max / 4
     return x.clamp(-big, big)
+
+
+def _padding_floor(dtype: torch.dtype) -> float:
+    """The value padding gets: below every clamped input, so it never wins a window and its
+    weight underflows to exactly 0, yet finite, so ``padding - max`` stays finite too."""
+    return -torch.finfo(dtype).max / 2
 
 
 def soft_max_pool2d_backward(
@@ -177,7 +193,7 @@ def soft_max_pool2d_backward(
     The right-hand form only multiplies ``p`` by ``u``, and ``p e^{u}``-style
     products stay bounded, so it is finite at any magnitude of ``x`` and any
     ``temp`` (the log-sum-exp trick applied to the derivative).  Positions outside
-    the input (padding, ceil_mode overhang) have ``u = -inf`` and weight exactly 0.
+    the input (padding, ceil_mode overhang) hold a finite floor far below every input and get weight exactly 0.
 
     The window elements are handled as ``kh * kw`` strided *views* of the (padded)
     input, each of output size, so nothing of input size times ``kh * kw`` is ever
@@ -217,7 +233,7 @@ def soft_max_pool2d_backward_torch(
     need_h = (out_h - 1) * stride[0] + dilation[0] * (kernel_size[0] - 1) + 1
     need_w = (out_w - 1) * stride[1] + dilation[1] * (kernel_size[1] - 1) + 1
     pads = [padding[1], max(need_w - width - padding[1], 0), padding[0], max(need_h - height - padding[0], 0)]
-    padded = F.pad(flat, pads, value=-math.inf) if any(pads) else flat
+    padded = F.pad(flat, pads, value=_padding_floor(compute_dtype)) if any(pads) else flat
     views = [padded[:, rows, cols] for rows, cols in _offsets(kernel_size, stride, dilation, (out_h, out_w))]
 
     g = grad.reshape(-1, out_h, out_w).to(compute_dtype)
@@ -228,9 +244,8 @@ def soft_max_pool2d_backward_torch(
         result = F.fold(columns, padded.shape[-2:], kernel_size, dilation=dilation, stride=stride)[:, 0]
     else:
         result = torch.zeros_like(padded)
-        contributions = _window_contributions(views, temp, g)
-        for (rows, cols), contribution in zip(_offsets(kernel_size, stride, dilation, (out_h, out_w)), contributions):
-            result[:, rows, cols] += contribution  # overlapping windows accumulate
+        targets = [result[:, rows, cols] for rows, cols in _offsets(kernel_size, stride, dilation, (out_h, out_w))]
+        _accumulate_window_gradients(views, targets, temp, g)  # overlapping windows accumulate
     if any(pads):
         result = result[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
     return result.reshape(*batch_shape, height, width).to(x.dtype)
