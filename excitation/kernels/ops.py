@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..gates import GATES
-from .reference import soft_max_pool2d_backward, surrogate_relu_backward
+from .reference import _SOFTPLUS_THRESHOLD, soft_max_pool2d_backward, surrogate_relu_backward
 from .registry import NAMESPACE, define_surrogate_op
 from .registry import under_functorch as _under_functorch
 
@@ -37,13 +37,27 @@ def _relu_forward(z: Tensor, temp: float, gate: str, saved: str = "exact") -> Te
     return torch.relu(z)
 
 
+def _compact_gate(z: Tensor, temp: float, gate: str, saved: str) -> Tensor:
+    """The gate evaluated in float32 and stored in 2 bytes (``"bfloat16"``) or as ``round(255 * gate)`` in 1.
+
+    The sigmoid gate is one ``softplus_backward`` pass with a broadcast constant as its
+    "gradient" (``scale * sigmoid(z / temp)``, no temporaries), so storing it costs 2-3
+    passes instead of 3-5.
+    """
+    scale = 255.0 if saved == "uint8" else 1.0
+    z32 = z.float()
+    if gate == "sigmoid":
+        value = torch.ops.aten.softplus_backward(
+            z32.new_full((), scale).expand(z32.shape), z32, 1.0 / temp, _SOFTPLUS_THRESHOLD
+        )
+    else:
+        value = GATES[gate](z32, temp).mul_(scale)
+    return value.to(torch.bfloat16) if saved == "bfloat16" else value.round_().to(torch.uint8)
+
+
 def _relu_setup_context(ctx, inputs, output) -> None:
     z, temp, gate, saved = inputs
-    if saved == "exact":
-        ctx.save_for_backward(z)
-    else:
-        value = GATES[gate](z.float(), temp)
-        ctx.save_for_backward(value.to(torch.bfloat16) if saved == "bfloat16" else value.mul_(255).round_().to(torch.uint8))
+    ctx.save_for_backward(z if saved == "exact" else _compact_gate(z, temp, gate, saved))
     ctx.temp, ctx.gate, ctx.saved = temp, gate, saved
 
 
