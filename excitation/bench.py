@@ -56,6 +56,7 @@ class BenchResult:
     machine: str
     memory_kind: str
     rows: List[BenchRow] = field(default_factory=list)
+    tf32: Optional[bool] = None  # CUDA only: whether cuDNN ran float32 convolutions in TF32
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -261,6 +262,7 @@ def run_bench(
         model=model_name, batch=batch, size=size, device=str(dev), temp=temp, torch_version=torch.__version__,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), machine=_machine() if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         memory_kind="autograd saved tensors" if dev.type == "cpu" else "peak CUDA allocation", rows=list(rows.values()),
+        tf32=bool(torch.backends.cudnn.allow_tf32) if dev.type == "cuda" else None,
     )
 
 
@@ -271,7 +273,23 @@ def format_table(result: BenchResult) -> str:
     lines = [head, "",
              "| method | ms / batch (median, p20-p80) | images/s | time / vanilla | memory MiB | memory / vanilla | equals our pullback |",
              "|---|---|---|---|---|---|---|"]
+    lines += _rows(result)
+    if result.tf32:
+        lines += ["", TF32_NOTE]
+    return "\n".join(lines)
+
+
+#: Why compiled rows on CUDA may say "no" (measured on an H200, resnet50: see the README's Performance).
+TF32_NOTE = (
+    "cuDNN ran float32 convolutions in TF32 (PyTorch's default), so programs with different kernel choices "
+    "differ beyond float32 rounding: compiled vs eager differ by ~1 % for the pullback and ~10 % for the vanilla "
+    "gradient of a random-weight resnet50; with torch.backends.cudnn.allow_tf32 = False they agree to ~2e-5."
+)
+
+
+def _rows(result: BenchResult) -> List[str]:
     fmt = lambda v, spec: "–" if v is None else format(v, spec)
+    lines = []
     for row in result.rows:
         if row.ms_median is None:
             lines.append(f"| {row.method} | {row.note} | | | | | |")
@@ -281,4 +299,4 @@ def format_table(result: BenchResult) -> str:
             f"| {row.method} | {row.ms_median:.1f} ({row.ms_p20:.1f}–{row.ms_p80:.1f}) | {row.images_per_s:.1f} | "
             f"{fmt(row.ratio, '.3f')} | {row.memory_mb:.0f} | {fmt(row.memory_ratio, '.3f')} | {equal} |"
         )
-    return "\n".join(lines)
+    return lines
