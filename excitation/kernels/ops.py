@@ -77,6 +77,13 @@ _call_surrogate_relu = define_surrogate_op(
 
 
 # ---------------------------------------------------------------------- max-pool
+_MAX_POOL = {
+    1: torch.ops.aten.max_pool1d_with_indices,
+    2: torch.ops.aten.max_pool2d_with_indices,
+    3: torch.ops.aten.max_pool3d_with_indices,
+}
+
+
 def _pool_forward(
     x: Tensor,
     kernel_size: List[int],
@@ -86,8 +93,9 @@ def _pool_forward(
     ceil_mode: bool,
     temp: float,
 ) -> Tuple[Tensor, Tensor]:
-    """Forward: exactly ``F.max_pool2d(..., return_indices=True)`` (its meta kernel is the fake).  Backward: soft-pool gradient."""
-    return torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+    """Forward of this op and of the 1-D / 3-D one (:mod:`.pooling`): exactly ``F.max_poolNd(..., return_indices=True)``
+    (the ATen op's meta kernel is the fake).  Backward: soft-pool gradient."""
+    return _MAX_POOL[len(kernel_size)](x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def _pool_setup_context(ctx, inputs, output) -> None:

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .ops import _pool_setup_context, pool_arguments  # the 2-D op's: same arguments, save x
+from .ops import _pool_forward, _pool_setup_context, pool_arguments  # the 2-D op's: same arguments, save x
 from .reference import (
     adaptive_pool_windows,
     pool_windows,
@@ -26,23 +26,10 @@ __all__ = ["surrogate_max_pool", "surrogate_adaptive_max_pool"]
 aten = torch.ops.aten
 IntOrTuple = Union[int, Sequence[int]]
 
-_MAX_POOL = {1: aten.max_pool1d_with_indices, 2: aten.max_pool2d_with_indices, 3: aten.max_pool3d_with_indices}
 _ADAPTIVE = {1: aten.adaptive_max_pool1d, 2: aten.adaptive_max_pool2d, 3: aten.adaptive_max_pool3d}
 
 
 # ------------------------------------------------------------------ regular pools
-def _pool_forward(
-    x: Tensor,
-    kernel_size: List[int],
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    ceil_mode: bool,
-    temp: float,
-) -> Tuple[Tensor, Tensor]:
-    return _MAX_POOL[len(kernel_size)](x, kernel_size, stride, padding, dilation, ceil_mode)
-
-
 def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
     (x,) = ctx.saved_tensors
     kernel_size, stride, padding, dilation, ceil_mode, temp = ctx.pool_args
