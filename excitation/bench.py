@@ -112,12 +112,15 @@ def _input_gradient(module: nn.Module, x: Tensor, target: Tensor) -> Tensor:
 def _methods(model: nn.Module, model_name: str, temp: float, compile_: bool, peers: bool) -> Dict[str, Callable]:
     """name -> callable(x, target) -> input gradient; names starting 'vanilla' are baselines."""
     excited = excite(model, temp=temp)
-    compact = {saved: excite(model, temp=temp, saved=saved) for saved in ("bfloat16", "uint8")}
+    # The unfused rows show what BatchNorm -> ReLU fusion buys, and the compact gates that
+    # serve ReLUs with no BatchNorm before them (fused sites are always exact).
+    unfused = {saved: excite(model, temp=temp, saved=saved, fuse=False) for saved in ("exact", "bfloat16", "uint8")}
     methods: Dict[str, Callable] = {
         "vanilla gradient": lambda x, t: _input_gradient(model, x, t),
         "excitation (ours)": lambda x, t: _input_gradient(excited, x, t),
-        "excitation (ours), bfloat16 saved gate": lambda x, t: _input_gradient(compact["bfloat16"], x, t),
-        "excitation (ours), uint8 saved gate": lambda x, t: _input_gradient(compact["uint8"], x, t),
+        "excitation (ours), unfused": lambda x, t: _input_gradient(unfused["exact"], x, t),
+        "excitation (ours), unfused, bfloat16 saved gate": lambda x, t: _input_gradient(unfused["bfloat16"], x, t),
+        "excitation (ours), unfused, uint8 saved gate": lambda x, t: _input_gradient(unfused["uint8"], x, t),
         "paper-style: nn.ReLU -> autograd.Function": (lambda swapped: lambda x, t: _input_gradient(swapped, x, t))(
             _swap_relus(model, temp)
         ),
@@ -128,8 +131,10 @@ def _methods(model: nn.Module, model_name: str, temp: float, compile_: bool, pee
         methods["vanilla gradient, compiled"] = lambda x, t: _input_gradient(compiled_vanilla, x, t)
         methods["excitation (ours), compiled"] = lambda x, t: _input_gradient(compiled_ours, x, t)
         # The compact gate is how compiled memory gets near vanilla's, which Inductor keeps as a 1-byte mask.
-        compiled_compact = torch.compile(compact["uint8"])
-        methods["excitation (ours), uint8 saved gate, compiled"] = lambda x, t: _input_gradient(compiled_compact, x, t)
+        compiled_compact = torch.compile(unfused["uint8"])
+        methods["excitation (ours), unfused, uint8 saved gate, compiled"] = (
+            lambda x, t: _input_gradient(compiled_compact, x, t)
+        )
     if not peers:
         return methods
     try:

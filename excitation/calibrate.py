@@ -22,6 +22,7 @@ from torch import Tensor, fx
 
 from .api import check_input, prepare
 from .fxpass.rules import RULES
+from .kernels.fused import batch_norm_relu, batch_norm_relu_pre_activation
 from .fxpass.sites import SITE_NODE_META, surrogate_rule
 from .fxpass.tracing import TRACE_GATE
 from .gates import check_temp
@@ -50,7 +51,8 @@ class _Recorder(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         rule = surrogate_rule(target)
         if rule is not None and RULES[rule].default_temp is not None:
-            z = args[0].detach()
+            # A fused BatchNorm -> ReLU site's input is the pre-activation it computes inside.
+            z = (batch_norm_relu_pre_activation(*args[:3]) if target is batch_norm_relu else args[0]).detach()
             flat = z.reshape(1, -1)
             self.rules[self.current_node.meta[SITE_NODE_META]] = rule
             if rule == "max_pool":

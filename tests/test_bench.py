@@ -29,5 +29,8 @@ def test_run_bench_measures_every_method_against_its_own_baseline():
     rows = {row.method: row for row in result.rows}
     assert rows["vanilla gradient"].ratio == 1.0 and rows["excitation (ours)"].equals_ours
     assert not rows["vanilla gradient"].equals_ours  # the pullback is not the gradient
-    assert rows["excitation (ours), uint8 saved gate"].memory_mb < rows["excitation (ours)"].memory_mb
+    # resnet18's ReLUs all fuse with their BatchNorm: the unfused pass keeps more, the compact gate less than that.
+    assert rows["excitation (ours)"].memory_mb <= rows["vanilla gradient"].memory_mb
+    assert rows["excitation (ours)"].memory_mb < rows["excitation (ours), unfused"].memory_mb
+    assert rows["excitation (ours), unfused, uint8 saved gate"].memory_mb < rows["excitation (ours), unfused"].memory_mb
     assert result.tf32 is None and json.loads(result.to_json())["model"] == "resnet18"

@@ -117,10 +117,11 @@ def test_compile_inlines_the_surrogates_and_export_keeps_the_ops():
     case.check(leaf.grad)
     targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
     assert len(graphs) == 2 and "aten.threshold_backward.default" not in targets
-    assert not [t for t in targets if t.startswith(("excitation.surrogate_relu", "excitation.surrogate_max_pool2d"))]
+    assert not [t for t in targets if t.startswith("excitation.surrogate_")]
     assert "aten.softplus_backward.default" in targets  # the gate, now visible to the compiler
     exported = [str(n.target) for n in torch.export.export(case.excited, (case.x,)).graph.nodes]
-    assert "excitation.surrogate_relu.default" in exported and "excitation.surrogate_max_pool2d.default" in exported
+    relu_ops = ("excitation.surrogate_relu.default", "excitation.surrogate_batch_norm_relu.default")
+    assert any(op in exported for op in relu_ops) and "excitation.surrogate_max_pool2d.default" in exported
 
 
 def test_compile_has_no_graph_breaks(case):
@@ -145,7 +146,9 @@ def test_export(case):
     ep = torch.export.export(case.excited, (case.x,))
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     report = excitation.report(case.excited).counts()
-    assert targets.count("excitation.surrogate_relu.default") == report["relu"]
+    fused = sum(site.fused is not None for site in excitation.report(case.excited).sites)
+    assert targets.count("excitation.surrogate_batch_norm_relu.default") == fused  # BatchNorm -> ReLU fused
+    assert targets.count("excitation.surrogate_relu.default") == report["relu"] - fused
     assert targets.count("excitation.surrogate_max_pool2d.default") == report["max_pool2d"]
     leaf = _leaf(case.x)
     ep.module()(leaf)[:, TARGET].sum().backward()
@@ -180,7 +183,8 @@ def test_export_save_load_fresh_process(case, tmp_path):
 
 def test_run_decompositions(case):
     ep = torch.export.export(case.excited, (case.x,)).run_decompositions()
-    assert any(str(n.target) == "excitation.surrogate_relu.default" for n in ep.graph.nodes)
+    relu_ops = ("excitation.surrogate_relu.default", "excitation.surrogate_batch_norm_relu.default")
+    assert any(str(n.target) in relu_ops for n in ep.graph.nodes)
     leaf = _leaf(case.x)
     ep.module()(leaf)[:, TARGET].sum().backward()
     case.check(leaf.grad)

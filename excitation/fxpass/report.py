@@ -46,6 +46,10 @@ class Site:
         Whether the original call was in place.
     rule : str
         The rule that rewrote it (a key of :data:`excitation.RULES`).
+    fused : str or None
+        For a ReLU fused with the BatchNorm before it (``excite(..., fuse=True)``,
+        the default): that BatchNorm's module path, with ``" + add"`` when a
+        residual sum between them was fused too.  ``None`` for an unfused site.
     """
 
     name: str
@@ -56,6 +60,7 @@ class Site:
     gate: Optional[str] = None
     inplace: bool = False
     rule: str = "relu"
+    fused: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,9 @@ class Report:
             else f"temps {temps[0]:g}..{temps[-1]:g} over {len(temps)} values"
         )
         lines = [f"excitation: rewrote {', '.join(parts)} sites (gate {self.gate}, {temp_text})"]
+        fused = sum(site.fused is not None for site in self.sites)
+        if fused:
+            lines.append(f"  {fused} ReLU sites fused with the BatchNorm before them (they save what vanilla saves)")
         if self.unhandled:
             left = ", ".join(f"{op} x{n}" for op, n in sorted(self.unhandled_counts().items()))
             lines.append(f"  left alone (vanilla backward): {left}")

@@ -19,7 +19,9 @@ from torch import fx
 from ..errors import ExcitationError, InplaceAliasError, with_suggestions
 from ..gates import check_gate, check_saved, check_temp
 from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
+from ..kernels.fused import batch_norm_relu
 from .excited import REPORT_ATTR, make_excited
+from .fusion import fuse_batch_norm_relu, unfuse
 from .report import Report, Site, Unhandled
 from .rules import RulesSpec, resolve_rules
 from .sites import (
@@ -186,6 +188,10 @@ def _rewrite_site(
     if match.kind == "multihead_attention":
         return _rewrite_module(gm, match, site)
     graph, node = gm.graph, match.node
+    if match.params.get("fused"):
+        # Re-exciting a fused site: rebuild bn(x) [+ residual] and rewrite it as an unfused ReLU site
+        # (the fusion step after the rewrite fuses it again, with the new temperature, if asked).
+        match = replace(match, input=unfuse(graph, node), params={})
     with graph.inserting_after(node):
         new = _surrogate_node(graph, match, site, saved)
     new.meta = dict(node.meta)
@@ -198,7 +204,10 @@ def _rewrite_site(
         for user in list(match.input.users):
             if user is not new and order.get(user, -1) > position:
                 user.replace_input_with(match.input, new)
+    module = node.args[1] if node.target is batch_norm_relu else None
     graph.erase_node(node)
+    if isinstance(module, fx.Node) and not module.users:
+        graph.erase_node(module)  # the fused site's get_attr of its BatchNorm
     return new
 
 
@@ -211,6 +220,7 @@ def excite_graph(
     temps: TempsSpec = None,
     rules: RulesSpec = None,
     saved: str = "exact",
+    fuse: bool = True,
 ) -> Report:
     """Rewrite every site of the selected rules in ``gm`` in place; return the :class:`Report`.
 
@@ -244,6 +254,9 @@ def excite_graph(
         # Re-match: rewriting earlier sites replaced this node's inputs.
         new = _rewrite_site(gm, match_site(gm, match.node), site, order, saved)
         order[new] = order[match.node]
+    if fuse:
+        fused = fuse_batch_norm_relu(gm)
+        sites = [replace(site, fused=fused.get(site.node)) for site in sites]
     graph.lint()
     gm.recompile()
     decomposed = [u.op for u in unhandled if u.reason == "decomposed"]
@@ -269,6 +282,7 @@ def excite(
     temps: TempsSpec = None,
     rules: RulesSpec = None,
     saved: str = "exact",
+    fuse: bool = True,
 ) -> fx.GraphModule:
     """Return a copy of ``model`` whose backward pass yields excitation pullbacks.
 
@@ -305,7 +319,15 @@ def excite(
         What each ReLU keeps for its backward: its pre-activation (exact), or its
         gate already evaluated in 2 or 1 bytes, which cuts the pullback's memory
         overhead over the vanilla gradient to a half or a quarter at a small error
-        (see the README's Performance section).
+        (see the README's Performance section).  Sites fused with their BatchNorm
+        (``fuse``) are always exact: they keep only what vanilla keeps.
+    fuse : bool
+        Fuse each ReLU with the ``nn.BatchNorm`` before it (and a residual sum
+        between them, as in ResNets) into one op that saves BatchNorm's input and
+        recomputes the pre-activation in the backward: the same forward bits and
+        the same pullback, with no memory overhead at those sites.  Eval-mode
+        BatchNorm only; a call in training mode or with hooks on the BatchNorm
+        runs unfused.  ``report(...).sites[i].fused`` names the BatchNorm.
 
     Returns
     -------
@@ -331,7 +353,9 @@ def excite(
     check_saved(saved)
     resolve_rules(rules, 0.3, 0.3)
     gm = copy_graph_module(model) if isinstance(model, fx.GraphModule) else trace(clone_module_tree(model))
-    result = excite_graph(gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, saved=saved)
+    result = excite_graph(
+        gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, saved=saved, fuse=bool(fuse)
+    )
     gm = make_excited(gm, result)
     if not result.sites:
         warnings.warn(

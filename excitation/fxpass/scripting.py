@@ -19,7 +19,9 @@ from torch import fx
 
 from ..errors import ExcitationError
 from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
+from ..kernels.fused import batch_norm_relu
 from ..kernels.ops import pool_arguments
+from .fusion import unfuse
 from .sites import (
     SURROGATE_POOL_PARAMS,
     SURROGATE_RELU_PARAMS,
@@ -108,7 +110,21 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
             node.type = torch.Tensor if node.type in ("Tensor", "torch.Tensor") else None
         if node.op != "call_function":
             continue
-        if node.target is surrogate_relu:
+        if node.target is batch_norm_relu:
+            # TorchScript cannot call our Python dispatcher: run the chain unfused (same forward, same pullback).
+            bound = inspect.signature(batch_norm_relu).bind(*node.args, **node.kwargs)
+            bound.apply_defaults()
+            source, module = unfuse(graph, node), node.args[1]
+            with graph.inserting_before(node):
+                replacement = graph.call_function(
+                    torch.ops.excitation.surrogate_relu,
+                    (source, float(bound.arguments["temp"]), bound.arguments["gate"], bound.arguments["saved"]),
+                )
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+            if not module.users:
+                graph.erase_node(module)
+        elif node.target is surrogate_relu:
             bound = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
             with graph.inserting_after(node):
                 replacement = graph.call_function(

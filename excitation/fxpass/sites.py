@@ -36,6 +36,7 @@ from ..kernels import (
     surrogate_silu,
     surrogate_softmax,
 )
+from ..kernels.fused import batch_norm_relu
 from .rules import KIND_TO_RULE
 
 __all__ = [
@@ -219,6 +220,7 @@ _SURROGATE_KINDS: Dict[Callable, str] = {
 # Every surrogate function -> its rule.
 _SURROGATE_RULES: Dict[Callable, str] = {
     surrogate_relu: "relu",
+    batch_norm_relu: "relu",
     surrogate_max_pool2d: "max_pool",
     surrogate_max_pool: "max_pool",
     surrogate_adaptive_max_pool: "max_pool",
@@ -431,6 +433,9 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
     if target is surrogate_relu:
         bound = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
         return SiteMatch(node, "relu", "excited", bound["input"])
+    if target is batch_norm_relu:
+        # A fused BatchNorm -> ReLU site (fusion.py); its ReLU input is rebuilt when it is re-excited.
+        return SiteMatch(node, "relu", "excited", None, params={"fused": True})
     if target is surrogate_max_pool2d:
         bound = _bind(SURROGATE_POOL_PARAMS, node.args, node.kwargs)
         return _pool_site(node, "excited", bound, bound["return_indices"])

@@ -90,6 +90,10 @@ def clone_module_tree(module: nn.Module, memo: Optional[Dict[int, nn.Module]] = 
         return memo[id(module)]
     # Bypass __copy__ overrides (GraphModule's rebuilds itself and drops hooks).
     clone = type(module).__new__(type(module))
+    if isinstance(module, fx.GraphModule):
+        # GraphModule.__new__ makes a fresh per-instance class without the generated forward;
+        # the clone runs the same graph, so it takes the original's class (and forward).
+        clone.__class__ = type(module)
     memo[id(module)] = clone
     for key, value in module.__dict__.items():
         # _parameters, _buffers, _modules and every hook registry are dicts:

@@ -20,6 +20,7 @@ from .attention import (
     surrogate_scaled_dot_product_attention,
     surrogate_softmax,
 )
+from .fused import batch_norm_relu
 from .normalization import surrogate_layer_norm, surrogate_native_layer_norm
 from .ops import surrogate_max_pool2d, surrogate_relu
 from .pooling import surrogate_adaptive_max_pool, surrogate_max_pool
@@ -27,6 +28,7 @@ from .pooling import surrogate_adaptive_max_pool, surrogate_max_pool
 #: Every function an excited graph may call: fx keeps them as leaves when re-tracing.
 SURROGATE_FUNCTIONS = (
     surrogate_relu,
+    batch_norm_relu,
     surrogate_max_pool2d,
     surrogate_max_pool,
     surrogate_adaptive_max_pool,
@@ -44,6 +46,7 @@ SURROGATE_FUNCTIONS = (
 
 __all__ = [
     "surrogate_relu",
+    "batch_norm_relu",
     "surrogate_max_pool2d",
     "surrogate_max_pool",
     "surrogate_adaptive_max_pool",
