@@ -7,7 +7,8 @@
 # or dependencies (its image has torch, torchvision, tqdm, matplotlib, pytest, hypothesis),
 # and the peers come as wheels in .whl/ when they were carried (else their rows say so).
 # Every step has its own time limit, so one that hangs costs its slot, not the run.
-# Switches: SWEEP=1 (Triton block sizes), PLOT=0, COMPILE=0, PROFILE=0, REPEATS=n, DEADLINE=seconds.
+# Switches: SWEEP=1 (Triton block sizes), KERNELS=0 (skip the gate and pool kernel timings), PLOT=0, COMPILE=0, PROFILE=0,
+# REPEATS=n, DEADLINE=seconds.
 # A dry run on a CPU machine: DEVICE=cpu BATCH=1 COMPILE=0 bash benchmarks/cuda_check.sh /tmp/dry
 set -uo pipefail
 out=${1:-${OUT:-cuda-results}}
@@ -45,13 +46,17 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cu
 cat "$out/setup.txt"
 
 sweep=""; [ "${SWEEP:-0}" = 1 ] && sweep="--sweep"
-step 180 "$py" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_guarantees.py tests/test_runtimes.py \
+step 180 "$py" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_guarantees.py tests/test_runtimes.py tests/test_fusion.py \
     -k "cuda and not densenet and not resnet50" 2>&1 | tail -4 | tee -a "$out/setup.txt"
 {
     step 60 "$py" benchmarks/site_overhead.py --device "$dev"
-    step 120 "$py" benchmarks/gate_bandwidth.py --device "$dev" $sweep
+    if [ "${KERNELS:-1}" = 1 ]; then
+        step 120 "$py" benchmarks/gate_bandwidth.py --device "$dev" $sweep
+    fi
 } 2>&1 | tee "$out/bandwidth.md"
-step 120 "$py" benchmarks/pool_backward.py --device "$dev" --batch "$batch" $sweep 2>&1 | tee "$out/pools.md"
+if [ "${KERNELS:-1}" = 1 ]; then
+    step 120 "$py" benchmarks/pool_backward.py --device "$dev" --batch "$batch" $sweep 2>&1 | tee "$out/pools.md"
+fi
 {
     for model in resnet50 vgg11_bn densenet121 googlenet; do
         step 90 "$py" -m excitation.cli bench --model "$model" --batch "$batch" --device "$dev" --repeats "${REPEATS:-20}" \
@@ -63,7 +68,7 @@ step 120 "$py" benchmarks/pool_backward.py --device "$dev" --batch "$batch" $swe
 } 2>&1 | grep -v "warn" | tee "$out/bench.md"
 merge_json
 if [ "${COMPILE:-1}" = 1 ]; then
-    # Three Inductor compiles (vanilla, ours, ours with the uint8 gate): the longest step.
+    # Three Inductor compiles (vanilla, ours, ours unfused with the uint8 gate): the longest step.
     step 300 "$py" -m excitation.cli bench --model resnet50 --batch "$batch" --device "$dev" --compile --no-peers \
         --repeats "${REPEATS:-20}" --no-progress --json "/tmp/bench/resnet50-$dev-compiled.json" 2>&1 | grep -v "warn" \
         | tee "$out/compiled.md"

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from excitation.kernels.fused import batch_norm_relu
 from excitation.kernels.ops import _call_surrogate_max_pool2d, _call_surrogate_relu
 
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()
     z = torch.randn(1, 1, 4, 4, device=args.device, requires_grad=True)
+    bn = torch.nn.BatchNorm2d(1).eval().requires_grad_(False).to(args.device)  # frozen, as in a pullback
     rows = {
         "baseline: sum + backward only": lambda t: t,
         "torch.relu (vanilla)": torch.relu,
@@ -42,6 +44,9 @@ def main() -> None:
         "surrogate_relu, custom op (export, tracers)": lambda t: torch.ops.excitation.surrogate_relu(t, 0.3, "sigmoid", "exact"),
         "surrogate_relu, setup_context twin (torch.func)": lambda t: _call_surrogate_relu.twin.apply(t, 0.3, "sigmoid", "exact"),
         "surrogate_relu, normal_cdf gate (plain eager)": lambda t: _call_surrogate_relu.eager.apply(t, 0.3, "normal_cdf", "exact"),
+        "BatchNorm2d + torch.relu (vanilla)": lambda t: torch.relu(bn(t)),
+        "BatchNorm2d + surrogate_relu (unfused)": lambda t: _call_surrogate_relu(bn(t), 0.3, "sigmoid", "exact"),
+        "batch_norm_relu (fused, plain eager)": lambda t: batch_norm_relu(t, bn, None, 0.3),
         "F.max_pool2d 2x2 (vanilla)": lambda t: torch.nn.functional.max_pool2d(t, 2),
         "surrogate_max_pool2d 2x2 (plain eager)": lambda t: _call_surrogate_max_pool2d.eager.apply(
             t, [2, 2], [2, 2], [0, 0], [1, 1], False, 0.3)[0],

@@ -225,3 +225,21 @@ def test_the_original_model_is_untouched(block):
     excitation.pullback(excited, torch.randn(2, 3, 8, 8), 1)
     excitation.pullbacks(excited, torch.randn(2, 3, 8, 8), [0, 1])
     assert fingerprint(block) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_fused_forward_bits_pullback_and_memory(block):
+    model = block.cuda()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    fused, unfused = excitation.excite(model), excitation.excite(model, fuse=False)
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))  # the same cuDNN BatchNorm call
+    peaks = []
+    for module in (fused, unfused):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        grad = _own_gradient(module, x, 1)
+        peaks.append(torch.cuda.max_memory_allocated())
+        peaks.append(grad)
+    assert rel_err(peaks[1], peaks[3]) < 1e-5
+    assert peaks[0] < peaks[2]

@@ -14,7 +14,7 @@ mode, adds the residual and applies ``relu_`` in place: the forward is the
 original's bit for bit.  It saves BatchNorm's input (and the residual, which the
 following block's convolution saves anyway) and *recomputes* ``z`` in the backward
 with the same call, so its pullback equals the unfused one exactly.  Parameter
-gradients are BatchNorm's eval-mode ones (``sum(dz * x_hat)``, ``sum(dz)``).
+gradients are BatchNorm's eval-mode ones, from the same ``native_batch_norm_backward`` vanilla runs.
 
 Only eval-mode BatchNorm with running statistics fuses (a training-mode BatchNorm
 normalises by batch statistics and updates its buffers); :func:`batch_norm_relu`
@@ -72,6 +72,23 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.eps, ctx.temp, ctx.gate = eps, temp, gate
 
 
+def _batch_norm_eval_backward(dz, x, weight, running_mean, running_var, eps, mask):
+    """Eval-mode BatchNorm's gradients w.r.t. ``(x, weight, bias)`` in plain torch ops (vmappable)."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    invstd = torch.rsqrt(running_var + eps)
+    dx = dweight = dbias = None
+    if mask[0]:
+        scale = invstd * weight if weight is not None else invstd
+        dx = (dz * scale.reshape(shape)).to(x.dtype)
+    reduce_dims = [0] + list(range(2, x.dim()))
+    if mask[1]:
+        x_hat = (x - running_mean.reshape(shape)) * invstd.reshape(shape)
+        dweight = (dz * x_hat).sum(reduce_dims).to(weight.dtype)
+    if mask[2]:
+        dbias = dz.sum(reduce_dims).to(dz.dtype if weight is None else weight.dtype)
+    return dx, dweight, dbias
+
+
 def _backward(ctx, grad: Tensor):
     x, weight, bias, running_mean, running_var, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
@@ -81,18 +98,14 @@ def _backward(ctx, grad: Tensor):
     if residual is not None:
         z = z + residual if functional else z.add_(residual)
     dz = surrogate_relu_backward(grad, z, ctx.temp, ctx.gate)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    invstd = torch.rsqrt(running_var + ctx.eps)
-    dx = dweight = dbias = None
-    if needs[0]:
-        scale = invstd * weight if weight is not None else invstd
-        dx = (dz * scale.reshape(shape)).to(x.dtype)
-    reduce_dims = [0] + list(range(2, x.dim()))
-    if weight is not None and needs[1]:
-        x_hat = (x - running_mean.reshape(shape)) * invstd.reshape(shape)
-        dweight = (dz * x_hat).sum(reduce_dims).to(weight.dtype)
-    if bias is not None and needs[2]:
-        dbias = dz.sum(reduce_dims).to(bias.dtype)
+    mask = [bool(needs[0]), weight is not None and bool(needs[1]), bias is not None and bool(needs[2])]
+    if _under_functorch():
+        # functorch's batching rule for native_batch_norm_backward wants the training statistics.
+        dx, dweight, dbias = _batch_norm_eval_backward(dz, x, weight, running_mean, running_var, ctx.eps, mask)
+    else:  # vanilla's own eval-mode BatchNorm backward: one fused kernel for all three gradients
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            dz, x, weight, running_mean, running_var, None, None, False, ctx.eps, mask
+        )
     dresidual = dz.to(residual.dtype) if residual is not None and needs[6] else None
     return dx, dweight, dbias, None, None, None, dresidual, None, None
 

@@ -66,7 +66,11 @@ def surrogate_relu_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> 
     if gate == "sigmoid":
         return torch.ops.aten.softplus_backward(grad, z, 1.0 / temp, _SOFTPLUS_THRESHOLD)
     if z.is_cuda and not torch.compiler.is_compiling() and triton_available():
-        return torch.ops.excitation.surrogate_relu_backward_triton(grad, z, temp, gate)
+        from .triton import launch_surrogate_relu_backward
+
+        # Launched directly: in eager the triton_op's dispatch adds ~100 us of host time per
+        # call for nothing (it exists for torch.compile, which fuses this expression itself).
+        return launch_surrogate_relu_backward(grad, z, temp, gate)
     return grad * GATES[gate](z, temp)
 
 
@@ -204,9 +208,14 @@ def soft_max_pool2d_backward(
     if x.is_cuda and not functional and triton_available():
         # One fused kernel instead of ~11 passes per window offset (torch.func / double
         # backward keep the torch path: the kernel has no vmap or derivative rule).
-        return torch.ops.excitation.soft_max_pool2d_backward_triton(
-            grad, x, list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp
-        )
+        pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp)
+        if torch.compiler.is_compiling():  # the triton_op: Inductor sees the kernel
+            return torch.ops.excitation.soft_max_pool2d_backward_triton(grad, x, *pool_args)
+        from .triton import launch_soft_max_pool2d_backward
+
+        # Eager: launched directly; the triton_op's dispatch cost ~180 us of host time per pool
+        # backward on the H200 machine, where resnet-sized pullbacks are bound by the host.
+        return launch_soft_max_pool2d_backward(grad, x, *pool_args)
     return soft_max_pool2d_backward_torch(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, functional)
 
 
