@@ -8,7 +8,7 @@
 # and the peers come as wheels in .whl/ when they were carried (else their rows say so).
 # Every step has its own time limit, so one that hangs costs its slot, not the run.
 # Switches: SWEEP=1 (Triton block sizes), KERNELS=0 (skip the gate and pool kernel timings), PLOT=0, COMPILE=0, PROFILE=0,
-# REPEATS=n, DEADLINE=seconds.
+# REPEATS=n, DEADLINE=seconds, MODELS="resnet50 googlenet" (the eager tables).
 # A dry run on a CPU machine: DEVICE=cpu BATCH=1 COMPILE=0 bash benchmarks/cuda_check.sh /tmp/dry
 set -uo pipefail
 out=${1:-${OUT:-cuda-results}}
@@ -58,7 +58,7 @@ if [ "${KERNELS:-1}" = 1 ]; then
     step 120 "$py" benchmarks/pool_backward.py --device "$dev" --batch "$batch" $sweep 2>&1 | tee "$out/pools.md"
 fi
 {
-    for model in resnet50 vgg11_bn densenet121 googlenet; do
+    for model in ${MODELS:-resnet50 vgg11_bn densenet121 googlenet}; do
         step 90 "$py" -m excitation.cli bench --model "$model" --batch "$batch" --device "$dev" --repeats "${REPEATS:-20}" \
             --no-progress --json "/tmp/bench/$model-$dev.json"
     done

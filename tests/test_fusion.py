@@ -135,6 +135,29 @@ def test_parameter_gradients_match_autograd_of_the_unfused_chain(block):
         p.grad = None
 
 
+def test_plain_eager_runs_the_cheap_function_and_double_backward_matches(block):
+    model = block.double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fused, unfused = excitation.excite(model), excitation.excite(model, fuse=False)
+    out = fused(x.clone().requires_grad_(True))
+    names = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    assert "_EagerBatchNormReLUBackward" in names, names  # (bn_used_twice keeps NativeBatchNormBackward0)
+
+    def second_order(module):
+        leaf = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(module(leaf)[:, 1].sum(), leaf, create_graph=True)
+        (again,) = torch.autograd.grad(grad.square().sum(), leaf)
+        return again
+
+    assert rel_err(second_order(fused), second_order(unfused)) < 1e-12
+
+
 def test_training_mode_runs_unfused_and_updates_statistics_like_the_original(block):
     original = block
     twin = copy.deepcopy(original)
