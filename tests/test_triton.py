@@ -122,3 +122,25 @@ def test_cuda_pool_backward_uses_triton_and_matches_reference():
     expected = soft_max_pool2d_backward(g.cpu().double(), x.detach().cpu().double(), [3, 3], [2, 2], [1, 1], [1, 1],
                                         False, 0.3)
     torch.testing.assert_close(ours.cpu().double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_kernels_launch_directly_only_where_no_tracer_records(monkeypatch):
+    """A raw launch is invisible to tracers: under make_fx / FakeTensorMode / torch.func the triton_op must run.
+
+    (On the H200 machine a raw launch inside AOTAutograd's trace left the zero-filled buffer in the
+    compiled graph: the compiled pullback was zero upstream of every pool.)
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from excitation.kernels.reference import _launch_directly
+
+    x = torch.randn(3)
+    seen = []
+    assert _launch_directly(x, x)
+    with FakeTensorMode() as mode:
+        assert not _launch_directly(mode.from_tensor(x))
+    make_fx(lambda t: (seen.append(_launch_directly(t)), t * 2)[1])(x)
+    torch.func.grad(lambda t: (seen.append(_launch_directly(t)), t.sum())[1])(x)
+    torch.compile(lambda t: (seen.append(_launch_directly(t)), t * 2)[1], backend="eager")(x)
+    assert seen == [False, False, False]

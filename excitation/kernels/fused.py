@@ -192,8 +192,7 @@ def batch_norm_relu(
     hooks on ``bn``, a broadcasting residual), where ``saved`` applies.
     """
     # Under torch.compile (not export) the chain runs unfused: Inductor chooses what to save and
-    # recompute by itself, so fusing buys nothing there, and on the H200 machine the compiled
-    # fused twin returned a wrong gradient (rel. diff 1) that CPU compiles did not reproduce.
+    # recompute by itself (it keeps z or x, the same bytes), so fusing buys nothing there.
     if fusable(bn, x, residual) and not (torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
         bn._check_input_dim(x)  # the error BatchNorm itself would raise
         args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.eps), residual, temp, gate)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..gates import GATES
+from .registry import under_functorch
 
 __all__ = [
     "surrogate_relu_backward",
@@ -66,12 +67,31 @@ def surrogate_relu_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> 
     if gate == "sigmoid":
         return torch.ops.aten.softplus_backward(grad, z, 1.0 / temp, _SOFTPLUS_THRESHOLD)
     if z.is_cuda and not torch.compiler.is_compiling() and triton_available():
-        from .triton import launch_surrogate_relu_backward
+        if _launch_directly(grad, z):
+            from .triton import launch_surrogate_relu_backward
 
-        # Launched directly: in eager the triton_op's dispatch adds ~100 us of host time per
-        # call for nothing (it exists for torch.compile, which fuses this expression itself).
-        return launch_surrogate_relu_backward(grad, z, temp, gate)
+            return launch_surrogate_relu_backward(grad, z, temp, gate)
+        return torch.ops.excitation.surrogate_relu_backward_triton(grad, z, temp, gate)
     return grad * GATES[gate](z, temp)
+
+
+def _launch_directly(*tensors: Tensor) -> bool:
+    """Whether a Triton kernel may be launched as a plain Python call rather than through its triton_op.
+
+    In plain eager the triton_op's dispatch only adds host time (~100-180 us per call on the
+    H200 machine).  But a tracer must see the op: AOTAutograd traces a compiled backward under
+    a dispatch mode (``torch.compiler.is_compiling()`` is not set there), and a raw launch on
+    its functional / fake tensors is invisible to it: the traced graph kept the zero-filled
+    output buffer, and the compiled pullback came out zero upstream of every pool (H200, caught
+    by ``test_compile_cuda``).
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and not under_functorch()  # functorch's wrapper tensors hide the real storage
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch.jit.is_tracing()
+        and all(type(t) is torch.Tensor for t in tensors)
+    )
 
 
 def max_pool2d_output_size(
@@ -209,13 +229,11 @@ def soft_max_pool2d_backward(
         # One fused kernel instead of ~11 passes per window offset (torch.func / double
         # backward keep the torch path: the kernel has no vmap or derivative rule).
         pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp)
-        if torch.compiler.is_compiling():  # the triton_op: Inductor sees the kernel
-            return torch.ops.excitation.soft_max_pool2d_backward_triton(grad, x, *pool_args)
-        from .triton import launch_soft_max_pool2d_backward
+        if _launch_directly(grad, x):
+            from .triton import launch_soft_max_pool2d_backward
 
-        # Eager: launched directly; the triton_op's dispatch cost ~180 us of host time per pool
-        # backward on the H200 machine, where resnet-sized pullbacks are bound by the host.
-        return launch_soft_max_pool2d_backward(grad, x, *pool_args)
+            return launch_soft_max_pool2d_backward(grad, x, *pool_args)
+        return torch.ops.excitation.soft_max_pool2d_backward_triton(grad, x, *pool_args)  # tracers see the kernel
     return soft_max_pool2d_backward_torch(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, functional)
 
 
