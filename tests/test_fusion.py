@@ -194,6 +194,11 @@ def test_a_broadcasting_residual_falls_back_to_the_unfused_chain():
     assert rel_err(grad, expected) < 1e-12
 
 
+def test_fuse_must_be_a_bool(block):
+    with pytest.raises(TypeError, match="fuse must be True or False"):
+        excitation.excite(block, fuse="no")
+
+
 def test_bad_input_gets_batch_norms_own_error():
     excited = excitation.excite(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()).eval())
     with pytest.raises(ValueError, match="expected 4D input"):

@@ -351,10 +351,12 @@ def excite(
         check_temp(pool_temp, argument="pool_temp")
     check_gate(gate)
     check_saved(saved)
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True or False, got {fuse!r} ({type(fuse).__name__}).")
     resolve_rules(rules, 0.3, 0.3)
     gm = copy_graph_module(model) if isinstance(model, fx.GraphModule) else trace(clone_module_tree(model))
     result = excite_graph(
-        gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, saved=saved, fuse=bool(fuse)
+        gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, saved=saved, fuse=fuse
     )
     gm = make_excited(gm, result)
     if not result.sites:
