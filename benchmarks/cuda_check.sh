@@ -48,6 +48,8 @@ cat "$out/setup.txt"
 sweep=""; [ "${SWEEP:-0}" = 1 ] && sweep="--sweep"
 step 180 "$py" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_guarantees.py tests/test_runtimes.py tests/test_fusion.py \
     -k "cuda and not densenet and not resnet50" 2>&1 | tail -4 | tee -a "$out/setup.txt"
+# Which configurations torch.compile gets right here (session 4's compiled CUDA pullback was zero).
+step 150 "$py" benchmarks/compile_probe.py --device "$dev" 2>&1 | grep -v "warn" | tee -a "$out/setup.txt"
 {
     step 60 "$py" benchmarks/site_overhead.py --device "$dev"
     if [ "${KERNELS:-1}" = 1 ]; then
