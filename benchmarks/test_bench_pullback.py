@@ -82,6 +82,12 @@ def test_resnet18_pullback(benchmark, resnet):
     benchmark(_input_grad, excited, x)
 
 
+@pytest.mark.benchmark(group="resnet18 input gradient (4x3x112x112)")
+def test_resnet18_pullback_unfused(benchmark, resnet):
+    model, _, x = resnet
+    benchmark(_input_grad, excitation.excite(model, fuse=False), x)  # BatchNorm -> ReLU fusion off
+
+
 @pytest.mark.benchmark(group="8 class pullbacks per image (resnet18, 4x3x112x112)")
 def test_pullbacks_vmap(benchmark, resnet):
     _, excited, x = resnet
