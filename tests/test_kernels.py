@@ -216,3 +216,18 @@ def test_compact_saved_gate_through_excite_and_runtimes():
     assert rel_err(via_func, ours) < 1e-6
     with pytest.raises(ValueError, match="saved='int4' is not known"):
         excitation.excite(model, saved="int4")
+
+
+@pytest.mark.parametrize("chunk", [1, 60, 1 << 17])
+def test_cpu_pool_backward_in_plane_chunks_matches_reference(monkeypatch, chunk):
+    """The CPU path processes a few planes at a time (cache-sized); any chunking gives the same gradient."""
+    import excitation.kernels.reference as reference
+
+    monkeypatch.setattr(reference, "_CPU_CHUNK_OUTPUTS", chunk)  # 30 outputs per plane: 1, 2 or all 15 planes per chunk
+    x = torch.randn(3, 5, 11, 9, dtype=torch.float64)
+    leaf = x.clone().requires_grad_(True)
+    soft = soft_pool_reference(leaf, 3, 2, 1, 1, True, 0.3)
+    grad = torch.randn_like(soft)
+    (expected,) = torch.autograd.grad(soft, leaf, grad)
+    ours = reference.soft_max_pool2d_backward_torch(grad, x, [3, 3], [2, 2], [1, 1], [1, 1], True, 0.3)
+    assert rel_err(ours, expected) < 1e-12
