@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .ops import surrogate_relu
 from .reference import surrogate_relu_backward
-from .registry import define_surrogate_op, mechanism
+from .registry import define_surrogate_op, dynamo_compiling, mechanism
 from .registry import under_functorch as _under_functorch
 
 __all__ = ["batch_norm_relu", "batch_norm_relu_pre_activation", "FUSABLE_BATCH_NORMS", "fusable"]
@@ -89,20 +89,33 @@ def _batch_norm_eval_backward(dz, x, weight, running_mean, running_var, eps, mas
     return dx, dweight, dbias
 
 
-def _backward(ctx, grad: Tensor):
-    x, weight, bias, running_mean, running_var, residual = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    # In-place buffers only in a plain first-order backward (create_graph / torch.func track them).
-    functional = torch.is_grad_enabled() or _under_functorch()
-    z = _batch_norm_eval(x, weight, bias, running_mean, running_var, ctx.eps)  # bit-equal to the forward's
+def _recomputed_gate(grad, x, weight, bias, running_mean, running_var, residual, eps, temp, gate, functional):
+    """``grad * gate(z / temp)`` with ``z = batch_norm(x) [+ residual]`` recomputed, bit-equal to the forward's."""
+    z = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
     if residual is not None:
+        # In-place only in a plain first-order backward (create_graph / torch.func track z).
         z = z + residual if functional else z.add_(residual)
-    dz = surrogate_relu_backward(grad, z, ctx.temp, ctx.gate)
+    return surrogate_relu_backward(grad, z, temp, gate)
+
+
+def _gradient_mask(weight: Optional[Tensor], bias: Optional[Tensor], needs) -> list:
     # dx always: x needs it whenever the fused op is in a gradient's path at all.
-    mask = [True, weight is not None and bool(needs[1]), bias is not None and bool(needs[2])]
-    dx, dweight, dbias = _batch_norm_eval_backward(dz, x, weight, running_mean, running_var, ctx.eps, mask)
+    return [True, weight is not None and bool(needs[1]), bias is not None and bool(needs[2])]
+
+
+def _formula_backward(grad: Tensor, saved, needs, eps: float, temp: float, gate: str):
+    """The backward in plain, differentiable, vmappable torch ops (twin, custom op, ``create_graph``)."""
+    x, weight, bias, running_mean, running_var, residual = saved
+    functional = torch.is_grad_enabled() or _under_functorch()
+    dz = _recomputed_gate(grad, x, weight, bias, running_mean, running_var, residual, eps, temp, gate, functional)
+    mask = _gradient_mask(weight, bias, needs)
+    dx, dweight, dbias = _batch_norm_eval_backward(dz, x, weight, running_mean, running_var, eps, mask)
     dresidual = dz.to(residual.dtype) if residual is not None and needs[6] else None
     return dx, dweight, dbias, None, None, None, dresidual, None, None
+
+
+def _backward(ctx, grad: Tensor):
+    return _formula_backward(grad, ctx.saved_tensors, ctx.needs_input_grad, ctx.eps, ctx.temp, ctx.gate)
 
 
 _call_surrogate_batch_norm_relu = define_surrogate_op(
@@ -136,29 +149,19 @@ class _EagerBatchNormReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        saved, needs = ctx.saved_tensors, ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: the differentiable formula
-            return _backward(_FormulaContext(ctx), grad)
-        x, weight, bias, running_mean, running_var, residual, save_mean, save_invstd, reserve = ctx.saved_tensors
-        z = _batch_norm_eval(x, weight, bias, running_mean, running_var, ctx.eps)
-        if residual is not None:
-            z.add_(residual)
-        dz = surrogate_relu_backward(grad, z, ctx.temp, ctx.gate)
-        needs = ctx.needs_input_grad
-        mask = [True, weight is not None and bool(needs[1]), bias is not None and bool(needs[2])]
+            return _formula_backward(grad, saved[:6], needs, ctx.eps, ctx.temp, ctx.gate)
+        x, weight, bias, running_mean, running_var, residual, save_mean, save_invstd, reserve = saved
+        dz = _recomputed_gate(
+            grad, x, weight, bias, running_mean, running_var, residual, ctx.eps, ctx.temp, ctx.gate, functional=False
+        )
         dx, dweight, dbias = torch.ops.aten._batch_norm_impl_index_backward(
-            ctx.impl, x, dz, weight, running_mean, running_var, save_mean, save_invstd, False, ctx.eps, mask, reserve
+            ctx.impl, x, dz, weight, running_mean, running_var, save_mean, save_invstd, False, ctx.eps,
+            _gradient_mask(weight, bias, needs), reserve,
         )
         dresidual = dz if residual is not None and needs[6] else None
         return dx, dweight, dbias, None, None, None, dresidual, None, None
-
-
-class _FormulaContext:
-    """``ctx`` as :func:`_backward` reads it, over a :class:`_EagerBatchNormReLU` context."""
-
-    def __init__(self, ctx) -> None:
-        self.saved_tensors = ctx.saved_tensors[:6]
-        self.needs_input_grad = ctx.needs_input_grad
-        self.eps, self.temp, self.gate = ctx.eps, ctx.temp, ctx.gate
 
 
 def fusable(bn: nn.Module, x: Tensor, residual: Optional[Tensor]) -> bool:
@@ -195,7 +198,7 @@ def batch_norm_relu(
     """
     # Under torch.compile (not export) the chain runs unfused: Inductor chooses what to save and
     # recompute by itself (it keeps z or x, the same bytes), so fusing buys nothing there.
-    if fusable(bn, x, residual) and not (torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+    if fusable(bn, x, residual) and not dynamo_compiling():
         bn._check_input_dim(x)  # the error BatchNorm itself would raise
         args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.eps), residual, temp, gate)
         if mechanism(x) == "eager":

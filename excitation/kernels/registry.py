@@ -31,7 +31,7 @@ import torch.fx._symbolic_trace as _fx_trace
 # torch >= 2.8 names the symbolic-trace check apart (is_fx_tracing warns there).
 _is_fx_tracing = getattr(_fx_trace, "is_fx_symbolic_tracing", None) or _fx_trace.is_fx_tracing
 
-__all__ = ["NAMESPACE", "define_surrogate_op", "mechanism", "under_functorch", "use_function_twin"]
+__all__ = ["NAMESPACE", "define_surrogate_op", "dynamo_compiling", "mechanism", "under_functorch", "use_function_twin"]
 
 NAMESPACE = "excitation"
 
@@ -58,7 +58,12 @@ def use_function_twin() -> bool:
 
     dynamo evaluates these checks while tracing, so each compiled graph has its branch baked in.
     """
-    return under_functorch() or (torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+    return under_functorch() or dynamo_compiling()
+
+
+def dynamo_compiling() -> bool:
+    """True while ``torch.compile`` (not ``torch.export``) traces: dynamo constant-folds it per graph."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 def _plain_eager(first) -> bool:
