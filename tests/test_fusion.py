@@ -17,6 +17,7 @@ import torchvision
 import excitation
 from excitation.bench import _saved_bytes
 from excitation.kernels.fused import batch_norm_relu
+from excitation.kernels.ops import surrogate_relu
 
 from .helpers import fingerprint, reference_pullback, rel_err
 
@@ -271,3 +272,50 @@ def test_cuda_fused_forward_bits_pullback_and_memory(block):
         peaks.append(grad)
     assert rel_err(peaks[1], peaks[3]) < 1e-5
     assert peaks[0] < peaks[2]
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_cpu_backward_gates_in_place_and_leaves_its_inputs_alone(gate, with_residual):
+    # Without parameter gradients the CPU backward writes the gate into the recomputed z and
+    # applies BatchNorm's input gradient in place: the incoming gradient, x and the residual
+    # must come out untouched, and the result equal autograd through the unfused chain.
+    torch.manual_seed(0)
+    bn = _randomise_statistics(nn.Sequential(nn.BatchNorm2d(4)))[0].double().requires_grad_(False)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn_like(x, requires_grad=True) if with_residual else None
+    inputs = [x] + ([residual] if with_residual else [])
+    cotangent = torch.randn_like(x)
+    before = [t.detach().clone() for t in (cotangent, *inputs)]
+    got = torch.autograd.grad(batch_norm_relu(x, bn, residual, 0.3, gate), inputs, cotangent)
+    for kept, now in zip(before, (cotangent, *inputs)):
+        assert torch.equal(kept, now)
+    z = bn(x) if residual is None else bn(x) + residual
+    want = torch.autograd.grad(surrogate_relu(z, 0.3, gate), inputs, cotangent)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-14
+    if with_residual:
+        assert got[1].data_ptr() != got[0].data_ptr()  # dx and the residual's gradient are two tensors
+
+
+def test_parameter_gradients_are_computed_only_when_asked_for(block, monkeypatch):
+    # needs_input_grad is fixed in the forward; a pullback of a model whose parameters require
+    # grad must still skip BatchNorm's parameter reductions, as vanilla's backward does.
+    from excitation.kernels import fused as fused_kernels
+
+    calls = []
+    in_place = fused_kernels._cpu_input_gradients
+    monkeypatch.setattr(fused_kernels, "_cpu_input_gradients", lambda *a: calls.append(1) or in_place(*a))
+    model = excitation.excite(block)
+    x = torch.randn(2, 3, 8, 8)
+    assert all(p.requires_grad for p in model.parameters())
+    excitation.pullback(model, x, 1)
+    assert len(calls) == 5  # every fused site, parameter gradients skipped
+    calls.clear()
+    leaf = x.clone().requires_grad_(True)
+    model(leaf)[:, 1].sum().backward()
+    assert len(calls) == 1 and model.bn1.weight.grad is not None  # only bn_plain: it has no parameters
+    (weight_grad,) = torch.autograd.grad(model(x)[:, 1].sum(), model.bn2.weight)
+    assert rel_err(weight_grad, model.bn2.weight.grad) < 1e-6
+    for p in block.parameters():
+        p.grad = None

@@ -22,6 +22,7 @@ __all__ = [
     "surrogate_relu_backward",
     "soft_max_pool2d_backward",
     "soft_max_pool2d_backward_torch",
+    "surrogate_relu_backward_",
     "max_pool2d_output_size",
     "triton_available",
 ]
@@ -73,6 +74,18 @@ def surrogate_relu_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> 
             return launch_surrogate_relu_backward(grad, z, temp, gate)
         return torch.ops.excitation.surrogate_relu_backward_triton(grad, z, temp, gate)
     return grad * GATES[gate](z, temp)
+
+
+def surrogate_relu_backward_(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
+    """:func:`surrogate_relu_backward` written into ``z`` (a tensor the caller owns and no longer needs); returns ``z``.
+
+    Saves the allocation of a fresh tensor, which on the CPU costs more than the pass
+    itself for large tensors (page faults); see :func:`excitation.kernels.fused._cpu_input_gradients`.
+    """
+    if gate == "sigmoid":
+        # Elementwise with the output on its own input: every element is read before it is written.
+        return torch.ops.aten.softplus_backward.grad_input(grad, z, 1.0 / temp, _SOFTPLUS_THRESHOLD, grad_input=z)
+    return z.copy_(surrogate_relu_backward(grad, z, temp, gate))
 
 
 def _launch_directly(*tensors: Tensor) -> bool:
@@ -143,41 +156,47 @@ def _window_weights(views: List[Tensor], temp: float) -> List[Tensor]:
     return [p - p * weighted + pu for p, pu in zip(ps, pus)]
 
 
-def _accumulate_window_gradients(views: List[Tensor], targets: List[Tensor], temp: float, grad: Tensor) -> None:
-    """``targets[k] += grad * d(soft pool)/d(views[k])`` for every window offset k, in place.
+def _accumulate_window_gradients(views: List[Tensor], targets: List[Tensor], grad: Tensor) -> None:
+    """``targets[k] += grad * d(soft pool)/d(x_k)`` for every window offset k, in place.
 
-    With ``d_k = x_k - max`` (finite: inputs are clamped and padding is a finite
-    floor), ``e_k = exp(d_k / temp)``, ``S = sum e`` and ``SD = sum e d``::
+    ``views`` hold the window inputs in base-2 units of the temperature, ``v_k = x_k
+    log2(e) / temp`` (finite: clamped, with padding a finite floor).  With ``d_k = v_k -
+    max_v v <= 0``, ``e_k = 2^d_k``, ``S = sum e`` and ``SD = sum e d``::
 
-        grad * p_k * (1 + u_k - sum_v p_v u_v) = e_k * (grad / (temp S)) * (d_k + temp - SD / S)
+        grad * p_k * (1 + (x_k - s) / temp) = e_k * (grad ln2 / S) * (d_k + 1/ln2 - SD / S)
 
-    Eight elementwise passes per offset (sub, mul, exp, two accumulations; add, mul and
-    one ``addcmul_`` straight into the strided input gradient), against twelve for the
-    form that normalised ``u`` first and scattered with ``result[view] += c`` (whose
-    ``__setitem__`` copies the view onto itself once more).  ``e * d`` never meets
-    ``0 * inf`` because ``d`` is finite, so no clean-up pass is needed.  Measured 3-5 %
-    faster on the resnet / vgg / googlenet pools (2-core CPU, batch 8): the strided reads
-    of the views, not the pass count, dominate (``sub`` of a strided view 3.7 ms, an
-    ``exp_`` of the same size in place 0.75 ms).
+    Base 2 because ``torch.exp2`` is the fast exponential on the CPU: 4x faster than
+    ``torch.exp`` for arguments in [-5, 0] and 20x for arguments below -87, where ``exp``
+    leaves its vector path (float32 results go subnormal); every padded position and
+    every window holding a value far below its max lands there (measured on the 2-core box,
+    128 Ki elements: exp 93 / 1111 us, exp2 24 / 49 us).
+
+    Seven elementwise passes per offset: sub, exp2, two accumulations; add, mul and one
+    ``addcmul_`` straight into the strided input gradient (the form that normalised ``u``
+    first and scattered with ``result[view] += c`` took twelve).  ``e * d`` never meets
+    ``0 * inf`` because ``d`` is finite, so no clean-up pass is needed.  The strided reads
+    of the views, not the pass count alone, dominate (``sub`` of a strided view 3.7 ms,
+    an ``exp_`` of the same size in place 0.75 ms; 2-core CPU).
     """
-    inverse = 1.0 / temp
-    peak = views[0].clone()
+    peak = views[0].clone()  # (F.max_pool2d is 2.5x slower here: it writes indices too)
     for view in views[1:]:
         torch.maximum(peak, view, out=peak)
     total, weighted = torch.zeros_like(peak), torch.zeros_like(peak)
     ds, es = [], []
     for view in views:
         d = torch.sub(view, peak)
-        e = torch.mul(d, inverse).exp_()
+        e = torch.exp2(d)
         total.add_(e)
         weighted.addcmul_(e, d)
         ds.append(d)
         es.append(e)
-    shift = weighted.div_(total).neg_().add_(temp)
-    scale = torch.div(grad, total).mul_(inverse)
+    shift = weighted.div_(total).neg_().add_(1.0 / _LN2)
+    scale = torch.div(grad, total).mul_(_LN2)
     for target, d, e in zip(targets, ds, es):
         target.addcmul_(d.add_(shift), e.mul_(scale))
 
+
+_LN2 = math.log(2.0)
 
 #: Output positions per chunk of planes in the CPU soft-pool backward (see soft_max_pool2d_backward_torch).
 _CPU_CHUNK_OUTPUTS = 1 << 17
@@ -193,6 +212,21 @@ def _finite(x: Tensor) -> Tensor:
     """
     big = torch.finfo(x.dtype).max / 4
     return x.clamp(-big, big)
+
+
+def _scaled_padded(planes: Tensor, pads: List[int], dtype: torch.dtype, temp: float) -> Tensor:
+    """``F.pad(_finite(planes * log2(e) / temp), pads, value=_padding_floor(dtype))`` in ``dtype``, in one fresh tensor.
+
+    Scaled before the clamp, so an input that overflows ``x / temp`` still wins (or loses) its window.
+    """
+    height, width = planes.shape[-2:]
+    big = torch.finfo(dtype).max / 4
+    padded = planes.new_empty((planes.shape[0], height + pads[2] + pads[3], width + pads[0] + pads[1]), dtype=dtype)
+    if any(pads):
+        padded.fill_(_padding_floor(dtype))
+    interior = padded[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
+    interior.copy_(planes).mul_(1.0 / (_LN2 * temp)).clamp_(-big, big)
+    return padded
 
 
 def _padding_floor(dtype: torch.dtype) -> float:
@@ -257,35 +291,47 @@ def soft_max_pool2d_backward_torch(
     height, width = x.shape[-2:]
     # Work in at least float32: half-precision softmax derivatives lose too much.
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    flat = _finite(x.reshape(-1, height, width).to(compute_dtype))
+    flat = x.reshape(-1, height, width)
     out_h = max_pool2d_output_size(height, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
     out_w = max_pool2d_output_size(width, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
     # ceil_mode windows can hang over the right/bottom edge beyond the padding.
     need_h = (out_h - 1) * stride[0] + dilation[0] * (kernel_size[0] - 1) + 1
     need_w = (out_w - 1) * stride[1] + dilation[1] * (kernel_size[1] - 1) + 1
     pads = [padding[1], max(need_w - width - padding[1], 0), padding[0], max(need_h - height - padding[0], 0)]
-    padded = F.pad(flat, pads, value=_padding_floor(compute_dtype)) if any(pads) else flat
-    views = [padded[:, rows, cols] for rows, cols in _offsets(kernel_size, stride, dilation, (out_h, out_w))]
-
+    offsets = list(_offsets(kernel_size, stride, dilation, (out_h, out_w)))
     g = grad.reshape(-1, out_h, out_w).to(compute_dtype)
     if functional:
         # Under torch.func (vmap over cotangents) ``g`` is batched but ``x`` is not: no
         # in-place write may mix them, so overlapping windows are summed by F.fold.
+        finite = _finite(flat.to(compute_dtype))
+        padded = F.pad(finite, pads, value=_padding_floor(compute_dtype)) if any(pads) else finite
+        views = [padded[:, rows, cols] for rows, cols in offsets]
         columns = torch.stack([w * g for w in _window_weights(views, temp)], dim=1).flatten(2)
         result = F.fold(columns, padded.shape[-2:], kernel_size, dilation=dilation, stride=stride)[:, 0]
-    else:
-        result = torch.zeros_like(padded)
-        targets = [result[:, rows, cols] for rows, cols in _offsets(kernel_size, stride, dilation, (out_h, out_w))]
-        # On the CPU, a few planes at a time: the ~9 passes per window offset then run over
-        # cache-sized temporaries instead of memory-sized ones (chunks of ~128 Ki outputs, 512 KiB
-        # per float32 temporary, measured best of 16 Ki-1 Mi on the 2-core box: resnet50's stem pool
-        # 75-103 -> 47-55 ms, googlenet's 3x3/1 pools 79-152 -> 53-60 ms, vgg's 2x2/2 150-300 -> 135 ms).
-        step = max(1, _CPU_CHUNK_OUTPUTS // max(1, out_h * out_w)) if x.device.type == "cpu" else g.shape[0]
-        for start in range(0, g.shape[0], step):
-            part = slice(start, start + step)
-            _accumulate_window_gradients([v[part] for v in views], [t[part] for t in targets], temp, g[part])
-    if any(pads):
-        result = result[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
+        if any(pads):
+            result = result[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
+        return result.reshape(*batch_shape, height, width).to(x.dtype)
+    # The one tensor of input size this allocates is the result; everything else is per chunk
+    # of planes.  On the CPU the chunks are a few planes (~128 Ki outputs, 512 KiB per float32
+    # temporary, measured best of 16 Ki-1 Mi on the 2-core box): the ~9 passes per window
+    # offset then run in cache (resnet50's stem pool 75-103 -> 47-55 ms, googlenet's 3x3/1 pools
+    # 79-152 -> 53-60 ms), and no clamped or padded copy of the whole input is made (a fresh
+    # 100 MB CPU tensor costs ~35 ms of page faults before any work: vgg's first pool 160-190
+    # -> 130-140 ms).  Elsewhere one chunk holds every plane.
+    result = torch.empty(flat.shape, dtype=compute_dtype, device=x.device)
+    step = max(1, _CPU_CHUNK_OUTPUTS // max(1, out_h * out_w)) if x.device.type == "cpu" else g.shape[0]
+    for start in range(0, g.shape[0], step):
+        part = slice(start, start + step)
+        scaled = _scaled_padded(flat[part], pads, compute_dtype, temp)
+        # Positions no window reads (floor-mode remainders) keep a gradient of exactly 0.
+        target = torch.zeros_like(scaled) if any(pads) else result[part].zero_()
+        _accumulate_window_gradients(
+            [scaled[:, rows, cols] for rows, cols in offsets],
+            [target[:, rows, cols] for rows, cols in offsets],
+            g[part],
+        )
+        if any(pads):
+            result[part] = target[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
     return result.reshape(*batch_shape, height, width).to(x.dtype)
 
 
