@@ -155,6 +155,23 @@ def test_pool_functional_and_in_place_backward_agree(kernel, stride, padding, di
     torch.testing.assert_close(fast, functional, rtol=1e-12, atol=1e-12)
 
 
+def test_pool_backward_op_for_compiled_cpu_graphs_matches_and_vmaps():
+    # Compiled CPU graphs call excitation::soft_max_pool2d_backward (ops.py says why): it must be
+    # the torch path exactly, pass torch.library's checks, and vmap over cotangents and inputs.
+    x = torch.randn(2, 3, 11, 13, dtype=torch.float64)
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], True, 0.3)
+    g = torch.randn(4, *F.max_pool2d(x, 3, 2, 1, 1, True).shape, dtype=torch.float64)
+    op = torch.ops.excitation.soft_max_pool2d_backward
+    assert torch.equal(op(g[0], x, *args), soft_max_pool2d_backward(g[0], x, *args))
+    torch.library.opcheck(op, (g[0], x, *args), test_utils=("test_schema", "test_faketensor"))
+    rows = torch.stack([soft_max_pool2d_backward(gi, x, *args) for gi in g])
+    torch.testing.assert_close(torch.func.vmap(lambda gi: op(gi, x, *args))(g), rows, rtol=1e-12, atol=1e-12)
+    xs = torch.randn(4, *x.shape, dtype=torch.float64)
+    both = torch.func.vmap(lambda gi, xi: op(gi, xi, *args), in_dims=(1, 0))(g.movedim(0, 1), xs)
+    want = torch.stack([soft_max_pool2d_backward(gi, xi, *args) for gi, xi in zip(g, xs)])
+    torch.testing.assert_close(both, want, rtol=1e-12, atol=1e-12)
+
+
 def test_pool_backward_supports_double_backward():
     x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(surrogate_max_pool2d(x, 3, 2, 1).sum(), x, create_graph=True)

@@ -15,7 +15,12 @@ import torch
 from torch import Tensor
 
 from ..gates import GATES
-from .reference import _SOFTPLUS_THRESHOLD, soft_max_pool2d_backward, surrogate_relu_backward
+from .reference import (
+    _SOFTPLUS_THRESHOLD,
+    soft_max_pool2d_backward,
+    soft_max_pool2d_backward_torch,
+    surrogate_relu_backward,
+)
 from .registry import NAMESPACE, define_surrogate_op
 from .registry import under_functorch as _under_functorch
 
@@ -105,8 +110,54 @@ def _pool_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(output[1])
 
 
+@torch.library.custom_op(f"{NAMESPACE}::soft_max_pool2d_backward", mutates_args=())
+def _soft_max_pool2d_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    kernel_size: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    ceil_mode: bool,
+    temp: float,
+) -> Tensor:
+    """The plain-torch soft-pool backward as one opaque op: what compiled CPU graphs call.
+
+    Inductor's own code for this backward (traced from the torch ops) is ~18x slower on the
+    CPU than the eager implementation, which works over cache-sized chunks of planes
+    (resnet50's stem pool at batch 8: 800-965 ms against 44-52 ms, 2-core box), so a
+    compiled CPU graph calls the eager one as an extern kernel: compiled resnet50's
+    pullback went from 1.11x to 1.03x of compiled vanilla, googlenet's from 1.88x to 1.14x.
+    """
+    return soft_max_pool2d_backward_torch(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp)
+
+
+@_soft_max_pool2d_backward_op.register_fake
+def _(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp):
+    return x.new_empty(x.shape)  # contiguous, like the real result
+
+
+@_soft_max_pool2d_backward_op.register_vmap
+def _(info, in_dims, grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp):
+    # Each plane is pooled on its own, so the vmapped dimension folds into the leading ones.
+    def batched(tensor: Tensor, dim: Optional[int]) -> Tensor:
+        if dim is None:
+            return tensor.unsqueeze(0).expand(info.batch_size, *tensor.shape)
+        return tensor.movedim(dim, 0)
+
+    result = soft_max_pool2d_backward_torch(
+        batched(grad, in_dims[0]), batched(x, in_dims[1]), kernel_size, stride, padding, dilation, ceil_mode, temp
+    )
+    return result, 0
+
+
 def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
     (x,) = ctx.saved_tensors
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        # A compiled CPU graph: ours as one extern call (see _soft_max_pool2d_backward_op).
+        kernel_size, stride, padding, dilation, ceil_mode, temp = ctx.pool_args
+        pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp)
+        return torch.ops.excitation.soft_max_pool2d_backward(grad, x, *pool_args), None, None, None, None, None, None
     # In-place buffers are only safe in a plain first-order backward: with create_graph
     # (grad mode on, e.g. torch.func.grad) autograd tracks x, and under vmap grad is batched.
     functional = torch.is_grad_enabled() or _under_functorch()
