@@ -156,6 +156,9 @@ def _window_weights(views: List[Tensor], temp: float) -> List[Tensor]:
     return [p - p * weighted + pu for p, pu in zip(ps, pus)]
 
 
+_LN2 = math.log(2.0)
+
+
 def _accumulate_window_gradients(views: List[Tensor], targets: List[Tensor], grad: Tensor) -> None:
     """``targets[k] += grad * d(soft pool)/d(x_k)`` for every window offset k, in place.
 
@@ -195,8 +198,6 @@ def _accumulate_window_gradients(views: List[Tensor], targets: List[Tensor], gra
     for target, d, e in zip(targets, ds, es):
         target.addcmul_(d.add_(shift), e.mul_(scale))
 
-
-_LN2 = math.log(2.0)
 
 #: Output positions per chunk of planes in the CPU soft-pool backward (see soft_max_pool2d_backward_torch).
 _CPU_CHUNK_OUTPUTS = 1 << 17
