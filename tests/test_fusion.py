@@ -276,10 +276,13 @@ def test_cuda_fused_forward_bits_pullback_and_memory(block):
 
 @pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf"])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_cpu_backward_gates_in_place_and_leaves_its_inputs_alone(gate, with_residual):
+def test_cpu_backward_gates_in_place_and_leaves_its_inputs_alone(gate, with_residual, monkeypatch):
     # Without parameter gradients the CPU backward writes the gate into the recomputed z and
     # applies BatchNorm's input gradient in place: the incoming gradient, x and the residual
     # must come out untouched, and the result equal autograd through the unfused chain.
+    from excitation.kernels import fused as fused_kernels
+
+    monkeypatch.setattr(fused_kernels, "_IN_PLACE_MIN_NUMEL", 0)  # large tensors only, by default
     torch.manual_seed(0)
     bn = _randomise_statistics(nn.Sequential(nn.BatchNorm2d(4)))[0].double().requires_grad_(False)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
@@ -304,6 +307,7 @@ def test_parameter_gradients_are_computed_only_when_asked_for(block, monkeypatch
     from excitation.kernels import fused as fused_kernels
 
     calls = []
+    monkeypatch.setattr(fused_kernels, "_IN_PLACE_MIN_NUMEL", 0)
     in_place = fused_kernels._cpu_input_gradients
     monkeypatch.setattr(fused_kernels, "_cpu_input_gradients", lambda *a: calls.append(1) or in_place(*a))
     model = excitation.excite(block)

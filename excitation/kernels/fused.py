@@ -16,8 +16,8 @@ following block's convolution saves anyway) and *recomputes* ``z`` in the backwa
 with the same call, so its pullback equals the unfused one exactly.  Parameter
 gradients are BatchNorm's eval-mode ones, from the same ``native_batch_norm_backward`` vanilla runs.
 
-On the CPU, a pullback's backward (no BatchNorm parameter gradient wanted) works in place on
-the recomputed ``z``, so it allocates one tensor where vanilla allocates two
+On the CPU, a pullback's backward (no BatchNorm parameter gradient wanted) of a large tensor
+works in place on the recomputed ``z``, so it allocates one tensor where vanilla allocates two
 (:func:`_cpu_input_gradients`).
 
 Only eval-mode BatchNorm with running statistics fuses (a training-mode BatchNorm
@@ -127,6 +127,12 @@ _call_surrogate_batch_norm_relu = define_surrogate_op(
 )
 
 
+#: Below this many elements the in-place CPU backward's few extra per-channel ops cost more host
+#: time than the allocation it saves (fused site, forward + backward, 2-core box: 64 Ki elements
+#: 223 us in place vs 214 us generic; 400 Ki elements 419 vs 836 us; 1.6 Mi 1163 vs 2570 us).
+_IN_PLACE_MIN_NUMEL = 1 << 17
+
+
 def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, gate: str):
     """The eager CPU backward when no BatchNorm parameter needs a gradient (a pullback): one fresh tensor, not three.
 
@@ -151,8 +157,8 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     return dz.mul_(scale), None, None, None, None, None, None, None, None
 
 
-def _gradients_wanted(ctx) -> tuple:
-    """``ctx.needs_input_grad`` without the inputs this backward pass will not deliver a gradient to.
+def _gradients_wanted(ctx, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor]) -> tuple:
+    """``ctx.needs_input_grad`` without the parameter / residual gradients this backward pass will not use.
 
     ``needs_input_grad`` is fixed in the forward (``requires_grad``), so for a model whose
     parameters require grad a pullback (``torch.autograd.grad(score, x)``) would compute and
@@ -160,22 +166,24 @@ def _gradients_wanted(ctx) -> tuple:
     own BatchNorm backward skips, because the engine tells it which outputs it needs.  The
     engine's answer for our inputs is ``_will_engine_execute_node`` on the nodes they lead
     to (a private torch API: without it, ``needs_input_grad`` stands); it refuses to answer
-    (RuntimeError) for a leaf that ``autograd.grad`` asks for, which is then wanted.
+    (RuntimeError) for a leaf that ``autograd.grad`` asks for, which is then wanted.  Only
+    inputs that require grad are asked about, so a frozen model pays nothing.
     """
     needs = list(ctx.needs_input_grad)
     will_execute = getattr(torch._C, "_will_engine_execute_node", None)
     if will_execute is None:
         return tuple(needs)
-    edges = iter(ctx.next_functions)  # one edge per tensor input, in order
-    for index, is_tensor in enumerate(ctx.tensor_inputs):
-        if not is_tensor:
-            continue
-        node, _ = next(edges)
-        if needs[index] and node is not None:
-            try:
-                needs[index] = will_execute(node)
-            except RuntimeError:
-                pass
+    # One edge per tensor input, in order: x, [weight], [bias], running_mean, running_var, [residual].
+    edges = ctx.next_functions
+    positions = {1: 1, 2: 1 + (weight is not None), 6: len(edges) - 1}
+    for index, tensor in ((1, weight), (2, bias), (6, residual)):
+        if needs[index] and tensor is not None:
+            node = edges[positions[index]][0]
+            if node is not None:
+                try:
+                    needs[index] = will_execute(node)
+                except RuntimeError:
+                    pass
     return tuple(needs)
 
 
@@ -201,20 +209,19 @@ class _EagerBatchNormReLU(torch.autograd.Function):
             z = z.add_(residual)
         ctx.save_for_backward(x, weight, bias, running_mean, running_var, residual, save_mean, save_invstd, reserve)
         ctx.eps, ctx.temp, ctx.gate, ctx.impl = eps, temp, gate, impl
-        inputs = (x, weight, bias, running_mean, running_var, eps, residual)
-        ctx.tensor_inputs = tuple(isinstance(arg, Tensor) for arg in inputs)  # for _gradients_wanted
         return z.relu_()
 
     @staticmethod
     def backward(ctx, grad):
-        saved, needs = ctx.saved_tensors, _gradients_wanted(ctx)
+        saved = ctx.saved_tensors
+        x, weight, bias, running_mean, running_var, residual, save_mean, save_invstd, reserve = saved
+        needs = _gradients_wanted(ctx, weight, bias, residual)
         if torch.is_grad_enabled():  # create_graph: the differentiable formula
             return _formula_backward(grad, saved[:6], needs, ctx.eps, ctx.temp, ctx.gate)
-        x, weight, bias, running_mean, running_var, residual, save_mean, save_invstd, reserve = saved
         mask = _gradient_mask(weight, bias, needs)
         # CPU only: there fresh tensors cost page faults; CUDA's caching allocator makes them free,
         # and the cuDNN backward below is what the H200 numbers were measured with.
-        if x.device.type == "cpu" and not (mask[1] or mask[2]):
+        if x.device.type == "cpu" and not (mask[1] or mask[2]) and x.numel() >= _IN_PLACE_MIN_NUMEL:
             return _cpu_input_gradients(grad, saved[:6], needs, ctx.eps, ctx.temp, ctx.gate)
         dz = _recomputed_gate(
             grad, x, weight, bias, running_mean, running_var, residual, ctx.eps, ctx.temp, ctx.gate, functional=False
