@@ -25,7 +25,9 @@ RUNTIMES: List[Runtime] = [
             "no graph breaks; matches eager to 1e-4 (kernels reorder float sums)", "test_compile_cpu"),
     Runtime("what `torch.compile` sees", "yes",
             "the surrogates' forward and backward inlined as ATen ops (no `excitation::surrogate_*` call left for "
-            "Inductor to treat as opaque); `torch.export` of the same model keeps the ops",
+            "Inductor to treat as opaque), except on the CPU the soft-pool backward: one extern "
+            "`excitation::soft_max_pool2d_backward` call per pool, 18x faster than Inductor's code for it; "
+            "`torch.export` of the same model keeps the ops",
             "test_compile_inlines_the_surrogates_and_export_keeps_the_ops"),
     Runtime("`torch.compile`, CUDA", "unverified since the fusion",
             "passed on an NVIDIA H200 (torch 2.11) in session 3; failed there for all_forms in session 4 (zero "

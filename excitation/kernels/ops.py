@@ -127,7 +127,7 @@ def _soft_max_pool2d_backward_op(
     CPU than the eager implementation, which works over cache-sized chunks of planes
     (resnet50's stem pool at batch 8: 800-965 ms against 44-52 ms, 2-core box), so a
     compiled CPU graph calls the eager one as an extern kernel: compiled resnet50's
-    pullback went from 1.11x to 1.03x of compiled vanilla, googlenet's from 1.88x to 1.14x.
+    pullback went from 1.11x to 1.02-1.03x of compiled vanilla, googlenet's from 1.88x to 1.14x.
     """
     return soft_max_pool2d_backward_torch(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp)
 
