@@ -143,8 +143,8 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     invstd`` per channel, is applied to it in place: the one tensor this backward
     allocates is the one it returns, where the generic path allocates ``z``, ``dz`` and ``dx``.
     """
-    x, weight, _bias, running_mean, running_var, residual = saved
-    dz = _batch_norm_eval(x, weight, _bias, running_mean, running_var, eps)
+    x, weight, bias, running_mean, running_var, residual = saved
+    dz = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
     if residual is not None:
         dz.add_(residual)
     surrogate_relu_backward_(grad, dz, temp, gate)
