@@ -76,17 +76,23 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.eps, ctx.temp, ctx.gate = eps, temp, gate
 
 
+def _input_gradient_scale(x: Tensor, weight: Optional[Tensor], running_var: Tensor, eps: float) -> Tensor:
+    """``weight * invstd`` per channel, shaped to broadcast against ``x``: eval-mode BatchNorm's ``dx / dz``."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    return scale.reshape([1, -1] + [1] * (x.dim() - 2))
+
+
 def _batch_norm_eval_backward(dz, x, weight, running_mean, running_var, eps, mask):
     """Eval-mode BatchNorm's gradients w.r.t. ``(x, weight, bias)`` in plain torch ops (vmappable)."""
     shape = [1, -1] + [1] * (x.dim() - 2)
-    invstd = torch.rsqrt(running_var + eps)
     dx = dweight = dbias = None
     if mask[0]:
-        scale = invstd * weight if weight is not None else invstd
-        dx = (dz * scale.reshape(shape)).to(x.dtype)
+        dx = (dz * _input_gradient_scale(x, weight, running_var, eps)).to(x.dtype)
     reduce_dims = [0] + list(range(2, x.dim()))
     if mask[1]:
-        x_hat = (x - running_mean.reshape(shape)) * invstd.reshape(shape)
+        x_hat = (x - running_mean.reshape(shape)) * torch.rsqrt(running_var + eps).reshape(shape)
         dweight = (dz * x_hat).sum(reduce_dims).to(weight.dtype)
     if mask[2]:
         dbias = dz.sum(reduce_dims).to(dz.dtype if weight is None else weight.dtype)
@@ -148,10 +154,7 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     if residual is not None:
         dz.add_(residual)
     surrogate_relu_backward_(grad, dz, temp, gate)
-    scale = torch.rsqrt(running_var + eps)
-    if weight is not None:
-        scale = scale * weight
-    scale = scale.reshape([1, -1] + [1] * (x.dim() - 2))
+    scale = _input_gradient_scale(x, weight, running_var, eps)
     if residual is not None and needs[6]:  # the residual's gradient is dz itself: dx needs a tensor of its own
         return torch.mul(dz, scale), None, None, None, None, None, dz, None, None
     return dz.mul_(scale), None, None, None, None, None, None, None, None

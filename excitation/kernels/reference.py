@@ -177,9 +177,7 @@ def _accumulate_window_gradients(views: List[Tensor], targets: List[Tensor], gra
     Seven elementwise passes per offset: sub, exp2, two accumulations; add, mul and one
     ``addcmul_`` straight into the strided input gradient (the form that normalised ``u``
     first and scattered with ``result[view] += c`` took twelve).  ``e * d`` never meets
-    ``0 * inf`` because ``d`` is finite, so no clean-up pass is needed.  The strided reads
-    of the views, not the pass count alone, dominate (``sub`` of a strided view 3.7 ms,
-    an ``exp_`` of the same size in place 0.75 ms; 2-core CPU).
+    ``0 * inf`` because ``d`` is finite, so no clean-up pass is needed.
     """
     peak = views[0].clone()  # (F.max_pool2d is 2.5x slower here: it writes indices too)
     for view in views[1:]:
@@ -314,11 +312,11 @@ def soft_max_pool2d_backward_torch(
         return result.reshape(*batch_shape, height, width).to(x.dtype)
     # The one tensor of input size this allocates is the result; everything else is per chunk
     # of planes.  On the CPU the chunks are a few planes (~128 Ki outputs, 512 KiB per float32
-    # temporary, measured best of 16 Ki-1 Mi on the 2-core box): the ~9 passes per window
+    # temporary, measured best of 16 Ki-1 Mi on the 2-core box): the ~7 passes per window
     # offset then run in cache (resnet50's stem pool 75-103 -> 47-55 ms, googlenet's 3x3/1 pools
-    # 79-152 -> 53-60 ms), and no clamped or padded copy of the whole input is made (a fresh
-    # 100 MB CPU tensor costs ~35 ms of page faults before any work: vgg's first pool 160-190
-    # -> 130-140 ms).  Elsewhere one chunk holds every plane.
+    # 79-152 -> 53-60 ms, when introduced), and no clamped or padded copy of the whole input is
+    # made (a fresh 100 MB CPU tensor costs ~35 ms of page faults before any work).  Elsewhere
+    # one chunk holds every plane.
     result = torch.empty(flat.shape, dtype=compute_dtype, device=x.device)
     step = max(1, _CPU_CHUNK_OUTPUTS // max(1, out_h * out_w)) if x.device.type == "cpu" else g.shape[0]
     for start in range(0, g.shape[0], step):
