@@ -248,3 +248,38 @@ def test_cpu_pool_backward_in_plane_chunks_matches_reference(monkeypatch, chunk)
     (expected,) = torch.autograd.grad(soft, leaf, grad)
     ours = reference.soft_max_pool2d_backward_torch(grad, x, [3, 3], [2, 2], [1, 1], [1, 1], True, 0.3)
     assert rel_err(ours, expected) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compiled_relu_keeps_the_pre_activation_in_place_of_its_output(monkeypatch, backend):
+    """Under torch.compile, relu(z) is recomputed in the backward: the graph keeps z where vanilla keeps relu(z).
+
+    A convolution's backward takes its input even for an input gradient only, so compiled
+    vanilla keeps relu(z); without the recompute we would keep it *and* z.
+    """
+    from excitation.kernels import ops
+
+    torch.manual_seed(0)
+    conv1, conv2 = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3)
+    for param in (*conv1.parameters(), *conv2.parameters()):
+        param.requires_grad_(False)
+    x = torch.randn(2, 3, 16, 16)
+    z_bytes = 2 * 8 * 14 * 14 * 4
+
+    def compiled_pullback(relu):
+        torch._dynamo.reset()
+        net = torch.compile(lambda t: conv2(relu(conv1(t))), backend=backend, fullgraph=True)
+        leaf = x.clone().requires_grad_()
+        out = net(leaf)
+        (grad,) = torch.autograd.grad(out.sum(), leaf)
+        return grad, _saved_bytes(lambda: net(x.clone().requires_grad_()))
+
+    _, vanilla_bytes = compiled_pullback(torch.relu)
+    ours, ours_bytes = compiled_pullback(surrogate_relu)
+    leaf = x.clone().requires_grad_()
+    (eager,) = torch.autograd.grad(conv2(surrogate_relu(conv1(leaf))).sum(), leaf)
+    assert rel_err(ours, eager) < 1e-5
+    assert ours_bytes == vanilla_bytes
+    monkeypatch.setattr(ops, "_recompute_output_in_backward", lambda z: False)
+    kept_both, both_bytes = compiled_pullback(surrogate_relu)
+    assert both_bytes == vanilla_bytes + z_bytes and rel_err(kept_both, eager) < 1e-5

@@ -36,8 +36,7 @@ from torch import Tensor
 
 from .ops import surrogate_relu
 from .reference import surrogate_relu_backward, surrogate_relu_backward_
-from .registry import define_surrogate_op, dynamo_compiling, mechanism
-from .registry import under_functorch as _under_functorch
+from .registry import define_surrogate_op, dynamo_compiling, functional_backward, mechanism
 
 __all__ = ["batch_norm_relu", "batch_norm_relu_pre_activation", "FUSABLE_BATCH_NORMS", "fusable"]
 
@@ -116,8 +115,7 @@ def _gradient_mask(weight: Optional[Tensor], bias: Optional[Tensor], needs) -> l
 def _formula_backward(grad: Tensor, saved, needs, eps: float, temp: float, gate: str):
     """The backward in plain, differentiable, vmappable torch ops (twin, custom op, ``create_graph``)."""
     x, weight, bias, running_mean, running_var, residual = saved
-    functional = torch.is_grad_enabled() or _under_functorch()
-    dz = _recomputed_gate(grad, x, weight, bias, running_mean, running_var, residual, eps, temp, gate, functional)
+    dz = _recomputed_gate(grad, x, weight, bias, running_mean, running_var, residual, eps, temp, gate, functional_backward())
     mask = _gradient_mask(weight, bias, needs)
     dx, dweight, dbias = _batch_norm_eval_backward(dz, x, weight, running_mean, running_var, eps, mask)
     dresidual = dz.to(residual.dtype) if residual is not None and needs[6] else None

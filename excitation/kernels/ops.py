@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..gates import GATES
 from .reference import (
@@ -21,7 +22,7 @@ from .reference import (
     soft_max_pool2d_backward_torch,
     surrogate_relu_backward,
 )
-from .registry import NAMESPACE, define_surrogate_op
+from .registry import NAMESPACE, define_surrogate_op, dynamo_compiling, functional_backward
 from .registry import under_functorch as _under_functorch
 
 __all__ = ["surrogate_relu", "surrogate_max_pool2d", "NAMESPACE", "SAVED_MODES"]
@@ -158,10 +159,7 @@ def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
         kernel_size, stride, padding, dilation, ceil_mode, temp = ctx.pool_args
         pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp)
         return torch.ops.excitation.soft_max_pool2d_backward(grad, x, *pool_args), None, None, None, None, None, None
-    # In-place buffers are only safe in a plain first-order backward: with create_graph
-    # (grad mode on, e.g. torch.func.grad) autograd tracks x, and under vmap grad is batched.
-    functional = torch.is_grad_enabled() or _under_functorch()
-    dx = soft_max_pool2d_backward(grad, x, *ctx.pool_args, functional=functional)
+    dx = soft_max_pool2d_backward(grad, x, *ctx.pool_args, functional=functional_backward())
     return dx, None, None, None, None, None, None
 
 
@@ -187,7 +185,29 @@ def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: s
         What the backward keeps (see :data:`SAVED_MODES`): ``"exact"`` (the
         pre-activation), ``"bfloat16"`` or ``"uint8"`` (the evaluated gate, 2 or 1 byte).
     """
+    if saved == "exact" and _recompute_output_in_backward(z):
+        return checkpoint(_call_surrogate_relu, z, temp, gate, saved, use_reentrant=False)
     return _call_surrogate_relu(z, temp, gate, saved)
+
+
+def _recompute_output_in_backward(z: Tensor) -> bool:
+    """Under ``torch.compile``, mark ``relu(z)`` for recomputation in the backward, keeping only ``z``.
+
+    Why: a convolution's backward takes its input as an argument even when only the
+    input gradient is wanted, so compiled graphs keep every ReLU output that feeds a
+    convolution (or a pool).  Our gate also needs ``z``.  Inductor's partitioner will
+    not recompute ``relu(z)`` from ``z`` on its own (a value that an extern kernel reads
+    in the backward is "materialized", so banned from recomputation), so it keeps both:
+    compiled resnet50 (batch 8, 2-core CPU) kept 692 MiB against vanilla's 382 (1.81x).
+    Wrapping the op in a non-reentrant checkpoint (what plain ``checkpoint`` means under
+    compile: "recompute everything in here") makes ``relu(z)`` one extra pointwise pass in
+    the backward instead: 402 MiB (1.05x), same time, same result.
+
+    Only for the exact mode (a compact gate would be recomputed from ``z``, which it exists
+    not to keep), only while dynamo traces (export keeps our ops; eager checkpointing would
+    cost host time for nothing) and only outside ``torch.func`` transforms.
+    """
+    return dynamo_compiling() and not _under_functorch() and torch.is_grad_enabled() and z.requires_grad
 
 
 def _tuple(value: IntOrPair, dims: int, name: str) -> List[int]:

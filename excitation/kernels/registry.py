@@ -31,7 +31,15 @@ import torch.fx._symbolic_trace as _fx_trace
 # torch >= 2.8 names the symbolic-trace check apart (is_fx_tracing warns there).
 _is_fx_tracing = getattr(_fx_trace, "is_fx_symbolic_tracing", None) or _fx_trace.is_fx_tracing
 
-__all__ = ["NAMESPACE", "define_surrogate_op", "dynamo_compiling", "mechanism", "under_functorch", "use_function_twin"]
+__all__ = [
+    "NAMESPACE",
+    "define_surrogate_op",
+    "dynamo_compiling",
+    "functional_backward",
+    "mechanism",
+    "under_functorch",
+    "use_function_twin",
+]
 
 NAMESPACE = "excitation"
 
@@ -40,9 +48,21 @@ def under_functorch() -> bool:
     """True while a ``torch.func`` transform (grad, vjp, vmap, jacrev, ...) is active.
 
     dynamo traces this call, so it also answers correctly inside
-    ``torch.compile(torch.func.grad(f))``.
+    ``torch.compile(torch.func.grad(f))``.  It asks ``isinstance`` rather than
+    ``is not None``: dynamo (2.14) wraps the interpreter stack's ``None`` in an object
+    variable, and ``... is not None`` then reads True in every compiled graph.
     """
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    return isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter)
+
+
+def functional_backward() -> bool:
+    """Whether a backward must not write into buffers in place (``functional=True`` paths).
+
+    In-place buffers are only safe in a plain first-order eager backward: with
+    ``create_graph`` (grad mode on, e.g. ``torch.func.grad``) autograd tracks the inputs,
+    under ``vmap`` the gradient is batched, and a compiler's tracer wants a functional graph.
+    """
+    return torch.is_grad_enabled() or under_functorch() or torch.compiler.is_compiling()
 
 
 def use_function_twin() -> bool:
