@@ -130,7 +130,7 @@ def _methods(model: nn.Module, model_name: str, temp: float, compile_: bool, pee
         compiled_ours = torch.compile(excited)
         methods["vanilla gradient, compiled"] = lambda x, t: _input_gradient(compiled_vanilla, x, t)
         methods["excitation (ours), compiled"] = lambda x, t: _input_gradient(compiled_ours, x, t)
-        # The compact gate is how compiled memory gets near vanilla's, which Inductor keeps as a 1-byte mask.
+        # Compiled, the exact default keeps z in place of relu(z); a compact gate comes on top of relu(z).
         compiled_compact = torch.compile(unfused["uint8"])
         methods["excitation (ours), unfused, uint8 saved gate, compiled"] = (
             lambda x, t: _input_gradient(compiled_compact, x, t)

@@ -26,7 +26,10 @@ RUNTIMES: List[Runtime] = [
     Runtime("what `torch.compile` sees", "yes",
             "the surrogates' forward and backward inlined as ATen ops (no `excitation::surrogate_*` call left for "
             "Inductor to treat as opaque), except on the CPU the soft-pool backward: one extern "
-            "`excitation::soft_max_pool2d_backward` call per pool, 18x faster than Inductor's code for it; "
+            "`excitation::soft_max_pool2d_backward` call per pool, 18x faster than Inductor's code for it. "
+            "Each exact ReLU runs in a non-reentrant checkpoint there, so the graph keeps `z` and recomputes "
+            "`relu(z)` in the backward instead of keeping both (`test_kernels.py::"
+            "test_compiled_relu_keeps_the_pre_activation_in_place_of_its_output`). "
             "`torch.export` of the same model keeps the ops",
             "test_compile_inlines_the_surrogates_and_export_keeps_the_ops"),
     Runtime("`torch.compile`, CUDA", "unverified since the fusion",
@@ -55,7 +58,8 @@ RUNTIMES: List[Runtime] = [
             "scripts a copy calling `torch.ops.excitation.*` directly (`__prepare_scriptable__`); the attention "
             "rule cannot be scripted and says so (`rules={'attention': False}` or `jit.trace`)", "test_jit_script"),
     Runtime("`torch.compile(model, backend=\"excitation\")`", "yes",
-            "rewrites dynamo's graphs; works where `symbolic_trace` fails (data-dependent control flow)",
+            "rewrites dynamo's graphs; works where `symbolic_trace` fails (data-dependent control flow); tags each "
+            "exact ReLU for recompute, as the checkpoint above does (`test_backend_keeps_the_pre_activation_in_place_of_relu_output`)",
             "test_backend_by_name"),
     Runtime("`torch.compile(model, backend=excitation.backend(temp=..., inner=...))`", "yes",
             "options and any inner backend", "test_backend_with_options"),

@@ -351,3 +351,38 @@ ZOO_FORMS_KINDS = {
     "relu": 0, "hardtanh": 1, "leaky_relu": 1, "silu": 1, "gelu": 1, "hardswish": 1, "hardsigmoid": 1,
     "max_pool2d": 1, "layer_norm": 2, "softmax": 1, "scaled_dot_product_attention": 1, "multihead_attention": 1,
 }
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs."""
+    storages: Dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def frozen_conv_relu_conv() -> Tuple[nn.Module, Tensor, int]:
+    """conv -> ReLU -> conv, frozen, an input and the bytes of its pre-activation ``z``.
+
+    Compiled, vanilla keeps ``relu(z)`` (the second convolution's backward reads its
+    input) and nothing else but the weights, so an exact pullback can keep ``z`` in its place.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, torch.randn(2, 3, 16, 16), 2 * 8 * 14 * 14 * 4
+
+
+def compiled_gradient_and_saved_bytes(fn, x: Tensor, backend) -> Tuple[Tensor, int]:
+    """``torch.compile(fn, backend=backend)``: the input gradient of ``sum(fn(x))`` and the bytes it saves."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(compiled(leaf).sum(), leaf)
+    return grad, saved_bytes(lambda: compiled(x.clone().requires_grad_()))

@@ -13,7 +13,13 @@ from excitation.kernels.reference import (
     soft_max_pool2d_backward,
 )
 
-from .helpers import rel_err, soft_pool_reference
+from .helpers import (
+    compiled_gradient_and_saved_bytes,
+    frozen_conv_relu_conv,
+    rel_err,
+    saved_bytes,
+    soft_pool_reference,
+)
 
 
 # ------------------------------------------------------------------------ ReLU
@@ -184,18 +190,6 @@ def test_pool_backward_supports_double_backward():
 
 
 # --------------------------------------------------------------- compact saved gate
-def _saved_bytes(fn):
-    storages = {}
-
-    def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf"])
 def test_compact_saved_gate_error_and_size(gate):
     z = (torch.randn(64, 1000) * 2).requires_grad_()
@@ -209,7 +203,7 @@ def test_compact_saved_gate_error_and_size(gate):
             # Elementwise: |g * (gate_q - gate)| <= |g| * quantisation step / 2.
             assert ((compact - exact).abs() <= g.abs() * bound[saved] + 1e-7).all(), saved
             assert not torch.equal(compact, exact)
-        sizes[saved] = _saved_bytes(lambda: surrogate_relu(z, 0.3, gate, saved))
+        sizes[saved] = saved_bytes(lambda: surrogate_relu(z, 0.3, gate, saved))
     assert sizes == {"exact": 4 * z.numel(), "bfloat16": 2 * z.numel(), "uint8": z.numel()}
 
 
@@ -250,36 +244,27 @@ def test_cpu_pool_backward_in_plane_chunks_matches_reference(monkeypatch, chunk)
     assert rel_err(ours, expected) < 1e-12
 
 
+
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
 def test_compiled_relu_keeps_the_pre_activation_in_place_of_its_output(monkeypatch, backend):
     """Under torch.compile, relu(z) is recomputed in the backward: the graph keeps z where vanilla keeps relu(z).
 
-    A convolution's backward takes its input even for an input gradient only, so compiled
-    vanilla keeps relu(z); without the recompute we would keep it *and* z.
+    Without the recompute it would keep relu(z) (for the convolution's backward) *and* z.
     """
     from excitation.kernels import ops
 
-    torch.manual_seed(0)
-    conv1, conv2 = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 3)
-    for param in (*conv1.parameters(), *conv2.parameters()):
-        param.requires_grad_(False)
-    x = torch.randn(2, 3, 16, 16)
-    z_bytes = 2 * 8 * 14 * 14 * 4
+    model, x, z_bytes = frozen_conv_relu_conv()
+    conv1, _, conv2 = model
 
-    def compiled_pullback(relu):
-        torch._dynamo.reset()
-        net = torch.compile(lambda t: conv2(relu(conv1(t))), backend=backend, fullgraph=True)
-        leaf = x.clone().requires_grad_()
-        out = net(leaf)
-        (grad,) = torch.autograd.grad(out.sum(), leaf)
-        return grad, _saved_bytes(lambda: net(x.clone().requires_grad_()))
+    def ours(t):
+        return conv2(surrogate_relu(conv1(t)))
 
-    _, vanilla_bytes = compiled_pullback(torch.relu)
-    ours, ours_bytes = compiled_pullback(surrogate_relu)
+    _, vanilla_bytes = compiled_gradient_and_saved_bytes(model, x, backend)
+    grad, ours_bytes = compiled_gradient_and_saved_bytes(ours, x, backend)
     leaf = x.clone().requires_grad_()
-    (eager,) = torch.autograd.grad(conv2(surrogate_relu(conv1(leaf))).sum(), leaf)
-    assert rel_err(ours, eager) < 1e-5
+    (eager,) = torch.autograd.grad(ours(leaf).sum(), leaf)
+    assert rel_err(grad, eager) < 1e-5
     assert ours_bytes == vanilla_bytes
     monkeypatch.setattr(ops, "_recompute_output_in_backward", lambda z: False)
-    kept_both, both_bytes = compiled_pullback(surrogate_relu)
-    assert both_bytes == vanilla_bytes + z_bytes and rel_err(kept_both, eager) < 1e-5
+    grad, both_bytes = compiled_gradient_and_saved_bytes(ours, x, backend)
+    assert both_bytes == vanilla_bytes + z_bytes and rel_err(grad, eager) < 1e-5

@@ -17,7 +17,7 @@ import torchvision
 
 import excitation
 
-from .helpers import AllForms, reference_pullback, rel_err
+from .helpers import AllForms, compiled_gradient_and_saved_bytes, frozen_conv_relu_conv, reference_pullback, rel_err
 
 TARGET = 3
 EAGER_TOL = 1e-5
@@ -270,6 +270,21 @@ def test_backend_with_options(case):
         for kind, n in report.counts().items():
             counts[kind] += n
     assert counts == excitation.report(case.excited).counts()
+
+
+@pytest.mark.parametrize("inner", ["inductor", "aot_eager"])
+def test_backend_keeps_the_pre_activation_in_place_of_relu_output(monkeypatch, inner):
+    """The backend tags each exact ReLU for recompute: compiled, it keeps z where vanilla keeps relu(z)."""
+    from excitation.fxpass import backend as backend_module
+
+    model, x, z_bytes = frozen_conv_relu_conv()
+    expected = excitation.pullback(model, x, lambda out: out.sum((1, 2, 3)))
+    _, vanilla_bytes = compiled_gradient_and_saved_bytes(model, x, inner)
+    grad, ours_bytes = compiled_gradient_and_saved_bytes(model, x, excitation.backend(inner=inner))
+    assert rel_err(grad, expected) <= COMPILED_TOL and ours_bytes == vanilla_bytes
+    monkeypatch.setattr(backend_module, "mark_relu_outputs_for_recompute", lambda gm: 0)
+    grad, both_bytes = compiled_gradient_and_saved_bytes(model, x, excitation.backend(inner=inner))
+    assert rel_err(grad, expected) <= COMPILED_TOL and both_bytes == vanilla_bytes + z_bytes
 
 
 class DataDependent(nn.Module):

@@ -19,11 +19,12 @@ import torch
 from torch import fx
 
 from ..gates import check_gate, check_saved, check_temp
+from ..kernels import surrogate_relu
 from .report import Report
 from .rewrite import TempsSpec, excite_graph
 from .rules import RulesSpec, resolve_rules
 
-__all__ = ["ExcitationBackend", "backend", "excitation_backend"]
+__all__ = ["ExcitationBackend", "backend", "excitation_backend", "mark_relu_outputs_for_recompute"]
 
 
 class ExcitationBackend:
@@ -73,12 +74,35 @@ class ExcitationBackend:
             gm, temp=self.temp, pool_temp=self.pool_temp, gate=self.gate, temps=self.temps, rules=self.rules,
             saved=self.saved,
         )
+        if self.saved == "exact":
+            mark_relu_outputs_for_recompute(gm)
         with self._lock:
             self.reports.append(result)
         return self._inner_backend()(gm, example_inputs)
 
     def __repr__(self) -> str:
         return f"excitation.backend(temp={self.temp}, pool_temp={self.pool_temp}, gate={self.gate!r}, inner={self.inner!r})"
+
+
+def mark_relu_outputs_for_recompute(gm: fx.GraphModule) -> int:
+    """Tag each exact surrogate ReLU so AOTAutograd's partitioner recomputes ``relu(z)`` in the backward.
+
+    The graph then keeps ``z`` alone, where it would keep ``z`` and ``relu(z)`` (a
+    convolution's backward reads its input even for an input gradient only): compiled
+    resnet50 at batch 8 kept 692 MiB against vanilla's 382 before, 402 after.  This is what
+    the checkpoint in :func:`excitation.kernels.surrogate_relu` does for graphs dynamo
+    traces; a backend sees the graph after dynamo, so it writes the checkpoint policy's tag
+    directly (AOTAutograd copies ``meta["recompute"]`` onto the ops each node traces to).
+    Returns the number of nodes tagged.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    tagged = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is surrogate_relu and node.kwargs.get("saved", "exact") == "exact":
+            node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+            tagged += 1
+    return tagged
 
 
 def backend(
