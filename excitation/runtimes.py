@@ -23,6 +23,10 @@ RUNTIMES: List[Runtime] = [
     Runtime("eager autograd: `torch.autograd.grad`, `.backward()`", "yes", "the reference for every other row", "test_eager"),
     Runtime("`torch.compile(excited, fullgraph=True)`, CPU (Inductor C++)", "yes",
             "no graph breaks; matches eager to 1e-4 (kernels reorder float sums)", "test_compile_cpu"),
+    Runtime("`torch.compile(excited, dynamic=True)`", "yes",
+            "one graph for every input size; failed before session 6 as soon as a graph held two ReLUs (a "
+            "module-level float constant became a symbolic input that dynamo could not pass to a backward)",
+            "test_compile_dynamic_shapes"),
     Runtime("what `torch.compile` sees", "yes",
             "the surrogates' forward and backward inlined as ATen ops (no `excitation::surrogate_*` call left for "
             "Inductor to treat as opaque), except on the CPU the soft-pool backward: one extern "

@@ -99,6 +99,19 @@ def test_compile_cpu(case):
     case.check(leaf.grad, COMPILED_TOL)
 
 
+@pytest.mark.parametrize("name", ["all_forms", "resnet50"])
+def test_compile_dynamic_shapes(name):
+    """dynamic=True: one compiled graph serves other input sizes (symbolic sizes reach every surrogate)."""
+    case = _case(name)
+    torch._dynamo.reset()
+    compiled = torch.compile(case.excited, dynamic=True, backend="aot_eager")
+    for x in (case.x, torch.randn(case.x.shape[0] + 1, 3, case.x.shape[2] + 5, case.x.shape[3] + 3)):
+        leaf = _leaf(x)
+        compiled(leaf)[:, TARGET].sum().backward()
+        assert rel_err(leaf.grad, excitation.pullback(case.excited, x, TARGET)) <= COMPILED_TOL
+        assert rel_err(leaf.grad, excitation.gradient(case.model, x, TARGET)) > 0.05
+
+
 def test_compile_inlines_the_surrogates_and_export_keeps_the_ops():
     """Under torch.compile the autograd.Function twins run (Inductor fuses them); export keeps our ops."""
     from torch._dynamo.backends.common import aot_autograd

@@ -46,7 +46,11 @@ def triton_available() -> bool:
 # softplus_backward returns ``g`` unchanged where ``z * beta > threshold``.  At 20,
 # sigmoid(20) = 1 - 2e-9, which rounds to 1.0 in float32 and is 2e-9 off in
 # float64: far below every tolerance we promise.  It also keeps exp() finite.
-_SOFTPLUS_THRESHOLD = 20.0
+# An int, not 20.0: under ``torch.compile(..., dynamic=True)`` dynamo (2.14) turns a
+# module-level float into a symbolic graph input, and a symbolic float reaching an
+# autograd.Function's backward fails to trace ("lift_tracked_freevar_to_input should
+# not be called on root SubgraphTracer") as soon as a graph holds two surrogate ReLUs.
+_SOFTPLUS_THRESHOLD = 20
 
 
 def surrogate_relu_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
