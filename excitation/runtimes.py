@@ -39,7 +39,8 @@ RUNTIMES: List[Runtime] = [
     Runtime("`torch.compile`, CUDA", "unverified since the fusion",
             "passed on an NVIDIA H200 (torch 2.11) in session 3; failed there for all_forms in session 4 (zero "
             "compiled pullback) after the BatchNorm -> ReLU fusion; the fixes since (unfused under compile, no raw "
-            "Triton launch under tracers) are not re-run on a GPU: run benchmarks/cuda_check.sh first; "
+            "Triton launch under tracers) and session 6's recompute of relu(z) are not re-run on a GPU: run "
+            "benchmarks/cuda_check.sh first; "
             "skipped on CPU-only machines such as CI", "test_compile_cuda"),
     Runtime("`torch.export.export(excited, (x,))` + `ep.module()`", "yes",
             "the graph holds `excitation::surrogate_relu` / `surrogate_batch_norm_relu` / `surrogate_max_pool2d`",
