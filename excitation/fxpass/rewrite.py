@@ -22,6 +22,7 @@ from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate
 from ..kernels.fused import batch_norm_relu
 from .excited import REPORT_ATTR, make_excited
 from .fusion import fuse_batch_norm_relu, unfuse
+from .recompute import recompute_cheap_convolutions
 from .report import Report, Site, Unhandled
 from .rules import RulesSpec, resolve_rules
 from .sites import (
@@ -358,6 +359,7 @@ def excite(
     result = excite_graph(
         gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, saved=saved, fuse=fuse
     )
+    recompute_cheap_convolutions(gm, enabled=saved == "exact")  # gm's modules are our clones
     gm = make_excited(gm, result)
     if not result.sites:
         warnings.warn(

@@ -14,11 +14,12 @@ import operator
 from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
 from ..errors import ExcitationError
-from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
+from ..kernels import ExcitedMultiheadAttention, RecomputedConv2d, surrogate_max_pool2d, surrogate_relu
 from ..kernels.fused import batch_norm_relu
 from ..kernels.ops import pool_arguments
 from .fusion import unfuse
@@ -100,6 +101,9 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
     from .tracing import copy_graph_module
 
     new = copy_graph_module(gm)
+    for module in new.modules():  # clones: the excited model keeps its classes
+        if type(module) is RecomputedConv2d:
+            module.__class__ = nn.Conv2d  # recomputation is a torch.compile matter; TorchScript cannot run it
     graph = new.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and isinstance(new.get_submodule(node.target), ExcitedMultiheadAttention):

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch import fx
 
 from ..errors import ExcitationTraceError
-from ..kernels import SURROGATE_FUNCTIONS, ExcitedMultiheadAttention
+from ..kernels import SURROGATE_FUNCTIONS, ExcitedMultiheadAttention, RecomputedConv2d
 from .excited import adopt_module_tree
 
 __all__ = ["clone_module_tree", "trace", "copy_graph_module", "TRACE_GATE"]
@@ -112,8 +112,8 @@ class _ExcitationTracer(fx.Tracer):
         self.failed_module: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        # Our MultiheadAttention subclass lives outside torch.nn but is a leaf like its parent.
-        return isinstance(m, ExcitedMultiheadAttention) or super().is_leaf_module(m, module_qualified_name)
+        # Our MultiheadAttention and Conv2d subclasses live outside torch.nn but are leaves like their parents.
+        return isinstance(m, (ExcitedMultiheadAttention, RecomputedConv2d)) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         try:

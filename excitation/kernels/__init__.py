@@ -24,6 +24,7 @@ from .fused import batch_norm_relu
 from .normalization import surrogate_layer_norm, surrogate_native_layer_norm
 from .ops import surrogate_max_pool2d, surrogate_relu
 from .pooling import surrogate_adaptive_max_pool, surrogate_max_pool
+from .recompute import RecomputedConv2d
 
 #: Every function an excited graph may call: fx keeps them as leaves when re-tracing.
 SURROGATE_FUNCTIONS = (
@@ -63,5 +64,6 @@ __all__ = [
     "stop_gradient",
     "freeze_attention",
     "ExcitedMultiheadAttention",
+    "RecomputedConv2d",
     "SURROGATE_FUNCTIONS",
 ]

@@ -22,8 +22,7 @@ from .reference import (
     soft_max_pool2d_backward_torch,
     surrogate_relu_backward,
 )
-from .registry import NAMESPACE, define_surrogate_op, dynamo_compiling, functional_backward
-from .registry import under_functorch as _under_functorch
+from .registry import NAMESPACE, define_surrogate_op, functional_backward, recompute_in_backward
 
 __all__ = ["surrogate_relu", "surrogate_max_pool2d", "NAMESPACE", "SAVED_MODES"]
 
@@ -204,10 +203,9 @@ def _recompute_output_in_backward(z: Tensor) -> bool:
     the backward instead: 402 MiB (1.05x), same time, same result.
 
     Only for the exact mode (a compact gate would be recomputed from ``z``, which it exists
-    not to keep), only while dynamo traces (export keeps our ops; eager checkpointing would
-    cost host time for nothing) and only outside ``torch.func`` transforms.
+    not to keep) and where :func:`.registry.recompute_in_backward` says so.
     """
-    return dynamo_compiling() and not _under_functorch() and torch.is_grad_enabled() and z.requires_grad
+    return recompute_in_backward(z)
 
 
 def _tuple(value: IntOrPair, dims: int, name: str) -> List[int]:

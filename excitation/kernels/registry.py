@@ -37,6 +37,7 @@ __all__ = [
     "dynamo_compiling",
     "functional_backward",
     "mechanism",
+    "recompute_in_backward",
     "under_functorch",
     "use_function_twin",
 ]
@@ -63,6 +64,15 @@ def functional_backward() -> bool:
     under ``vmap`` the gradient is batched, and a compiler's tracer wants a functional graph.
     """
     return torch.is_grad_enabled() or under_functorch() or torch.compiler.is_compiling()
+
+
+def recompute_in_backward(t: torch.Tensor) -> bool:
+    """Whether code producing ``t`` should run in a recompute region (a non-reentrant checkpoint).
+
+    Only while dynamo traces (``torch.export`` must keep our ops; in eager a checkpoint only
+    costs host time), outside ``torch.func`` transforms, and where a backward will run.
+    """
+    return dynamo_compiling() and not under_functorch() and torch.is_grad_enabled() and t.requires_grad
 
 
 def use_function_twin() -> bool:

@@ -1,0 +1,79 @@
+"""The pass step that lets ``torch.compile`` recompute cheap convolutions feeding pooled ReLUs.
+
+After the rewrite (and fusion), each ``nn.Conv2d`` call that
+
+* is cheap to recompute (:func:`excitation.kernels.recompute.cheap_to_recompute`), and
+* feeds, alone, a ReLU site (fused with its BatchNorm, or through one) whose every user is a
+  2-D max-pool site,
+
+gets its module re-classed to :class:`~excitation.kernels.recompute.RecomputedConv2d`.  The
+module is the excited model's own clone; the user's stays an ``nn.Conv2d``.  Why, with
+measurements: :mod:`excitation.kernels.recompute`.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch.nn as nn
+from torch import fx
+
+from ..kernels import (
+    RecomputedConv2d,
+    batch_norm_relu,
+    surrogate_max_pool2d,
+    surrogate_relu,
+)
+from ..kernels.recompute import cheap_to_recompute
+from .fusion import _batch_norm_call
+
+__all__ = ["recompute_cheap_convolutions"]
+
+
+def _relu_fed_by(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
+    """The ReLU site that ``node`` alone feeds: ``batch_norm_relu(node, ...)``, ``surrogate_relu([bn](node))``."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    if user.op == "call_function" and user.target is batch_norm_relu:
+        # A fused residual would make z depend on more than this convolution.
+        return user if user.args[0] is node and (len(user.args) < 3 or user.args[2] is None) else None
+    if _batch_norm_call(gm, user):
+        (user,) = user.users
+    if user.op == "call_function" and user.target is surrogate_relu:
+        return user
+    return None
+
+
+def _feeds_only_pools(relu: fx.Node) -> bool:
+    return bool(relu.users) and all(
+        user.op == "call_function" and user.target is surrogate_max_pool2d for user in relu.users
+    )
+
+
+def recompute_cheap_convolutions(gm: fx.GraphModule, enabled: bool = True) -> List[str]:
+    """Re-class the qualifying convolutions of ``gm`` (see the module docstring); return their paths.
+
+    ``enabled=False`` (compact saved gates, which keep no ``z`` to save) turns every
+    :class:`RecomputedConv2d` of ``gm`` back into ``nn.Conv2d``, so re-exciting never
+    keeps a choice that no longer applies.  Modules are edited in place: call this on
+    the excited model's clones only.
+    """
+    chosen = set()
+    if enabled:
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or not cheap_to_recompute(gm.get_submodule(node.target)):
+                continue
+            relu = _relu_fed_by(gm, node)
+            if relu is not None and _feeds_only_pools(relu):
+                chosen.add(node.target)
+    # A module called from several places is recomputed only if every call qualifies.
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in chosen:
+            relu = _relu_fed_by(gm, node)
+            if relu is None or not _feeds_only_pools(relu):
+                chosen.discard(node.target)
+    for name, module in gm.named_modules():
+        if type(module) in (nn.Conv2d, RecomputedConv2d):
+            module.__class__ = RecomputedConv2d if name in chosen else nn.Conv2d
+    return sorted(chosen)
