@@ -7,7 +7,7 @@ pre-activation ``z`` (4 bytes).  The only way below that is to keep neither and 
 That pays only where the convolution is cheap: an image stem with 3 input channels and a
 3x3 kernel costs 27 multiply-adds per output, about what the elementwise passes around it
 cost.  vgg11_bn compiled (batch 8, 2-core CPU): saved tensors 785 -> 687 MiB against
-vanilla's 656 (1.20x -> 1.05x), time 0.918x -> 0.926x of vanilla, same result bit for bit.
+vanilla's 656 (1.20x -> 1.05x), time 0.93-0.95x of vanilla either way, same result bit for bit.
 
 :func:`excitation.fxpass.recompute.recompute_cheap_convolutions` gives this class to the
 excited model's own clones of such convolutions (never to the user's modules).  Outside
