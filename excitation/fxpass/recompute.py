@@ -13,7 +13,7 @@ measurements: :mod:`excitation.kernels.recompute`.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch.nn as nn
 from torch import fx
@@ -45,8 +45,10 @@ def _relu_fed_by(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _feeds_only_pools(relu: fx.Node) -> bool:
-    return bool(relu.users) and all(
+def _feeds_a_pooled_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` alone feeds a ReLU site whose every user is a 2-D max-pool site."""
+    relu = _relu_fed_by(gm, node)
+    return relu is not None and bool(relu.users) and all(
         user.op == "call_function" and user.target is surrogate_max_pool2d for user in relu.users
     )
 
@@ -59,20 +61,14 @@ def recompute_cheap_convolutions(gm: fx.GraphModule, enabled: bool = True) -> Li
     keeps a choice that no longer applies.  Modules are edited in place: call this on
     the excited model's clones only.
     """
-    chosen = set()
+    # A module called from several places is recomputed only if every call qualifies.
+    every_call_qualifies: Dict[str, bool] = {}
     if enabled:
         for node in gm.graph.nodes:
-            if node.op != "call_module" or not cheap_to_recompute(gm.get_submodule(node.target)):
-                continue
-            relu = _relu_fed_by(gm, node)
-            if relu is not None and _feeds_only_pools(relu):
-                chosen.add(node.target)
-    # A module called from several places is recomputed only if every call qualifies.
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target in chosen:
-            relu = _relu_fed_by(gm, node)
-            if relu is None or not _feeds_only_pools(relu):
-                chosen.discard(node.target)
+            if node.op == "call_module" and cheap_to_recompute(gm.get_submodule(node.target)):
+                qualifies = _feeds_a_pooled_relu(gm, node)
+                every_call_qualifies[node.target] = every_call_qualifies.get(node.target, True) and qualifies
+    chosen = {target for target, qualifies in every_call_qualifies.items() if qualifies}
     for name, module in gm.named_modules():
         if type(module) in (nn.Conv2d, RecomputedConv2d):
             module.__class__ = RecomputedConv2d if name in chosen else nn.Conv2d

@@ -184,28 +184,17 @@ def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: s
         What the backward keeps (see :data:`SAVED_MODES`): ``"exact"`` (the
         pre-activation), ``"bfloat16"`` or ``"uint8"`` (the evaluated gate, 2 or 1 byte).
     """
-    if saved == "exact" and _recompute_output_in_backward(z):
+    if saved == "exact" and recompute_in_backward(z):
+        # Compiled, keep z alone and recompute relu(z) in the backward.  Why: a convolution's
+        # backward takes its input even when only the input gradient is wanted, so compiled
+        # graphs keep every ReLU output that feeds one, and Inductor's partitioner will not
+        # recompute relu(z) from z by itself (a value an extern kernel reads in the backward is
+        # "materialized", so banned from recomputation): compiled resnet50 (batch 8, 2-core CPU)
+        # kept z and relu(z), 692 MiB against vanilla's 382.  A non-reentrant checkpoint means
+        # "recompute what is in here" under compile: 402 MiB, same time, same result.  Not for
+        # compact gates: the region would recompute the gate from z, which they exist not to keep.
         return checkpoint(_call_surrogate_relu, z, temp, gate, saved, use_reentrant=False)
     return _call_surrogate_relu(z, temp, gate, saved)
-
-
-def _recompute_output_in_backward(z: Tensor) -> bool:
-    """Under ``torch.compile``, mark ``relu(z)`` for recomputation in the backward, keeping only ``z``.
-
-    Why: a convolution's backward takes its input as an argument even when only the
-    input gradient is wanted, so compiled graphs keep every ReLU output that feeds a
-    convolution (or a pool).  Our gate also needs ``z``.  Inductor's partitioner will
-    not recompute ``relu(z)`` from ``z`` on its own (a value that an extern kernel reads
-    in the backward is "materialized", so banned from recomputation), so it keeps both:
-    compiled resnet50 (batch 8, 2-core CPU) kept 692 MiB against vanilla's 382 (1.81x).
-    Wrapping the op in a non-reentrant checkpoint (what plain ``checkpoint`` means under
-    compile: "recompute everything in here") makes ``relu(z)`` one extra pointwise pass in
-    the backward instead: 402 MiB (1.05x), same time, same result.
-
-    Only for the exact mode (a compact gate would be recomputed from ``z``, which it exists
-    not to keep) and where :func:`.registry.recompute_in_backward` says so.
-    """
-    return recompute_in_backward(z)
 
 
 def _tuple(value: IntOrPair, dims: int, name: str) -> List[int]:
