@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 __all__ = ["main", "build_parser"]
 
@@ -24,91 +24,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------- explain
-def _load_classifier(args: argparse.Namespace):
-    import torch
-    import torchvision
-
-    weights = None
-    if args.weights:
-        try:
-            weights = torchvision.models.get_model_weights(args.model)[args.weights]
-        except KeyError:
-            names = [w.name for w in torchvision.models.get_model_weights(args.model)]
-            raise ValueError(f"--weights {args.weights!r} is not a weight set of {args.model}; choose from {names}.") from None
-    if args.model not in torchvision.models.list_models():
-        raise ValueError(f"--model {args.model!r} is not a torchvision model; see torchvision.models.list_models().")
-    model = torchvision.models.get_model(args.model, weights=None)
-    if args.weights_file:
-        path = Path(args.weights_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--weights-file {path} does not exist.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-    elif weights is not None:
-        try:
-            model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True))
-        except Exception as exc:  # URLError, OSError, HTTPError...
-            raise RuntimeError(
-                f"could not load {args.model} weights {weights.name} ({type(exc).__name__}: {exc}). They are "
-                f"downloaded once into the torch hub cache; on an offline machine copy the file there, or pass "
-                f"--weights-file PATH (keep --weights for the class names)."
-            ) from exc
-    else:
-        raise ValueError("pass --weights NAME (torchvision weights) and/or --weights-file PATH (a local state dict).")
-    categories = list(weights.meta["categories"]) if weights is not None else None
-    transform = weights.transforms() if weights is not None else None
-    return model.eval(), categories, transform
-
-
-def _load_images(paths: Sequence[str], transform):
-    import torch
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-
-    resize = int(transform.resize_size[0]) if transform is not None else 256
-    crop = int(transform.crop_size[0]) if transform is not None else 224
-    images = []
-    for name in paths:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} does not exist.")
-        with Image.open(path) as img:
-            tensor = TF.to_tensor(TF.center_crop(TF.resize(img.convert("RGB"), resize), crop))
-        images.append(tensor)
-    return torch.stack(images)
-
-
 def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
     from .api import pullbacks
-    from .ascent import IMAGENET_MEAN, IMAGENET_STD, Normalized, ascend
+    from .ascent import ascend
     from .figures import accentuation_grid, pullback_grid
+    from .images import load_image
+    from .models import load_classifier
 
-    model, categories, transform = _load_classifier(args)
-    mean = tuple(transform.mean) if transform is not None else IMAGENET_MEAN
-    std = tuple(transform.std) if transform is not None else IMAGENET_STD
+    if not (args.weights or args.weights_file):
+        raise ValueError("pass --weights NAME (torchvision weights) and/or --weights-file PATH (a local state dict).")
+    loaded = load_classifier(args.model, weights=args.weights, weights_file=args.weights_file)
     device = torch.device(args.device)
-    model = model.to(device)
-    images = _load_images(args.images, transform).to(device)
+    for name in args.images:
+        if not Path(name).is_file():
+            raise FileNotFoundError(f"image {name} does not exist.")
+    images = torch.stack([load_image(name, loaded.preprocess) for name in args.images]).to(device)
+    model = loaded.pixel_model(device).to(device)
     targets = list(args.targets) + ([args.extra] if args.extra is not None else [])
-    classes = model(torch.zeros(1, 3, 64, 64, device=device)).shape[1] if categories is None else len(categories)
+    categories = loaded.categories
+    with torch.no_grad():
+        classes = model(images[:1]).shape[1] if categories is None else len(categories)
     bad = [t for t in targets if not 0 <= t < classes]
     if bad:
         raise ValueError(f"targets {bad} out of range for {classes} classes.")
     name = (lambda t: categories[t]) if categories else (lambda t: f"class {t}")
     columns = [name(t) for t in args.targets] + ([f"{name(args.extra)} (extra)"] if args.extra is not None else [])
     rows = [Path(p).stem for p in args.images]
-    wrapped = Normalized(model, mean, std, device=device)
-    grids = pullbacks(wrapped, images, targets, temp=args.temp)
+    grids = pullbacks(model, images, targets, temp=args.temp)
     out = pullback_grid(images.cpu(), grids.cpu(), rows, columns, args.out, title=f"{args.model}: excitation pullbacks")
     print(f"wrote {out}")
     if args.steps > 0:
         n, k = len(images), len(targets)
         repeated = images.repeat_interleave(k, 0)
         wanted = torch.tensor(targets, device=device).repeat(n)
-        common = dict(steps=args.steps, step_size=args.step_size, radius=args.radius, temp=args.temp,
-                      normalize=(mean, std), progress=True)
+        common = dict(steps=args.steps, step_size=args.step_size, radius=args.radius, temp=args.temp, progress=True)
         by_pb = ascend(model, repeated, wanted, direction="pullback", **common).view(n, k, *images.shape[1:])
         by_gr = ascend(model, repeated, wanted, direction="gradient", **common).view(n, k, *images.shape[1:])
         acc_path = Path(args.out).with_name(Path(args.out).stem + "_accentuation.png")
