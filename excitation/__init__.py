@@ -11,6 +11,7 @@ attention (:data:`RULES`; ``excite(model, rules=...)`` chooses among them).
 >>> excited = excitation.excite(model)            # torch.fx pass; model untouched
 >>> print(excitation.report(excited))             # what was rewritten
 >>> pb = excitation.pullback(model, x, target=3)  # or with `excited`
+>>> pb = excitation.pullback(model, x, 3, preset="semantic")  # the author's later rules
 
 Importing this package registers the ``excitation::`` ops with
 ``torch.library``; that one import is all ``torch.export.load`` needs.
@@ -25,6 +26,7 @@ from .fxpass.backend import backend
 from .fxpass.rules import DEFAULT_RULES, RULES, Rule
 from .gates import GATES
 from .kernels import surrogate_max_pool2d, surrogate_relu
+from .presets import DEFAULT_PRESET, POOL_BACKWARDS, PRESETS, Preset
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,10 @@ __all__ = [
     "Site",
     "Unhandled",
     "GATES",
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "POOL_BACKWARDS",
+    "Preset",
     "RULES",
     "DEFAULT_RULES",
     "Rule",

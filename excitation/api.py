@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .fxpass.rewrite import TempsSpec, check_not_compiled, excite, is_excited, report
 from .fxpass.tracing import TRACE_GATE, clone_module_tree
+from .presets import resolve_preset
 
 __all__ = ["pullback", "pullbacks", "gradient", "prepare", "clear_cache"]
 
@@ -49,9 +50,11 @@ def prepare(
     model: nn.Module,
     *,
     excited: bool = True,
-    temp: float = 0.3,
+    preset: Optional[str] = None,
+    temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
-    gate: str = "sigmoid",
+    gate: Optional[str] = None,
+    pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
 ) -> nn.Module:
     """The module :func:`pullback` (``excited=True``) or :func:`gradient` would run, in eval mode.
@@ -62,22 +65,30 @@ def prepare(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
     check_not_compiled(model, "pullback" if excited else "gradient")
+    options = (preset, temp, pool_temp, gate, pool_backward)
     if excited and is_excited(model):
-        if (temp, pool_temp, gate, temps) != (0.3, None, "sigmoid", None):
+        if any(value is not None for value in options) or temps is not None:
             found = report(model)
             raise ValueError(
-                f"model is already excited (temp={found.temp}, gate={found.gate!r}); the temp, pool_temp, "
-                f"gate and temps options apply only to plain models. Re-temper it with "
-                f"excitation.excite(model, temp=...) instead."
+                f"model is already excited (preset {found.preset!r}, temp={found.temp}, gate={found.gate!r}); the "
+                f"preset, temp, pool_temp, gate, pool_backward and temps options apply only to plain models. "
+                f"Re-excite it with excitation.excite(model, ...) instead."
             )
         return model
-    key = ("excited", temp, pool_temp, gate, _temps_key(temps)) if excited else ("vanilla",)
+    if excited:
+        options = resolve_preset(preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward)
+    key = ("excited", *options, _temps_key(temps)) if excited else ("vanilla",)
     identity = _identity(model)
     with _CACHE_LOCK:
         cached = _CACHE.get(model, {}).get(key)
     if cached is not None and cached[0] == identity:
         return cached[1]
-    prepared = excite(model, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps) if excited else clone_module_tree(model)
+    if excited:
+        name, temp, pool_temp, gate, pool_backward = options
+        prepared = excite(model, preset=name, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward,
+                          temps=temps)
+    else:
+        prepared = clone_module_tree(model)
     prepared.eval()
     with _CACHE_LOCK:
         _CACHE.setdefault(model, {})[key] = (identity, prepared)
@@ -226,9 +237,11 @@ def pullback(
     x: Tensor,
     target: Target,
     *,
-    temp: float = 0.3,
+    preset: Optional[str] = None,
+    temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
-    gate: str = "sigmoid",
+    gate: Optional[str] = None,
+    pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
     create_graph: bool = False,
 ) -> Tensor:
@@ -243,7 +256,7 @@ def pullback(
         Input batch [N, ...], on the model's device and dtype.
     target : int, sequence of ints, LongTensor [N] or callable
         The class per sample, or ``callable(output) -> Tensor [N]``.
-    temp, pool_temp, gate, temps
+    preset, temp, pool_temp, gate, pool_backward, temps
         As for :func:`excitation.excite`; only for plain models.
     create_graph : bool
         Keep the graph of the pullback for higher-order derivatives.
@@ -254,7 +267,8 @@ def pullback(
         Same shape as ``x``.  The model runs in eval mode (dropout off, no
         BatchNorm update); its parameters' ``.grad`` are left untouched.
     """
-    module = prepare(model, excited=True, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps)
+    module = prepare(model, excited=True, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+                     pool_backward=pool_backward, temps=temps)
     return _input_gradient(module, x, target, create_graph)
 
 
@@ -269,9 +283,11 @@ def pullbacks(
     x: Tensor,
     targets: Union[Sequence[int], Tensor],
     *,
-    temp: float = 0.3,
+    preset: Optional[str] = None,
+    temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
-    gate: str = "sigmoid",
+    gate: Optional[str] = None,
+    pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
 ) -> Tensor:
     """Pullbacks of K classes per input in one backward pass: a Tensor [N, K, ...].
@@ -279,8 +295,10 @@ def pullbacks(
     ``targets`` is a sequence or LongTensor [K] (the same classes for every
     input) or a LongTensor [N, K].  One forward pass; the K backward passes run
     batched with ``torch.func.vmap`` over the cotangents of a ``torch.func.vjp``.
+    Options as for :func:`pullback`.
     """
-    module = prepare(model, excited=True, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps)
+    module = prepare(model, excited=True, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+                     pool_backward=pool_backward, temps=temps)
     x = check_input(module, x)
     batch = x.shape[0]
     index = torch.as_tensor(targets) if not isinstance(targets, Tensor) else targets

@@ -67,7 +67,8 @@ def ascend(
     pixel_range: Optional[Tuple[float, float]] = (0.0, 1.0),
     normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
     direction: str = "pullback",
-    temp: float = 0.3,
+    preset: Optional[str] = None,
+    temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
     temps: TempsSpec = None,
     return_history: bool = False,
@@ -94,8 +95,8 @@ def ascend(
         Applied inside, before the model; ``excitation.IMAGENET_NORMALIZE`` for torchvision.
     direction : {"pullback", "gradient"}
         Ascend along the excitation pullback or the vanilla gradient.
-    temp, pool_temp, temps
-        Options of the pullback (plain models only).
+    preset, temp, pool_temp, temps
+        Options of the pullback (plain models only), as for :func:`excitation.excite`.
     return_history : bool
         Also return the images after every step (``steps + 1`` tensors, the original first).
     progress : bool
@@ -117,7 +118,7 @@ def ascend(
             raise ValueError(f"pixel_range must be (low, high) with low < high, got {pixel_range!r}.")
     x = check_input(model, x)
     if direction == "pullback":
-        module = prepare(model, excited=True, temp=temp, pool_temp=pool_temp, temps=temps)
+        module = prepare(model, excited=True, preset=preset, temp=temp, pool_temp=pool_temp, temps=temps)
     else:
         module = prepare(model, excited=False)
     if normalize is not None:

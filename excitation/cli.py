@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .presets import PRESETS
+
 __all__ = ["main", "build_parser"]
 
 
@@ -52,14 +54,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     name = (lambda t: categories[t]) if categories else (lambda t: f"class {t}")
     columns = [name(t) for t in args.targets] + ([f"{name(args.extra)} (extra)"] if args.extra is not None else [])
     rows = [Path(p).stem for p in args.images]
-    grids = pullbacks(model, images, targets, temp=args.temp)
+    grids = pullbacks(model, images, targets, preset=args.preset, temp=args.temp)
     out = pullback_grid(images.cpu(), grids.cpu(), rows, columns, args.out, title=f"{args.model}: excitation pullbacks")
     print(f"wrote {out}")
     if args.steps > 0:
         n, k = len(images), len(targets)
         repeated = images.repeat_interleave(k, 0)
         wanted = torch.tensor(targets, device=device).repeat(n)
-        common = dict(steps=args.steps, step_size=args.step_size, radius=args.radius, temp=args.temp, progress=True)
+        common = dict(steps=args.steps, step_size=args.step_size, radius=args.radius, preset=args.preset,
+                      temp=args.temp, progress=True)
         by_pb = ascend(model, repeated, wanted, direction="pullback", **common).view(n, k, *images.shape[1:])
         by_gr = ascend(model, repeated, wanted, direction="gradient", **common).view(n, k, *images.shape[1:])
         acc_path = Path(args.out).with_name(Path(args.out).stem + "_accentuation.png")
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--steps", type=int, default=5, help="ascent steps; 0 skips the accentuation grid")
     explain.add_argument("--step-size", type=float, default=10.0, help="L2 step per image, [0,1] pixels")
     explain.add_argument("--radius", type=float, default=50.0, help="L2 ball radius, [0,1] pixels")
-    explain.add_argument("--temp", type=float, default=0.3, help="excitation temperature")
+    explain.add_argument("--preset", choices=list(PRESETS), help="rule set (default: paper); see excitation.PRESETS")
+    explain.add_argument("--temp", type=float, help="ReLU gate temperature (default: the preset's, 0.3 / 0.6)")
     explain.add_argument("--device", default="cpu", help="cpu or cuda")
     explain.set_defaults(func=_cmd_explain)
 

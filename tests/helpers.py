@@ -78,8 +78,12 @@ def _frozen_mha(query, key, value, num_heads, in_proj_weight, in_proj_bias, out_
     return out if batch_first_input else out.transpose(0, 1)
 
 
-def soft_pool_reference(x: Tensor, kernel, stride, padding, dilation, ceil_mode: bool, temp: float) -> Tensor:
-    """``sum_w softmax(x_w / temp) * x_w`` per window, built from strided slices (no unfold)."""
+def soft_pool_reference(x: Tensor, kernel, stride, padding, dilation, ceil_mode: bool, temp: float,
+                        weights_only: bool = False) -> Tensor:
+    """``sum_w softmax(x_w / temp) * x_w`` per window, built from strided slices (no unfold).
+
+    ``weights_only``: the softmax weights are detached (constants), as the "weights" pool backward has it.
+    """
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)
     kernel, padding, dilation = pair(kernel), pair(padding), pair(dilation)
     stride = kernel if stride is None or (not isinstance(stride, int) and len(stride) == 0) else pair(stride)
@@ -100,6 +104,8 @@ def soft_pool_reference(x: Tensor, kernel, stride, padding, dilation, ceil_mode:
     values, masks = torch.stack(values, -1), torch.stack(masks, -1)
     logits = torch.where(masks, values / temp, torch.full_like(values, -math.inf))
     weights = torch.softmax(logits, dim=-1)
+    if weights_only:
+        weights = weights.detach()
     return (weights * torch.where(masks, values, torch.zeros_like(values))).sum(-1)
 
 
@@ -111,11 +117,12 @@ class ExcitationReference(TorchFunctionMode):
     """
 
     def __init__(self, temp: float = 0.3, pool_temp: float | None = None, gate: str = "sigmoid",
-                 rules: bool = False) -> None:
+                 rules: bool = False, pool_backward: str = "soft") -> None:
         super().__init__()
         self.temp = temp
         self.pool_temp = temp if pool_temp is None else pool_temp
         self.gate = gate
+        self.weights_only = pool_backward == "weights"
         self.rules = rules
         self.calls: Dict[str, int] = {"relu": 0, "max_pool2d": 0}
 
@@ -202,7 +209,7 @@ class ExcitationReference(TorchFunctionMode):
             stride = None if stride is None or (not isinstance(stride, int) and len(stride) == 0) else stride
             pool_args = (bound["kernel_size"], stride, bound.get("padding", 0), bound.get("dilation", 1), bool(bound.get("ceil_mode", False)))
             exact, indices = F.max_pool2d(x, *pool_args, return_indices=True)
-            result = _straight_through(exact, soft_pool_reference(x, *pool_args, self.pool_temp))
+            result = _straight_through(exact, soft_pool_reference(x, *pool_args, self.pool_temp, self.weights_only))
             with_indices = func is F.max_pool2d_with_indices or bool(bound.get("return_indices", False))
             return (result, indices) if with_indices and func is not torch.max_pool2d else result
         if self.rules:
@@ -221,13 +228,13 @@ class _null:
 
 
 def reference_pullback(model: nn.Module, x: Tensor, target, temp: float = 0.3, pool_temp=None, gate="sigmoid",
-                       rules: bool = False) -> Tensor:
+                       rules: bool = False, pool_backward: str = "soft") -> Tensor:
     """The excitation pullback of ``model`` (in its current mode) by interception.
 
     ``rules=True`` also intercepts every other rule's op (default temperatures).
     """
     leaf = x.detach().clone().requires_grad_(True)
-    with ExcitationReference(temp, pool_temp, gate, rules):
+    with ExcitationReference(temp, pool_temp, gate, rules, pool_backward):
         out = model(leaf)
     if isinstance(target, int):
         target = torch.full((x.shape[0],), target, dtype=torch.long)

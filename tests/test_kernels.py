@@ -86,16 +86,17 @@ def test_pool_forward_and_indices_are_bit_identical(kernel, stride, padding, dil
     assert torch.equal(surrogate_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode), expected[0])
 
 
+@pytest.mark.parametrize("pool_backward", ["soft", "weights"])
 @pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", POOL_CONFIGS)
-def test_pool_backward_is_soft_pool_gradient(kernel, stride, padding, dilation, ceil_mode):
+def test_pool_backward_is_soft_pool_gradient(kernel, stride, padding, dilation, ceil_mode, pool_backward):
     x = torch.randn(2, 3, 11, 13, dtype=torch.float64, requires_grad=True)
     try:
-        out = surrogate_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, temp=0.4)
+        out = surrogate_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, temp=0.4, pool_backward=pool_backward)
     except RuntimeError:
         pytest.skip("torch rejects this configuration itself")
     g = torch.randn_like(out)
     (ours,) = torch.autograd.grad(out, x, g)
-    soft = soft_pool_reference(x, kernel, stride, padding, dilation, ceil_mode, 0.4)
+    soft = soft_pool_reference(x, kernel, stride, padding, dilation, ceil_mode, 0.4, pool_backward == "weights")
     assert soft.shape == out.shape
     (ref,) = torch.autograd.grad(soft, x, g)
     assert rel_err(ours, ref) < 1e-10
@@ -131,9 +132,11 @@ def test_pool_backward_is_stable_at_any_magnitude(scale, temp):
         torch.testing.assert_close(grad, hard, atol=1e-3, rtol=0)
 
 
-def test_pool_opcheck():
+@pytest.mark.parametrize("pool_backward", ["soft", "weights"])
+def test_pool_opcheck(pool_backward):
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
-    torch.library.opcheck(torch.ops.excitation.surrogate_max_pool2d.default, (x, [2, 2], [2, 2], [0, 0], [1, 1], False, 0.3))
+    args = (x, [2, 2], [2, 2], [0, 0], [1, 1], False, 0.3, pool_backward)
+    torch.library.opcheck(torch.ops.excitation.surrogate_max_pool2d.default, args)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
@@ -148,24 +151,27 @@ def test_pool_reduced_precision(dtype, tol):
     assert ours.dtype == dtype and rel_err(ours, ref) < tol
 
 
+@pytest.mark.parametrize("pool_backward", ["soft", "weights"])
 @pytest.mark.parametrize("kernel,stride,padding,dilation,ceil_mode", POOL_CONFIGS[::7])
-def test_pool_functional_and_in_place_backward_agree(kernel, stride, padding, dilation, ceil_mode):
+def test_pool_functional_and_in_place_backward_agree(kernel, stride, padding, dilation, ceil_mode, pool_backward):
     # The in-place path runs under plain autograd and compile; the functional one under torch.func.
     x = torch.randn(2, 3, 11, 13, dtype=torch.float64)
     out = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     g = torch.randn_like(out)
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)
-    args = (pair(kernel), pair(kernel) if stride is None else pair(stride), pair(padding), pair(dilation), ceil_mode, 0.3)
+    args = (pair(kernel), pair(kernel) if stride is None else pair(stride), pair(padding), pair(dilation), ceil_mode, 0.3,
+            pool_backward)
     fast = soft_max_pool2d_backward(g, x, *args)
     functional = soft_max_pool2d_backward(g, x, *args, functional=True)
     torch.testing.assert_close(fast, functional, rtol=1e-12, atol=1e-12)
 
 
-def test_pool_backward_op_for_compiled_cpu_graphs_matches_and_vmaps():
+@pytest.mark.parametrize("pool_backward", ["soft", "weights"])
+def test_pool_backward_op_for_compiled_cpu_graphs_matches_and_vmaps(pool_backward):
     # Compiled CPU graphs call excitation::soft_max_pool2d_backward (ops.py says why): it must be
     # the torch path exactly, pass torch.library's checks, and vmap over cotangents and inputs.
     x = torch.randn(2, 3, 11, 13, dtype=torch.float64)
-    args = ([3, 3], [2, 2], [1, 1], [1, 1], True, 0.3)
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], True, 0.3, pool_backward)
     g = torch.randn(4, *F.max_pool2d(x, 3, 2, 1, 1, True).shape, dtype=torch.float64)
     op = torch.ops.excitation.soft_max_pool2d_backward
     assert torch.equal(op(g[0], x, *args), soft_max_pool2d_backward(g[0], x, *args))

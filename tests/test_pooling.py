@@ -27,8 +27,8 @@ def _adaptive_windows(size, out):
     return [list(range(math.floor(i * size / out), math.ceil((i + 1) * size / out))) for i in range(out)]
 
 
-def _soft_pool(x, windows_per_dim, temp):
-    """sum_w softmax(x_w / temp) x_w for every output position, one window at a time."""
+def _soft_pool(x, windows_per_dim, temp, weights_only=False):
+    """sum_w softmax(x_w / temp) x_w for every output position, one window at a time (weights detached if asked)."""
     dims = len(windows_per_dim)
     outs = [len(w) for w in windows_per_dim]
     flat = x.reshape(-1, *x.shape[-dims:])
@@ -36,7 +36,8 @@ def _soft_pool(x, windows_per_dim, temp):
     for position in itertools.product(*[range(o) for o in outs]):
         members = itertools.product(*[windows_per_dim[d][position[d]] for d in range(dims)])
         values = torch.stack([flat[(slice(None), *m)] for m in members], -1)
-        result.append((torch.softmax(values / temp, -1) * values).sum(-1))
+        weights = torch.softmax(values / temp, -1)
+        result.append(((weights.detach() if weights_only else weights) * values).sum(-1))
     return torch.stack(result, -1).reshape(*x.shape[:-dims], *outs)
 
 
@@ -49,12 +50,14 @@ POOL_CASES = [  # dims, spatial, kernel, stride, padding, dilation, ceil_mode
 ]
 
 
+@pytest.mark.parametrize("pool_backward", ["soft", "weights"])
 @pytest.mark.parametrize("case", POOL_CASES, ids=[str(i) for i in range(len(POOL_CASES))])
 @pytest.mark.parametrize("temp", [0.1, 1.0])
-def test_max_pool_nd_matches_forward_and_soft_pool_gradient(case, temp):
+def test_max_pool_nd_matches_forward_and_soft_pool_gradient(case, temp, pool_backward):
     dims, spatial, kernel, stride, padding, dilation, ceil_mode = case
     x = torch.randn(2, 3, *spatial, dtype=torch.float64, requires_grad=True)
-    out, idx = surrogate_max_pool(x, kernel, stride, padding, dilation, ceil_mode, True, temp=temp, dims=dims)
+    out, idx = surrogate_max_pool(x, kernel, stride, padding, dilation, ceil_mode, True, temp=temp, dims=dims,
+                                  pool_backward=pool_backward)
     ref_out, ref_idx = MAX_POOL[dims](x, kernel, stride, padding, dilation, ceil_mode, True)
     assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
     tup = lambda v, default: ((default if v is None else v),) * dims if not isinstance(v, tuple) else v  # noqa: E731
@@ -62,23 +65,24 @@ def test_max_pool_nd_matches_forward_and_soft_pool_gradient(case, temp):
     windows = [_regular_windows(spatial[i], k[i], s[i], p[i], d[i], out.shape[2 + i]) for i in range(dims)]
     g = torch.randn_like(out)
     (ours,) = torch.autograd.grad(out, x, g)
-    (ref,) = torch.autograd.grad(_soft_pool(x, windows, temp), x, g)
+    (ref,) = torch.autograd.grad(_soft_pool(x, windows, temp, pool_backward == "weights"), x, g)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("pool_backward", ["soft", "weights"])
 @pytest.mark.parametrize("dims,spatial,output", [
     (1, (10,), 4), (1, (7,), 7), (2, (9, 7), (4, 3)), (2, (8, 8), (2, None)), (3, (5, 7, 6), (2, 3, 4)),
 ])
-def test_adaptive_max_pool_matches_forward_and_soft_pool_gradient(dims, spatial, output):
+def test_adaptive_max_pool_matches_forward_and_soft_pool_gradient(dims, spatial, output, pool_backward):
     x = torch.randn(2, 2, *spatial, dtype=torch.float64, requires_grad=True)
-    out, idx = surrogate_adaptive_max_pool(x, output, True, temp=0.5, dims=dims)
+    out, idx = surrogate_adaptive_max_pool(x, output, True, temp=0.5, dims=dims, pool_backward=pool_backward)
     ref_out, ref_idx = ADAPTIVE[dims](x, output, True)
     assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
     sizes = out.shape[2:]
     windows = [_adaptive_windows(spatial[i], sizes[i]) for i in range(dims)]
     g = torch.randn_like(out)
     (ours,) = torch.autograd.grad(out, x, g)
-    (ref,) = torch.autograd.grad(_soft_pool(x, windows, 0.5), x, g)
+    (ref,) = torch.autograd.grad(_soft_pool(x, windows, 0.5, pool_backward == "weights"), x, g)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 

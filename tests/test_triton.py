@@ -47,13 +47,13 @@ SCRIPT = textwrap.dedent(
     from excitation.kernels.triton import launch_soft_max_pool2d_backward
     from excitation.kernels.reference import max_pool2d_output_size, soft_max_pool2d_backward
 
-    def check_pool(name, x, args, temp, tol):
+    def check_pool(name, x, args, temp, tol, pool_backward="soft"):
         k, s, p, d, c = args
         oh = max_pool2d_output_size(x.shape[-2], k[0], s[0], p[0], d[0], c)
         ow = max_pool2d_output_size(x.shape[-1], k[1], s[1], p[1], d[1], c)
         g = torch.randn(*x.shape[:-2], oh, ow).to(x.dtype)
-        ours = launch_soft_max_pool2d_backward(g, x, k, s, p, d, c, temp)
-        ref = soft_max_pool2d_backward(g.double(), x.double(), k, s, p, d, c, temp)
+        ours = launch_soft_max_pool2d_backward(g, x, k, s, p, d, c, temp, pool_backward)
+        ref = soft_max_pool2d_backward(g.double(), x.double(), k, s, p, d, c, temp, pool_backward)
         err = float((ours.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
         ok = ours.shape == x.shape and ours.dtype == x.dtype and bool(torch.isfinite(ours).all()) and err <= tol
         results.append({"case": name, "ok": ok, "err": err})
@@ -70,6 +70,7 @@ SCRIPT = textwrap.dedent(
     for name, args in pools.items():
         for temp in (0.1, 1.0):
             check_pool(f"pool {name} t={temp}", torch.randn(2, 3, 11, 9), args, temp, 1e-5)
+        check_pool(f"pool {name} weights only", torch.randn(2, 3, 11, 9), args, 0.3, 1e-5, "weights")
     check_pool("pool channels_last", torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last),
                pools["resnet stem 3x3/2 pad 1"], 0.3, 1e-5)
     check_pool("pool float16", torch.randn(1, 2, 8, 8).half(), pools["vgg 2x2/2"], 0.3, 5e-3)
@@ -87,7 +88,7 @@ def test_triton_kernel_matches_reference_under_interpreter():
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     failed = [r for r in results if not r["ok"]]
-    assert len(results) == 24 + 17 and not failed, failed
+    assert len(results) == 24 + 17 + 7 and not failed, failed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -18,7 +18,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import fx
 
-from ..gates import check_gate, check_saved, check_temp
+from ..gates import check_saved
+from ..presets import resolve_preset
 from ..kernels import surrogate_relu
 from .report import Report
 from .rewrite import TempsSpec, excite_graph
@@ -39,17 +40,19 @@ class ExcitationBackend:
     def __init__(
         self,
         *,
-        temp: float = 0.3,
+        preset: Optional[str] = None,
+        temp: Optional[float] = None,
         pool_temp: Optional[float] = None,
-        gate: str = "sigmoid",
+        gate: Optional[str] = None,
+        pool_backward: Optional[str] = None,
         temps: TempsSpec = None,
         rules: RulesSpec = None,
         saved: str = "exact",
         inner: Union[str, Callable] = "inductor",
     ) -> None:
-        self.temp = check_temp(temp)
-        self.pool_temp = None if pool_temp is None else check_temp(pool_temp, argument="pool_temp")
-        self.gate = check_gate(gate)
+        self.preset, self.temp, self.pool_temp, self.gate, self.pool_backward = resolve_preset(
+            preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward
+        )
         self.temps = temps
         resolve_rules(rules, self.temp, self.temp)  # refuse bad rules now, not at the first compile
         self.rules = rules
@@ -71,8 +74,8 @@ class ExcitationBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
         result = excite_graph(
-            gm, temp=self.temp, pool_temp=self.pool_temp, gate=self.gate, temps=self.temps, rules=self.rules,
-            saved=self.saved,
+            gm, preset=self.preset, temp=self.temp, pool_temp=self.pool_temp, gate=self.gate,
+            pool_backward=self.pool_backward, temps=self.temps, rules=self.rules, saved=self.saved,
         )
         if self.saved == "exact":
             mark_relu_outputs_for_recompute(gm)
@@ -81,7 +84,8 @@ class ExcitationBackend:
         return self._inner_backend()(gm, example_inputs)
 
     def __repr__(self) -> str:
-        return f"excitation.backend(temp={self.temp}, pool_temp={self.pool_temp}, gate={self.gate!r}, inner={self.inner!r})"
+        return (f"excitation.backend(preset={self.preset!r}, temp={self.temp}, pool_temp={self.pool_temp}, "
+                f"gate={self.gate!r}, pool_backward={self.pool_backward!r}, inner={self.inner!r})")
 
 
 def mark_relu_outputs_for_recompute(gm: fx.GraphModule) -> int:
@@ -107,9 +111,11 @@ def mark_relu_outputs_for_recompute(gm: fx.GraphModule) -> int:
 
 def backend(
     *,
-    temp: float = 0.3,
+    preset: Optional[str] = None,
+    temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
-    gate: str = "sigmoid",
+    gate: Optional[str] = None,
+    pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
     rules: RulesSpec = None,
     saved: str = "exact",
@@ -119,10 +125,11 @@ def backend(
 
     ``temps`` keys are dynamo node names here (modules are inlined).  ``inner``
     is the backend that compiles the excited graph (``"inductor"``,
-    ``"aot_eager"``, ``"eager"`` or any callable backend).  ``rules`` and ``saved`` as in :func:`excitation.excite`.
+    ``"aot_eager"``, ``"eager"`` or any callable backend).  ``preset``, ``pool_backward``, ``rules`` and
+    ``saved`` as in :func:`excitation.excite`.
     """
-    return ExcitationBackend(temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, saved=saved,
-                             inner=inner)
+    return ExcitationBackend(preset=preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward,
+                             temps=temps, rules=rules, saved=saved, inner=inner)
 
 
 def excitation_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):

@@ -50,6 +50,9 @@ class Site:
         For a ReLU fused with the BatchNorm before it (``excite(..., fuse=True)``,
         the default): that BatchNorm's module path, with ``" + add"`` when a
         residual sum between them was fused too.  ``None`` for an unfused site.
+    pool_backward : str or None
+        For a max-pool site, what its backward differentiates: ``"soft"`` (the soft
+        pool) or ``"weights"`` (its softmax weights held constant).  ``None`` elsewhere.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Site:
     inplace: bool = False
     rule: str = "relu"
     fused: Optional[str] = None
+    pool_backward: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,9 @@ class Report:
     smooth: List[Unhandled] = field(default_factory=list)
     #: What the ReLU sites keep for their backward ("exact", "bfloat16" or "uint8").
     saved: str = "exact"
+    #: The preset the options started from (``excitation.PRESETS``), and the pool backward used.
+    preset: str = "paper"
+    pool_backward: str = "soft"
 
     def counts(self) -> Dict[str, int]:
         """Rewritten sites per kind, e.g. ``{"relu": 49, "max_pool2d": 1}``.
@@ -121,7 +128,8 @@ class Report:
             if len(temps) <= 2
             else f"temps {temps[0]:g}..{temps[-1]:g} over {len(temps)} values"
         )
-        lines = [f"excitation: rewrote {', '.join(parts)} sites (gate {self.gate}, {temp_text})"]
+        pool = "" if not any(site.rule == "max_pool" for site in self.sites) else f", pool backward {self.pool_backward}"
+        lines = [f"excitation: rewrote {', '.join(parts)} sites (preset {self.preset}: gate {self.gate}, {temp_text}{pool})"]
         fused = sum(site.fused is not None for site in self.sites)
         if fused:
             lines.append(f"  {fused} ReLU sites fused with the BatchNorm before them (they save what vanilla saves)")

@@ -17,7 +17,8 @@ import torch.nn as nn
 from torch import fx
 
 from ..errors import ExcitationError, InplaceAliasError, with_suggestions
-from ..gates import check_gate, check_saved, check_temp
+from ..gates import check_saved, check_temp
+from ..presets import resolve_preset
 from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
 from ..kernels.fused import batch_norm_relu
 from .excited import REPORT_ATTR, make_excited
@@ -104,7 +105,8 @@ def _check_inplace_aliases(site: SiteMatch, order: Dict[fx.Node, int], gm: fx.Gr
 
 
 def _resolve_temps(
-    matches: List[SiteMatch], gm: fx.GraphModule, rules: Dict[str, Optional[float]], gate: str, temps: TempsSpec
+    matches: List[SiteMatch], gm: fx.GraphModule, rules: Dict[str, Optional[float]], gate: str, temps: TempsSpec,
+    pool_backward: str = "soft",
 ) -> List[Site]:
     sites = []
     for match in matches:
@@ -118,6 +120,7 @@ def _resolve_temps(
                 gate=gate if match.kind == "relu" else None,
                 inplace=match.inplace,
                 rule=match.rule,
+                pool_backward=pool_backward if match.rule == "max_pool" else None,
             )
         )
     if temps is None:
@@ -168,12 +171,13 @@ def _surrogate_node(graph: fx.Graph, match: SiteMatch, site: Site, saved: str) -
         return graph.call_function(surrogate_relu, (match.input,), kwargs)
     if match.kind == "max_pool2d":
         kernel, stride, padding, dilation, ceil_mode = match.pool_args
+        kwargs = {"temp": site.temp}
+        if site.pool_backward != "soft":  # graphs stay as they were unless asked
+            kwargs["pool_backward"] = site.pool_backward
         return graph.call_function(
-            surrogate_max_pool2d,
-            (match.input, kernel, stride, padding, dilation, ceil_mode, match.returns_tuple),
-            {"temp": site.temp},
+            surrogate_max_pool2d, (match.input, kernel, stride, padding, dilation, ceil_mode, match.returns_tuple), kwargs
         )
-    target, kwargs = surrogate_call(match, site.temp)
+    target, kwargs = surrogate_call(match, site.temp, site.pool_backward or "soft")
     if match.kind == "attention_function":
         return graph.call_function(target, match.node.args, match.node.kwargs)
     for key in ("weight", "bias"):
@@ -215,9 +219,11 @@ def _rewrite_site(
 def excite_graph(
     gm: fx.GraphModule,
     *,
-    temp: float = 0.3,
+    preset: Optional[str] = None,
+    temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
-    gate: str = "sigmoid",
+    gate: Optional[str] = None,
+    pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
     rules: RulesSpec = None,
     saved: str = "exact",
@@ -225,11 +231,12 @@ def excite_graph(
 ) -> Report:
     """Rewrite every site of the selected rules in ``gm`` in place; return the :class:`Report`.
 
-    All checks run before the first edit, so a failure leaves ``gm`` as it was.
+    Options as for :func:`excite`.  All checks run before the first edit, so a failure
+    leaves ``gm`` as it was.
     """
-    temp = check_temp(temp)
-    pool_temp = temp if pool_temp is None else check_temp(pool_temp, argument="pool_temp")
-    gate = check_gate(gate)
+    preset, temp, pool_temp, gate, pool_backward = resolve_preset(
+        preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward
+    )
     saved = check_saved(saved)
     active = resolve_rules(rules, temp, pool_temp)
     graph = gm.graph
@@ -247,7 +254,7 @@ def excite_graph(
         if found is not None:
             op, reason = found
             (smooth if reason == "smooth" else unhandled).append(Unhandled(site_name(gm, node), op, reason))
-    sites = _resolve_temps(matches, gm, active, gate, temps)
+    sites = _resolve_temps(matches, gm, active, gate, temps, pool_backward)
     for match in matches:
         if match.inplace and isinstance(match.input, fx.Node):
             _check_inplace_aliases(match, order, gm)
@@ -271,15 +278,17 @@ def excite_graph(
             stacklevel=3,
         )
     return Report(sites=sites, unhandled=unhandled, temp=temp, pool_temp=pool_temp, gate=gate, rules=active,
-                  smooth=smooth, saved=saved)
+                  smooth=smooth, saved=saved, preset=preset, pool_backward=pool_backward)
 
 
 def excite(
     model: Union[nn.Module, "torch.export.ExportedProgram"],
     *,
-    temp: float = 0.3,
+    preset: Optional[str] = None,
+    temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
-    gate: str = "sigmoid",
+    gate: Optional[str] = None,
+    pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
     rules: RulesSpec = None,
     saved: str = "exact",
@@ -301,12 +310,21 @@ def excite(
         A plain module is traced with ``torch.fx.symbolic_trace``; a GraphModule
         (custom tracer, ``ep.module()``, an excited model) is rewritten as it is.
         An ExportedProgram is rewritten through ``ep.module()``.
-    temp : float
-        ReLU gate temperature, > 0.  ``temp -> 0`` gives the vanilla gradient.
+    preset : {"paper", "semantic"}, optional
+        The rule set the options below start from (:data:`excitation.PRESETS`):
+        ``"paper"`` (default: sigmoid gate at 0.3, soft-pool gradient at ``temp``) or
+        ``"semantic"`` (the author's later rules: ``Phi(z / 0.6)``, pool softmax
+        weights held constant at 0.3).  Explicit arguments override it.
+    temp : float, optional
+        ReLU gate temperature, > 0 (the preset's: 0.3 or 0.6).  ``temp -> 0`` gives the vanilla gradient.
     pool_temp : float, optional
-        Soft-pool temperature; defaults to ``temp``.
-    gate : {"sigmoid", "normal_cdf"}
-        The ReLU gate.
+        Soft-pool temperature; defaults to ``temp`` without a preset, else to the preset's (0.3).
+    gate : {"sigmoid", "normal_cdf"}, optional
+        The ReLU gate (the preset's).
+    pool_backward : {"soft", "weights"}, optional
+        What each max-pool's backward differentiates: the soft pool ``sum_w softmax(x_w / pool_temp) x_w``
+        (``"soft"``, the paper's) or the same with its softmax weights held constant (``"weights"``:
+        ``dx_w = g * softmax(x / pool_temp)_w``).  The preset's by default.
     temps : mapping or callable, optional
         Per-site temperatures: ``{module path or node name: temp}``, or
         ``callable(site) -> temp | None``.  See :class:`excitation.Site`.
@@ -347,17 +365,15 @@ def excite(
     check_not_compiled(model, "excite")
     model = _uncompiled(model)  # an excited model in a compile wrapper: re-excite the excited module
     # Validate options before the (possibly slow) trace.
-    check_temp(temp)
-    if pool_temp is not None:
-        check_temp(pool_temp, argument="pool_temp")
-    check_gate(gate)
+    resolve_preset(preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward)
     check_saved(saved)
     if not isinstance(fuse, bool):
         raise TypeError(f"fuse must be True or False, got {fuse!r} ({type(fuse).__name__}).")
     resolve_rules(rules, 0.3, 0.3)
     gm = copy_graph_module(model) if isinstance(model, fx.GraphModule) else trace(clone_module_tree(model))
     result = excite_graph(
-        gm, temp=temp, pool_temp=pool_temp, gate=gate, temps=temps, rules=rules, saved=saved, fuse=fuse
+        gm, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward, temps=temps,
+        rules=rules, saved=saved, fuse=fuse,
     )
     recompute_cheap_convolutions(gm, enabled=saved == "exact")  # gm's modules are our clones
     gm = make_excited(gm, result)

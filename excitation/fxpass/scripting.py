@@ -59,6 +59,7 @@ def _lower(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> Any:
     bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
     bound.apply_defaults()
     temp = float(bound.arguments.get("temp") or 0.0)  # rules without a temperature ignore it
+    pool_backward = bound.arguments.get("pool_backward", "soft")
     if match.kind in ("hardtanh", "leaky_relu", "silu", "gelu", "hardswish", "hardsigmoid"):
         kind = "gelu_tanh" if match.kind == "gelu" and p.get("approximate") == "tanh" else match.kind
         params = [float(_constant(match, p[name], name)) for name in _ACTIVATION_PARAMS.get(match.kind, ())]
@@ -83,13 +84,15 @@ def _lower(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> Any:
                 f"torch.jit.script needs every adaptive output size, but '{node.name}' keeps an input size (None); "
                 f"use torch.jit.trace or torch.export instead."
             )
-        pooled = graph.call_function(ops.surrogate_adaptive_max_pool, (match.input, [int(v) for v in sizes], temp))
+        pooled = graph.call_function(
+            ops.surrogate_adaptive_max_pool, (match.input, [int(v) for v in sizes], temp, pool_backward)
+        )
     else:
         arguments = pool_arguments(
             _constant(match, p["kernel_size"], "kernel_size"), p.get("stride"), p.get("padding", 0),
             p.get("dilation", 1), dims,
         )
-        args = (match.input, *arguments, bool(p.get("ceil_mode", False)), temp)
+        args = (match.input, *arguments, bool(p.get("ceil_mode", False)), temp, pool_backward)
         pooled = graph.call_function(ops.surrogate_max_pool, args)
     return pooled if match.returns_tuple else graph.call_function(operator.getitem, (pooled, 0))
 
@@ -146,7 +149,7 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
                     f"at run time; use torch.jit.trace or torch.export instead."
                 )
             arguments = pool_arguments(bound["kernel_size"], bound["stride"], bound["padding"], bound["dilation"], 2)
-            args = (bound["input"], *arguments, bool(bound["ceil_mode"]), float(bound["temp"]))
+            args = (bound["input"], *arguments, bool(bound["ceil_mode"]), float(bound["temp"]), bound["pool_backward"])
             with graph.inserting_after(node):
                 pooled = graph.call_function(torch.ops.excitation.surrogate_max_pool2d, args)
             replacement: Any = pooled

@@ -60,7 +60,7 @@ _POOL_PARAMS = (
 _ATEN_POOL_PARAMS = _POOL_PARAMS[:6]
 # Our own surrogate calls (what an excited graph holds).
 SURROGATE_RELU_PARAMS = (("input", None), ("temp", 0.3), ("gate", "sigmoid"), ("saved", "exact"))
-SURROGATE_POOL_PARAMS = _POOL_PARAMS + (("temp", 0.3),)
+SURROGATE_POOL_PARAMS = _POOL_PARAMS + (("temp", 0.3), ("pool_backward", "soft"))
 
 # target -> (params, forced inplace or None)
 _RELU_FUNCTIONS: Dict[Any, Tuple[Sequence, Optional[bool]]] = {
@@ -347,7 +347,9 @@ def _general_site(node: Node, kind: str, form: str, bound: Dict[str, Any], inpla
     if kind == "scaled_dot_product_attention":
         params = {k: v for k, v in bound.items() if k not in ("query",)}
         return SiteMatch(node, kind, form, bound["query"], params=params)
-    params = {k: v for k, v in bound.items() if k not in ("input", "inplace", "temp", "_stacklevel", "cudnn_enable")}
+    # temp and pool_backward come from the (re-)excitation's options, not from an earlier one.
+    skip = ("input", "inplace", "temp", "pool_backward", "_stacklevel", "cudnn_enable")
+    params = {k: v for k, v in bound.items() if k not in skip}
     if "half_to_float" in params:  # aten._softmax: a float32 result from a half input
         params["dtype"] = torch.float32 if params.pop("half_to_float") else None
     if params.pop("native", False):
@@ -457,7 +459,7 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
     return None
 
 
-def surrogate_call(match: SiteMatch, temp: Optional[float]) -> Tuple[Callable, Dict[str, Any]]:
+def surrogate_call(match: SiteMatch, temp: Optional[float], pool_backward: str = "soft") -> Tuple[Callable, Dict[str, Any]]:
     """The surrogate function for a general site and the keyword arguments it takes (besides the input)."""
     kind, params = match.kind, dict(match.params)
     if kind == "attention_function":
@@ -465,7 +467,8 @@ def surrogate_call(match: SiteMatch, temp: Optional[float]) -> Tuple[Callable, D
     if kind.startswith("max_pool") or kind.startswith("adaptive_max_pool"):
         params["return_indices"] = match.returns_tuple
         target = surrogate_max_pool if kind.startswith("max_pool") else surrogate_adaptive_max_pool
-        return target, {**params, "temp": temp}
+        extra = {"pool_backward": pool_backward} if pool_backward != "soft" else {}  # graphs stay as they were unless asked
+        return target, {**params, "temp": temp, **extra}
     if kind == "layer_norm" and match.returns_tuple:  # the 3-output aten.native_layer_norm
         return surrogate_native_layer_norm, params
     target = {

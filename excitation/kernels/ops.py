@@ -97,16 +97,18 @@ def _pool_forward(
     dilation: List[int],
     ceil_mode: bool,
     temp: float,
+    pool_backward: str,
 ) -> Tuple[Tensor, Tensor]:
     """Forward of this op and of the 1-D / 3-D one (:mod:`.pooling`): exactly ``F.max_poolNd(..., return_indices=True)``
-    (the ATen op's meta kernel is the fake).  Backward: soft-pool gradient."""
+    (the ATen op's meta kernel is the fake).  Backward: soft-pool gradient (``pool_backward``: see
+    :data:`excitation.presets.POOL_BACKWARDS`)."""
     return _MAX_POOL[len(kernel_size)](x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def _pool_setup_context(ctx, inputs, output) -> None:
-    x, kernel_size, stride, padding, dilation, ceil_mode, temp = inputs
+    x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward = inputs
     ctx.save_for_backward(x)
-    ctx.pool_args = (kernel_size, stride, padding, dilation, ceil_mode, temp)
+    ctx.pool_args = (kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward)
     ctx.mark_non_differentiable(output[1])
 
 
@@ -120,6 +122,7 @@ def _soft_max_pool2d_backward_op(
     dilation: List[int],
     ceil_mode: bool,
     temp: float,
+    pool_backward: str,
 ) -> Tensor:
     """The plain-torch soft-pool backward as one opaque op: what compiled CPU graphs call.
 
@@ -129,16 +132,16 @@ def _soft_max_pool2d_backward_op(
     compiled CPU graph calls the eager one as an extern kernel: compiled resnet50's
     pullback went from 1.11x to 1.02-1.03x of compiled vanilla, googlenet's from 1.88x to 1.14x.
     """
-    return soft_max_pool2d_backward_torch(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp)
+    return soft_max_pool2d_backward_torch(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward)
 
 
 @_soft_max_pool2d_backward_op.register_fake
-def _(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp):
+def _(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward):
     return x.new_empty(x.shape)  # contiguous, like the real result
 
 
 @_soft_max_pool2d_backward_op.register_vmap
-def _(info, in_dims, grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp):
+def _(info, in_dims, grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward):
     # Each plane is pooled on its own, so the vmapped dimension folds into the leading ones.
     def batched(tensor: Tensor, dim: Optional[int]) -> Tensor:
         if dim is None:
@@ -146,7 +149,8 @@ def _(info, in_dims, grad, x, kernel_size, stride, padding, dilation, ceil_mode,
         return tensor.movedim(dim, 0)
 
     result = soft_max_pool2d_backward_torch(
-        batched(grad, in_dims[0]), batched(x, in_dims[1]), kernel_size, stride, padding, dilation, ceil_mode, temp
+        batched(grad, in_dims[0]), batched(x, in_dims[1]), kernel_size, stride, padding, dilation, ceil_mode, temp,
+        pool_backward,
     )
     return result, 0
 
@@ -155,11 +159,15 @@ def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
     (x,) = ctx.saved_tensors
     if x.device.type == "cpu" and torch.compiler.is_compiling():
         # A compiled CPU graph: ours as one extern call (see _soft_max_pool2d_backward_op).
-        kernel_size, stride, padding, dilation, ceil_mode, temp = ctx.pool_args
-        pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp)
-        return torch.ops.excitation.soft_max_pool2d_backward(grad, x, *pool_args), None, None, None, None, None, None
+        kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward = ctx.pool_args
+        pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp, pool_backward)
+        return torch.ops.excitation.soft_max_pool2d_backward(grad, x, *pool_args), *_NO_POOL_ARG_GRADS
     dx = soft_max_pool2d_backward(grad, x, *ctx.pool_args, functional=functional_backward())
-    return dx, None, None, None, None, None, None
+    return dx, *_NO_POOL_ARG_GRADS
+
+
+# No gradient for kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward.
+_NO_POOL_ARG_GRADS = (None,) * 7
 
 
 _call_surrogate_max_pool2d = define_surrogate_op(
@@ -231,13 +239,15 @@ def surrogate_max_pool2d(
     ceil_mode: bool = False,
     return_indices: bool = False,
     temp: float = 0.3,
+    pool_backward: str = "soft",
 ):
     """2-D max-pool whose forward equals ``F.max_pool2d`` bit for bit and whose backward is soft pooling's.
 
     The backward is the gradient of ``sum_w softmax(x_w / temp) * x_w`` over each
-    window, positions outside the input excluded.  Arguments follow
-    :func:`torch.nn.functional.max_pool2d`; ``temp`` is the softmax temperature.
+    window, positions outside the input excluded (``pool_backward="soft"``), or of the
+    same sum with its softmax weights held constant (``"weights"``: ``g * softmax(x / temp)``).
+    Arguments follow :func:`torch.nn.functional.max_pool2d`; ``temp`` is the softmax temperature.
     """
-    args = (*pool_arguments(kernel_size, stride, padding, dilation, 2), bool(ceil_mode), temp)
+    args = (*pool_arguments(kernel_size, stride, padding, dilation, 2), bool(ceil_mode), temp, pool_backward)
     out, indices = _call_surrogate_max_pool2d(x, *args)
     return (out, indices) if return_indices else out

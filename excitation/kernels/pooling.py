@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .ops import _pool_forward, _pool_setup_context, pool_arguments  # the 2-D op's: same arguments, save x
+from .ops import _NO_POOL_ARG_GRADS, _pool_forward, _pool_setup_context, pool_arguments  # the 2-D op's: same arguments
 from .reference import (
     adaptive_pool_windows,
     pool_windows,
@@ -32,13 +32,13 @@ _ADAPTIVE = {1: aten.adaptive_max_pool1d, 2: aten.adaptive_max_pool2d, 3: aten.a
 # ------------------------------------------------------------------ regular pools
 def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
     (x,) = ctx.saved_tensors
-    kernel_size, stride, padding, dilation, ceil_mode, temp = ctx.pool_args
+    kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward = ctx.pool_args
     dims = len(kernel_size)
     windows = [
         pool_windows(x.shape[-dims + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
         for i in range(dims)
     ]
-    return soft_max_pool_windows_backward(grad, x, windows, temp), None, None, None, None, None, None
+    return soft_max_pool_windows_backward(grad, x, windows, temp, pool_backward), *_NO_POOL_ARG_GRADS
 
 
 _max_pool = define_surrogate_op(
@@ -65,36 +65,38 @@ def surrogate_max_pool(
     return_indices: bool = False,
     temp: float = 0.3,
     dims: Optional[int] = None,
+    pool_backward: str = "soft",
 ):
     """``F.max_pool{1,3}d`` bit for bit, with the soft-pool backward at ``temp``.
 
     ``dims`` (1, 2 or 3) is the pool's spatial rank; it is needed when ``kernel_size`` is an int.
+    ``pool_backward`` as for :func:`excitation.kernels.surrogate_max_pool2d`.
     """
     dims = _pool_dims(kernel_size, dims)
     arguments = pool_arguments(kernel_size, stride, padding, dilation, dims)
-    out, indices = _max_pool(x, *arguments, bool(ceil_mode), float(temp))
+    out, indices = _max_pool(x, *arguments, bool(ceil_mode), float(temp), pool_backward)
     return (out, indices) if return_indices else out
 
 
 # ----------------------------------------------------------------- adaptive pools
-def _adaptive_forward(x: Tensor, output_size: List[int], temp: float) -> Tuple[Tensor, Tensor]:
+def _adaptive_forward(x: Tensor, output_size: List[int], temp: float, pool_backward: str) -> Tuple[Tensor, Tensor]:
     out, indices = _ADAPTIVE[len(output_size)](x, output_size)
     return out, indices
 
 
 def _adaptive_setup_context(ctx, inputs, output) -> None:
-    x, output_size, temp = inputs
+    x, output_size, temp, pool_backward = inputs
     ctx.save_for_backward(x)
-    ctx.args = (output_size, temp)
+    ctx.args = (output_size, temp, pool_backward)
     ctx.mark_non_differentiable(output[1])
 
 
 def _adaptive_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
     (x,) = ctx.saved_tensors
-    output_size, temp = ctx.args
+    output_size, temp, pool_backward = ctx.args
     dims = len(output_size)
     windows = [adaptive_pool_windows(x.shape[-dims + i], output_size[i]) for i in range(dims)]
-    return soft_max_pool_windows_backward(grad, x, windows, temp), None, None
+    return soft_max_pool_windows_backward(grad, x, windows, temp, pool_backward), None, None, None
 
 
 _adaptive_max_pool = define_surrogate_op(
@@ -106,7 +108,8 @@ _adaptive_max_pool = define_surrogate_op(
 
 
 def surrogate_adaptive_max_pool(
-    x: Tensor, output_size: IntOrTuple, return_indices: bool = False, temp: float = 0.3, dims: Optional[int] = None
+    x: Tensor, output_size: IntOrTuple, return_indices: bool = False, temp: float = 0.3, dims: Optional[int] = None,
+    pool_backward: str = "soft",
 ):
     """``F.adaptive_max_pool{1,2,3}d`` bit for bit, with the soft-pool backward at ``temp``.
 
@@ -117,5 +120,5 @@ def surrogate_adaptive_max_pool(
     if len(sizes) == 1:
         sizes = sizes * dims
     sizes = [int(x.shape[-dims + i]) if s is None else int(s) for i, s in enumerate(sizes)]
-    out, indices = _adaptive_max_pool(x, sizes, float(temp))
+    out, indices = _adaptive_max_pool(x, sizes, float(temp), pool_backward)
     return (out, indices) if return_indices else out

@@ -134,8 +134,10 @@ def _offsets(kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequen
             yield (slice(a * dh, a * dh + (oh - 1) * sh + 1, sh), slice(b * dw, b * dw + (ow - 1) * sw + 1, sw))
 
 
-def _window_weights(views: List[Tensor], temp: float) -> List[Tensor]:
+def _window_weights(views: List[Tensor], temp: float, pool_backward: str = "soft") -> List[Tensor]:
     """``d(soft pool)/d(view_k) = p_k + p_k u_k - p_k * sum_v p_v u_v`` for every window offset k.
+
+    With ``pool_backward="weights"`` the softmax weights are constants and the derivative is ``p_k``.
 
     Out of place, for ``torch.func`` transforms (where the saved input can be a tensor
     autograd tracks and in-place writes on it are refused) and double backward.
@@ -153,6 +155,8 @@ def _window_weights(views: List[Tensor], temp: float) -> List[Tensor]:
     for p in ps[1:]:
         total = total + p
     ps = [p / total for p in ps]
+    if pool_backward == "weights":
+        return ps
     pus = [p * u for p, u in zip(ps, us)]
     weighted = pus[0]
     for pu in pus[1:]:
@@ -163,7 +167,9 @@ def _window_weights(views: List[Tensor], temp: float) -> List[Tensor]:
 _LN2 = math.log(2.0)
 
 
-def _accumulate_window_gradients(views: List[Tensor], targets: List[Tensor], grad: Tensor) -> None:
+def _accumulate_window_gradients(
+    views: List[Tensor], targets: List[Tensor], grad: Tensor, pool_backward: str = "soft"
+) -> None:
     """``targets[k] += grad * d(soft pool)/d(x_k)`` for every window offset k, in place.
 
     ``views`` hold the window inputs in base-2 units of the temperature, ``v_k = x_k
@@ -182,12 +188,23 @@ def _accumulate_window_gradients(views: List[Tensor], targets: List[Tensor], gra
     ``addcmul_`` straight into the strided input gradient (the form that normalised ``u``
     first and scattered with ``result[view] += c`` took twelve).  ``e * d`` never meets
     ``0 * inf`` because ``d`` is finite, so no clean-up pass is needed.
+
+    ``pool_backward="weights"`` holds the softmax weights constant: ``targets[k] += grad * e_k / S``.
     """
     peak = views[0].clone()  # (F.max_pool2d is 2.5x slower here: it writes indices too)
     for view in views[1:]:
         torch.maximum(peak, view, out=peak)
     total, weighted = torch.zeros_like(peak), torch.zeros_like(peak)
     ds, es = [], []
+    if pool_backward == "weights":
+        for view in views:
+            e = torch.exp2(torch.sub(view, peak))
+            total.add_(e)
+            es.append(e)
+        scale = torch.div(grad, total)
+        for target, e in zip(targets, es):
+            target.addcmul_(e, scale)
+        return
     for view in views:
         d = torch.sub(view, peak)
         e = torch.exp2(d)
@@ -247,6 +264,7 @@ def soft_max_pool2d_backward(
     dilation: Sequence[int],
     ceil_mode: bool,
     temp: float,
+    pool_backward: str = "soft",
     functional: bool = False,
 ) -> Tensor:
     """Gradient of soft pooling ``s = sum_w softmax(x_w / temp) * x_w``, summed over windows.
@@ -265,17 +283,22 @@ def soft_max_pool2d_backward(
     materialised (no im2col / col2im), and non-overlapping pools need no padding copy.
     ``functional=True`` avoids in-place writes that involve ``grad`` (needed under
     ``torch.func`` transforms, where ``grad`` may be batched and ``x`` not).
+
+    ``pool_backward="weights"`` differentiates ``s`` with the softmax weights held constant:
+    ``ds/dx_w = p_w`` (the later "semantic" rule set).
     """
     if x.is_cuda and not functional and triton_available():
         # One fused kernel instead of ~11 passes per window offset (torch.func / double
         # backward keep the torch path: the kernel has no vmap or derivative rule).
-        pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp)
+        pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp, pool_backward)
         if _launch_directly(grad, x):
             from .triton import launch_soft_max_pool2d_backward
 
             return launch_soft_max_pool2d_backward(grad, x, *pool_args)
         return torch.ops.excitation.soft_max_pool2d_backward_triton(grad, x, *pool_args)  # tracers see the kernel
-    return soft_max_pool2d_backward_torch(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, functional)
+    return soft_max_pool2d_backward_torch(
+        grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward, functional
+    )
 
 
 def soft_max_pool2d_backward_torch(
@@ -287,6 +310,7 @@ def soft_max_pool2d_backward_torch(
     dilation: Sequence[int],
     ceil_mode: bool,
     temp: float,
+    pool_backward: str = "soft",
     functional: bool = False,
 ) -> Tensor:
     """:func:`soft_max_pool2d_backward` in plain torch ops on any device (what CPU runs; the Triton kernel's baseline)."""
@@ -309,7 +333,7 @@ def soft_max_pool2d_backward_torch(
         finite = _finite(flat.to(compute_dtype))
         padded = F.pad(finite, pads, value=_padding_floor(compute_dtype)) if any(pads) else finite
         views = [padded[:, rows, cols] for rows, cols in offsets]
-        columns = torch.stack([w * g for w in _window_weights(views, temp)], dim=1).flatten(2)
+        columns = torch.stack([w * g for w in _window_weights(views, temp, pool_backward)], dim=1).flatten(2)
         result = F.fold(columns, padded.shape[-2:], kernel_size, dilation=dilation, stride=stride)[:, 0]
         if any(pads):
             result = result[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
@@ -332,6 +356,7 @@ def soft_max_pool2d_backward_torch(
             [scaled[:, rows, cols] for rows, cols in offsets],
             [target[:, rows, cols] for rows, cols in offsets],
             g[part],
+            pool_backward,
         )
         if any(pads):
             result[part] = target[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
@@ -361,7 +386,7 @@ def adaptive_pool_windows(size: int, out: int) -> Tuple[Tensor, Tensor]:
 
 
 def soft_max_pool_windows_backward(
-    grad: Tensor, x: Tensor, windows: Sequence[Tuple[Tensor, Tensor]], temp: float
+    grad: Tensor, x: Tensor, windows: Sequence[Tuple[Tensor, Tensor]], temp: float, pool_backward: str = "soft"
 ) -> Tensor:
     """Soft-pool gradient for 1-, 2- or 3-D windows given per dimension as ``(positions, valid)``.
 
@@ -370,7 +395,7 @@ def soft_max_pool_windows_backward(
     handles adaptive pooling's uneven windows as well as regular ones.  The
     math is the same: ``ds/dx_w = p_w + p_w u_w - p_w sum_v p_v u_v``, with
     invalid positions weighted exactly 0.  Purely functional, so it runs under
-    every ``torch.func`` transform.
+    every ``torch.func`` transform.  ``pool_backward="weights"``: ``ds/dx_w = p_w``.
     """
     dims = len(windows)
     spatial = x.shape[-dims:]
@@ -395,8 +420,11 @@ def soft_max_pool_windows_backward(
     u = torch.where(torch.isneginf(u), torch.full_like(u, -1e4), u)  # finite stand-in: exp(-1e4) == 0
     e = torch.exp(u)
     p = e / e.sum(dim=window_dims, keepdim=True)
-    pu = p * u
-    weights = p + pu - p * pu.sum(dim=window_dims, keepdim=True)
+    if pool_backward == "weights":
+        weights = p
+    else:
+        pu = p * u
+        weights = p + pu - p * pu.sum(dim=window_dims, keepdim=True)
     g = grad.reshape(-1, *[positions.shape[0] for positions, _ in windows]).to(compute_dtype)
     for axis in range(dims):
         g = g.unsqueeze(2 + 2 * axis)

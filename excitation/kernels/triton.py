@@ -112,7 +112,7 @@ def _window_logit(x_ptr, offset, ok, peak, inv_temp, big):
 def _soft_max_pool2d_backward_kernel(
     grad_ptr, x_ptr, out_ptr, n_outputs, height, width, out_h, out_w,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inv_temp, big,
-    KH: tl.constexpr, KW: tl.constexpr, OVERLAP: tl.constexpr, BLOCK: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, OVERLAP: tl.constexpr, WEIGHTS_ONLY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = index < n_outputs
@@ -145,21 +145,24 @@ def _soft_max_pool2d_backward_kernel(
             weighted += tl.where(e > 0.0, e * u, 0.0)
     mean_u = weighted / tl.where(total > 0.0, total, 1.0)
     scale = g / tl.where(total > 0.0, total, 1.0)
-    # Pass 3: dx_w += g * p_w * (1 + u_w - sum_v p_v u_v).
+    # Pass 3: dx_w += g * p_w * (1 + u_w - sum_v p_v u_v), or g * p_w with the weights held constant.
     for a in tl.static_range(KH):
         for b in tl.static_range(KW):
             h = top + a * dil_h
             w = left + b * dil_w
             ok = live & (h >= 0) & (h < height) & (w >= 0) & (w < width)
             u, e = _window_logit(x_ptr, base + h * width + w, ok, peak, inv_temp, big)
-            contribution = tl.where(e > 0.0, e * scale * (1.0 + u - mean_u), 0.0)
+            if WEIGHTS_ONLY:
+                contribution = e * scale
+            else:
+                contribution = tl.where(e > 0.0, e * scale * (1.0 + u - mean_u), 0.0)
             if OVERLAP:
                 tl.atomic_add(out_ptr + base + h * width + w, contribution, mask=ok & (e > 0.0))
             else:  # every input position is in at most one window: a plain store is race-free
                 tl.store(out_ptr + base + h * width + w, contribution, mask=ok)
 
 
-def _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, launcher,
+def _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward, launcher,
               block: int = POOL_BLOCK, num_warps: int = POOL_NUM_WARPS) -> Tensor:
     from .reference import max_pool2d_output_size
 
@@ -178,17 +181,18 @@ def _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, 
         launcher(_soft_max_pool2d_backward_kernel)[grid](
             gs, xs, out, n, height, width, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
             dilation[0], dilation[1], 1.0 / temp, big, KH=kernel_size[0], KW=kernel_size[1], OVERLAP=overlap,
-            BLOCK=block, num_warps=num_warps,
+            WEIGHTS_ONLY=pool_backward == "weights", BLOCK=block, num_warps=num_warps,
         )
     return out.to(x.dtype)
 
 
 def launch_soft_max_pool2d_backward(
-    grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, block: int = POOL_BLOCK, num_warps: int = POOL_NUM_WARPS
+    grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward: str = "soft",
+    block: int = POOL_BLOCK, num_warps: int = POOL_NUM_WARPS,
 ) -> Tensor:
     """Run the pool kernel eagerly (the plain launcher; tests call it under the interpreter, benchmarks sweep ``block``)."""
-    return _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, lambda kernel: kernel,
-                     block, num_warps)
+    return _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward,
+                     lambda kernel: kernel, block, num_warps)
 
 
 @torch.library.triton_op("excitation::soft_max_pool2d_backward_triton", mutates_args=())
@@ -201,6 +205,8 @@ def soft_max_pool2d_backward_triton(
     dilation: List[int],
     ceil_mode: bool,
     temp: float,
+    pool_backward: str,
 ) -> Tensor:
     """The soft-pool gradient of :func:`.reference.soft_max_pool2d_backward` in one Triton kernel (CUDA)."""
-    return _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, torch.library.wrap_triton)
+    return _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward,
+                     torch.library.wrap_triton)
