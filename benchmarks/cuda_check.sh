@@ -40,7 +40,7 @@ for p in sorted(glob.glob('/tmp/bench/*.json'))}, sys.stdout, indent=1)" >"$out/
 } >"$out/setup.txt" 2>&1
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 "$py" -c "import excitation" 2>/dev/null || export PYTHONPATH=$PWD:${PYTHONPATH:-}
-"$py" -c "import torch, excitation; from excitation.kernels.reference import triton_available as t; \
+"$py" -c "import torch, excitation; from excitation.kernels.ops import triton_available as t; \
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(), 'triton path', t())" \
     >>"$out/setup.txt" 2>&1
 cat "$out/setup.txt"

@@ -2,7 +2,7 @@
 
 ``python benchmarks/pool_backward.py [--device cuda] [--batch 32] [--sweep]``.  Rows per
 pool: vanilla (``aten.max_pool2d_with_indices_backward``), what the library runs (the
-Triton kernel on CUDA, the torch path on CPU) and, on CUDA, the torch path as well.
+Triton kernel on CUDA, the C kernel on the CPU; both pool variants) and the torch path.
 The ``GB/s`` column counts the fewest bytes the soft backward must move (read ``x``
 and ``grad``, write ``dx``) over its time.  ``--sweep`` (CUDA) times other Triton
 block sizes and warp counts, to choose the defaults in ``kernels/triton.py``.
@@ -15,7 +15,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from excitation.kernels.reference import soft_max_pool2d_backward, soft_max_pool2d_backward_torch, triton_available
+from excitation.kernels import native
+from excitation.kernels.ops import pool2d_backward, triton_available
+from excitation.kernels.torch_paths import soft_max_pool2d_backward_chunked
 
 #: name -> (channels, input side, kernel, stride, padding, ceil_mode), as in the torchvision models.
 POOLS = {
@@ -59,15 +61,19 @@ def main() -> None:
 
         print(f"| {pool} | vanilla max-pool backward | {1e3 * vanilla_s:.3f} | 1.00 | {moved / vanilla_s / 1e9:.0f} |")
         cuda_triton = device.type == "cuda" and triton_available()
-        row("ours (Triton)" if cuda_triton else "ours (torch)", lambda: soft_max_pool2d_backward(g, x, *pool_args, 0.3))
+        c_kernel = device.type == "cpu" and native.available()
+        label = "ours (Triton)" if cuda_triton else "ours (C kernel)" if c_kernel else "ours (torch path)"
+        for variant in ("soft", "weights"):
+            row(f"{label}, {variant}", lambda: pool2d_backward(g, x, *pool_args, 0.3, variant))
+        if cuda_triton or c_kernel:
+            row("ours, torch path, soft", lambda: soft_max_pool2d_backward_chunked(g, x, *pool_args, 0.3))
         if cuda_triton:
             from excitation.kernels.triton import launch_soft_max_pool2d_backward
 
-            row("ours, torch path", lambda: soft_max_pool2d_backward_torch(g, x, *pool_args, 0.3))
             if args.sweep:
                 for block, warps in ((128, 4), (256, 4), (512, 4), (512, 8), (1024, 8)):
                     row(f"Triton block {block}, {warps} warps",
-                        lambda: launch_soft_max_pool2d_backward(g, x, *pool_args, 0.3, block, warps))
+                        lambda: launch_soft_max_pool2d_backward(g, x, *pool_args, 0.3, "soft", block, warps))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import torchvision
 
 import excitation
-from excitation.kernels.reference import soft_max_pool2d_backward, surrogate_relu_backward
+from excitation.kernels.ops import pool2d_backward as soft_max_pool2d_backward
+from excitation.kernels.ops import relu_gate_backward as surrogate_relu_backward
 
 GATE_SHAPE = (8, 64, 112, 112)  # a resnet50 stem activation at batch 8
 

@@ -5,6 +5,9 @@ A gate maps a pre-activation ``z`` and a temperature ``temp`` to a number in
 it.  ``temp -> 0`` recovers the hard gate (the vanilla gradient); large
 ``temp`` approaches ``1/2`` everywhere (a linearised network, up to scale).
 
+Every gate here is exactly 0 where it would be below :data:`GATE_FLOOR` (2^-64), and never
+evaluates an exponential that underflows.
+
 This module is pure math on tensors.  It knows nothing of ``torch.library``
 or FX, so it can serve as the readable reference for every fused kernel.
 """
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "GATE_FLOOR",
     "GATES",
     "ACTIVATION_GATES",
     "sigmoid_gate",
@@ -32,14 +36,30 @@ __all__ = [
 ]
 
 
+#: A gate below this is exactly 0.  Why: a soft gate of a strongly negative pre-activation underflows
+#: into subnormal floats, which cost a microcode assist per element on many x86 cores, and gates this
+#: small change no explanation (kernels/reference.py has the whole contract).
+GATE_FLOOR = 2.0**-64
+#: ``sigmoid(u) < GATE_FLOOR`` exactly when ``u`` is below this (``-ln(2^64 - 1)``).
+SIGMOID_FLOOR_LOGIT = -math.log(2.0**64 - 1.0)
+#: ``Phi(u) < GATE_FLOOR`` exactly when ``u`` is below this (``scipy.special.ndtri(2**-64)``).
+NORMAL_CDF_FLOOR_LOGIT = -9.080155124873613
+
+
+def _sigmoid(u: Tensor) -> Tensor:
+    """``sigmoid(u)``, 0 below the floor; the clamp keeps the exponential from underflowing (sigmoid(-64) is normal)."""
+    return torch.where(u < SIGMOID_FLOOR_LOGIT, 0.0, torch.sigmoid(u.clamp_min(-64.0)))
+
+
 def sigmoid_gate(z: Tensor, temp: float) -> Tensor:
-    """``sigmoid(z / temp)``: the derivative of ``temp * softplus(z / temp)``."""
-    return torch.sigmoid(z / temp)
+    """``sigmoid(z / temp)``: the derivative of ``temp * softplus(z / temp)`` (0 where below 2^-64)."""
+    return _sigmoid(z / temp)
 
 
 def normal_cdf_gate(z: Tensor, temp: float) -> Tensor:
-    """``Phi(z / temp)``: the standard normal CDF, the derivative of a Gaussian-smoothed ReLU."""
-    return torch.special.ndtr(z / temp)
+    """``Phi(z / temp)``: the standard normal CDF, the derivative of a Gaussian-smoothed ReLU (0 where below 2^-64)."""
+    u = z / temp
+    return torch.where(u < NORMAL_CDF_FLOOR_LOGIT, 0.0, torch.special.ndtr(u.clamp_min(-12.0)))
 
 
 #: Every gate by name.  ``excite(gate=...)`` accepts these keys.
@@ -59,12 +79,12 @@ def hardtanh_gate(z: Tensor, temp: float, min_val: float = 0.0, max_val: float =
     most about ``exp(-(hi - lo)/t)`` (2e-9 for ReLU6 at t = 0.3).  ``temp -> 0``
     gives the vanilla ``1[min_val < z < max_val]``.
     """
-    return torch.sigmoid((z - min_val) / temp) - torch.sigmoid((z - max_val) / temp)
+    return _sigmoid((z - min_val) / temp) - _sigmoid((z - max_val) / temp)
 
 
 def leaky_relu_gate(z: Tensor, temp: float, negative_slope: float = 0.01) -> Tensor:
     """``a + (1 - a) * sigmoid(z / temp)``: the sigmoid gate, lifted to LeakyReLU's floor ``a``."""
-    return negative_slope + (1.0 - negative_slope) * torch.sigmoid(z / temp)
+    return negative_slope + (1.0 - negative_slope) * _sigmoid(z / temp)
 
 
 def hard_sigmoid_gate(z: Tensor, temp: float) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from excitation.kernels import surrogate_max_pool2d, surrogate_relu
+from excitation.kernels.ops import pool2d_backward
 from excitation.kernels.reference import (
     max_pool2d_output_size,
     soft_max_pool2d_backward,
@@ -161,9 +162,10 @@ def test_pool_functional_and_in_place_backward_agree(kernel, stride, padding, di
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)
     args = (pair(kernel), pair(kernel) if stride is None else pair(stride), pair(padding), pair(dilation), ceil_mode, 0.3,
             pool_backward)
-    fast = soft_max_pool2d_backward(g, x, *args)
-    functional = soft_max_pool2d_backward(g, x, *args, functional=True)
+    fast = pool2d_backward(g, x, *args)
+    functional = pool2d_backward(g, x, *args, functional=True)
     torch.testing.assert_close(fast, functional, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast, soft_max_pool2d_backward(g, x, *args), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("pool_backward", ["soft", "weights"])
@@ -174,13 +176,14 @@ def test_pool_backward_op_for_compiled_cpu_graphs_matches_and_vmaps(pool_backwar
     args = ([3, 3], [2, 2], [1, 1], [1, 1], True, 0.3, pool_backward)
     g = torch.randn(4, *F.max_pool2d(x, 3, 2, 1, 1, True).shape, dtype=torch.float64)
     op = torch.ops.excitation.soft_max_pool2d_backward
-    assert torch.equal(op(g[0], x, *args), soft_max_pool2d_backward(g[0], x, *args))
+    assert torch.equal(op(g[0], x, *args), pool2d_backward(g[0], x, *args))
+    torch.testing.assert_close(op(g[0], x, *args), soft_max_pool2d_backward(g[0], x, *args), rtol=1e-12, atol=1e-12)
     torch.library.opcheck(op, (g[0], x, *args), test_utils=("test_schema", "test_faketensor"))
-    rows = torch.stack([soft_max_pool2d_backward(gi, x, *args) for gi in g])
+    rows = torch.stack([pool2d_backward(gi, x, *args) for gi in g])
     torch.testing.assert_close(torch.func.vmap(lambda gi: op(gi, x, *args))(g), rows, rtol=1e-12, atol=1e-12)
     xs = torch.randn(4, *x.shape, dtype=torch.float64)
     both = torch.func.vmap(lambda gi, xi: op(gi, xi, *args), in_dims=(1, 0))(g.movedim(0, 1), xs)
-    want = torch.stack([soft_max_pool2d_backward(gi, xi, *args) for gi, xi in zip(g, xs)])
+    want = torch.stack([pool2d_backward(gi, xi, *args) for gi, xi in zip(g, xs)])
     torch.testing.assert_close(both, want, rtol=1e-12, atol=1e-12)
 
 
@@ -238,15 +241,15 @@ def test_compact_saved_gate_through_excite_and_runtimes():
 @pytest.mark.parametrize("chunk", [1, 60, 1 << 17])
 def test_cpu_pool_backward_in_plane_chunks_matches_reference(monkeypatch, chunk):
     """The CPU path processes a few planes at a time (cache-sized); any chunking gives the same gradient."""
-    import excitation.kernels.reference as reference
+    import excitation.kernels.torch_paths as torch_paths
 
-    monkeypatch.setattr(reference, "_CPU_CHUNK_OUTPUTS", chunk)  # 30 outputs per plane: 1, 2 or all 15 planes per chunk
+    monkeypatch.setattr(torch_paths, "CPU_CHUNK_OUTPUTS", chunk)  # 30 outputs per plane: 1, 2 or all 15 planes per chunk
     x = torch.randn(3, 5, 11, 9, dtype=torch.float64)
     leaf = x.clone().requires_grad_(True)
     soft = soft_pool_reference(leaf, 3, 2, 1, 1, True, 0.3)
     grad = torch.randn_like(soft)
     (expected,) = torch.autograd.grad(soft, leaf, grad)
-    ours = reference.soft_max_pool2d_backward_torch(grad, x, [3, 3], [2, 2], [1, 1], [1, 1], True, 0.3)
+    ours = torch_paths.soft_max_pool2d_backward_chunked(grad, x, [3, 3], [2, 2], [1, 1], [1, 1], True, 0.3)
     assert rel_err(ours, expected) < 1e-12
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..gates import ACTIVATION_GATES
+from .reference import gated_backward
 from .registry import define_surrogate_op
 
 __all__ = [
@@ -50,10 +51,12 @@ def activation_forward(z: Tensor, kind: str, params: List[float]) -> Tensor:
 
 
 def surrogate_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: float, params: List[float]) -> Tensor:
-    """``grad * gate(z, temp, *params)``; the gate is computed in at least float32."""
+    """``grad * gate(z, temp, *params)``, gate floored at 2^-64 and result flushed (:func:`.reference.gated_backward`).
+
+    The gate is computed in at least float32.
+    """
     compute = z.to(torch.promote_types(z.dtype, torch.float32))
-    gate = ACTIVATION_GATES[kind](compute, temp, *params)
-    return (grad * gate).to(grad.dtype)
+    return gated_backward(grad, ACTIVATION_GATES[kind](compute, temp, *params))
 
 
 def _forward(z: Tensor, kind: str, temp: float, params: List[float]) -> Tensor:

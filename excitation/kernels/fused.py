@@ -34,9 +34,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .ops import surrogate_relu
-from .reference import surrogate_relu_backward, surrogate_relu_backward_
+from . import native
+from .ops import _native, relu_gate_backward, relu_gate_backward_, surrogate_relu
+from .reference import flush_subnormal
 from .registry import define_surrogate_op, dynamo_compiling, functional_backward, mechanism
+from .torch_paths import flush_subnormal_
 
 __all__ = ["batch_norm_relu", "batch_norm_relu_pre_activation", "FUSABLE_BATCH_NORMS", "fusable"]
 
@@ -88,7 +90,7 @@ def _batch_norm_eval_backward(dz, x, weight, running_mean, running_var, eps, mas
     shape = [1, -1] + [1] * (x.dim() - 2)
     dx = dweight = dbias = None
     if mask[0]:
-        dx = (dz * _input_gradient_scale(x, weight, running_var, eps)).to(x.dtype)
+        dx = flush_subnormal((dz * _input_gradient_scale(x, weight, running_var, eps)).to(x.dtype))
     reduce_dims = [0] + list(range(2, x.dim()))
     if mask[1]:
         x_hat = (x - running_mean.reshape(shape)) * torch.rsqrt(running_var + eps).reshape(shape)
@@ -104,7 +106,7 @@ def _recomputed_gate(grad, x, weight, bias, running_mean, running_var, residual,
     if residual is not None:
         # In-place only in a plain first-order backward (create_graph / torch.func track z).
         z = z + residual if functional else z.add_(residual)
-    return surrogate_relu_backward(grad, z, temp, gate)
+    return relu_gate_backward(grad, z, temp, gate)
 
 
 def _gradient_mask(weight: Optional[Tensor], bias: Optional[Tensor], needs) -> list:
@@ -151,11 +153,15 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     dz = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
     if residual is not None:
         dz.add_(residual)
-    surrogate_relu_backward_(grad, dz, temp, gate)
     scale = _input_gradient_scale(x, weight, running_var, eps)
     if residual is not None and needs[6]:  # the residual's gradient is dz itself: dx needs a tensor of its own
-        return torch.mul(dz, scale), None, None, None, None, None, dz, None, None
-    return dz.mul_(scale), None, None, None, None, None, None, None, None
+        relu_gate_backward_(grad, dz, temp, gate)
+        return flush_subnormal_(torch.mul(dz, scale)), None, None, None, None, None, dz, None, None
+    if gate == "sigmoid" and _native(grad, dz) and dz.dim() >= 2:
+        # Gate, BatchNorm's input gradient and both flushes in one C pass over dz.
+        return native.batch_norm_relu_sigmoid_backward_(grad, dz, scale, temp), None, None, None, None, None, None, None, None
+    relu_gate_backward_(grad, dz, temp, gate)
+    return flush_subnormal_(dz.mul_(scale)), None, None, None, None, None, None, None, None
 
 
 def _gradients_wanted(ctx, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor]) -> tuple:
@@ -230,6 +236,7 @@ class _EagerBatchNormReLU(torch.autograd.Function):
         dx, dweight, dbias = torch.ops.aten._batch_norm_impl_index_backward(
             ctx.impl, x, dz, weight, running_mean, running_var, save_mean, save_invstd, False, ctx.eps, mask, reserve,
         )
+        dx = flush_subnormal_(dx)  # vanilla's kernel, fed our tiny-but-normal gated values, may underflow
         dresidual = dz if residual is not None and needs[6] else None
         return dx, dweight, dbias, None, None, None, dresidual, None, None
 

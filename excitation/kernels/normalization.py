@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .reference import flush_subnormal
 from .registry import define_surrogate_op
 
 __all__ = ["surrogate_layer_norm", "surrogate_native_layer_norm", "layer_norm_constant_stats_backward"]
@@ -32,7 +33,7 @@ def layer_norm_constant_stats_backward(
     batch_dims = tuple(range(x.dim() - normalized_dims))
     dweight = (grad * ((x - mean) * rstd)).sum(batch_dims) if needs_weight else None
     dbias = grad.sum(batch_dims) if needs_bias else None
-    return dx.to(x.dtype), dweight, dbias
+    return flush_subnormal(dx.to(x.dtype)), dweight, dbias
 
 
 def _forward(

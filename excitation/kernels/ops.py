@@ -1,10 +1,17 @@
-"""The ReLU and 2-D max-pool surrogate ops, and the functions the rewritten graphs call.
+"""The ReLU and 2-D max-pool surrogate ops, the functions the rewritten graphs call, and which kernel runs.
 
 Each op is registered by :func:`.registry.define_surrogate_op` in three mechanisms
 (custom op for export / TorchScript / tracers, a ``setup_context`` twin for
 ``torch.func`` and ``torch.compile``, a classic Function for plain eager; the
 registry's docstring says why, with measurements), all sharing one forward, one
-``setup_context`` and one backward, whose math lives in :mod:`.reference`.
+``setup_context`` and one backward.  The backward's math is the contract of
+:mod:`.reference`; this module chooses the implementation per call
+(:func:`relu_gate_backward`, :func:`pool2d_backward`):
+
+* CUDA with Triton: the Triton kernels (:mod:`.triton`);
+* plain float32 CPU tensors outside any tracer: the C kernels (:mod:`.native`), when they built;
+* everywhere else (tracers, ``torch.func``, ``create_graph``, other dtypes, no compiler): the
+  torch-op paths of :mod:`.torch_paths`.
 """
 
 from __future__ import annotations
@@ -15,16 +22,21 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..gates import GATES
-from .reference import (
-    _SOFTPLUS_THRESHOLD,
-    soft_max_pool2d_backward,
-    soft_max_pool2d_backward_torch,
-    surrogate_relu_backward,
+from . import native
+from .reference import flush_subnormal, max_pool2d_output_size
+from .registry import NAMESPACE, define_surrogate_op, functional_backward, recompute_in_backward, under_functorch
+from .torch_paths import (
+    compact_gate,
+    relu_backward,
+    relu_backward_,
+    soft_max_pool2d_backward_chunked,
+    soft_max_pool2d_backward_functional,
 )
-from .registry import NAMESPACE, define_surrogate_op, functional_backward, recompute_in_backward
 
-__all__ = ["surrogate_relu", "surrogate_max_pool2d", "NAMESPACE", "SAVED_MODES"]
+__all__ = [
+    "surrogate_relu", "surrogate_max_pool2d", "NAMESPACE", "SAVED_MODES", "relu_gate_backward", "relu_gate_backward_",
+    "pool2d_backward", "triton_available", "launch_directly",
+]
 
 #: What a surrogate ReLU keeps for its backward: the pre-activation (``"exact"``), or
 #: the gate itself, already evaluated, in 2 bytes (``"bfloat16"``) or 1 byte (``"uint8"``,
@@ -35,6 +47,99 @@ SAVED_MODES = ("exact", "bfloat16", "uint8")
 
 IntOrPair = Union[int, Sequence[int]]
 
+_TRITON: "bool | None" = None
+
+
+def triton_available() -> bool:
+    """True once ``excitation.kernels.triton`` imported (Triton present); checked once per process."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from . import triton as _  # noqa: F401  (registers the triton_op)
+
+            _TRITON = True
+        except Exception:  # ImportError, or a Triton that cannot initialise here
+            _TRITON = False
+    return _TRITON
+
+
+def launch_directly(*tensors: Tensor) -> bool:
+    """Whether a kernel may be called raw (a Python-launched Triton kernel, a ctypes C call) rather than as an op.
+
+    In plain eager an op's dispatch only adds host time (~100-180 us per call on the H200
+    machine).  But a tracer must see the op: AOTAutograd traces a compiled backward under
+    a dispatch mode (``torch.compiler.is_compiling()`` is not set there), and a raw launch on
+    its functional / fake tensors is invisible to it: the traced graph kept the zero-filled
+    output buffer, and the compiled pullback came out zero upstream of every pool (H200, caught
+    by ``test_compile_cuda``).  A raw C call on a fake tensor would read memory it has not got.
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and not under_functorch()  # functorch's wrapper tensors hide the real storage
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch.jit.is_tracing()
+        and all(type(t) is torch.Tensor for t in tensors)
+    )
+
+
+def _native(*tensors: Tensor) -> bool:
+    """The C kernels may run: real, contiguous float32 CPU tensors, no tracer, and the library built."""
+    return native.supports(*tensors) and launch_directly(*tensors) and native.available()
+
+
+def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
+    """``grad * gate(z / temp)``, gate floored and result flushed (:func:`.reference.relu_backward`), on the fastest path.
+
+    The normal-CDF gate has no fused ATen form (``grad * Phi(z / temp)`` is four passes), so in
+    eager CUDA it runs the fused Triton kernel; under ``torch.compile`` Inductor fuses the torch
+    expression itself.
+    """
+    if z.is_cuda and gate == "normal_cdf" and not torch.compiler.is_compiling() and triton_available():
+        if launch_directly(grad, z):
+            from .triton import launch_surrogate_relu_backward
+
+            return launch_surrogate_relu_backward(grad, z, temp, gate)
+        return torch.ops.excitation.surrogate_relu_backward_triton(grad, z, temp, gate)
+    functional = functional_backward()
+    if gate == "sigmoid" and not functional and _native(grad, z) and grad.shape == z.shape:
+        return native.relu_sigmoid_backward(grad, z, temp)
+    return relu_backward(grad, z, temp, gate, functional=functional)
+
+
+def relu_gate_backward_(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
+    """:func:`relu_gate_backward` written into ``z`` (a tensor the caller owns and no longer needs); returns ``z``."""
+    if gate == "sigmoid" and _native(grad, z) and grad.shape == z.shape:
+        return native.relu_sigmoid_backward(grad, z, temp, out=z)
+    return relu_backward_(grad, z, temp, gate)
+
+
+def pool2d_backward(
+    grad: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], ceil_mode: bool, temp: float, pool_backward: str = "soft", functional: bool = False,
+) -> Tensor:
+    """The 2-D soft-pool backward (:func:`.reference.soft_max_pool2d_backward`) on the fastest path.
+
+    ``functional=True`` avoids in-place writes that involve ``grad`` (needed under
+    ``torch.func`` transforms, where ``grad`` may be batched and ``x`` not, and for double backward).
+    """
+    pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp, pool_backward)
+    if functional:
+        return soft_max_pool2d_backward_functional(grad, x, *pool_args)
+    if x.is_cuda and triton_available():
+        # One fused kernel instead of ~9 passes per window offset.
+        if launch_directly(grad, x):
+            from .triton import launch_soft_max_pool2d_backward
+
+            return launch_soft_max_pool2d_backward(grad, x, *pool_args)
+        return torch.ops.excitation.soft_max_pool2d_backward_triton(grad, x, *pool_args)  # tracers see the kernel
+    if _native(x):
+        grad = grad.contiguous()  # the C kernel reads it densely (a copy only for unusual layouts)
+        out_hw = [max_pool2d_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
+                  for i in range(2)]
+        return native.soft_max_pool2d_backward(grad, x, kernel_size, stride, padding, dilation, out_hw, temp,
+                                               pool_backward)
+    return soft_max_pool2d_backward_chunked(grad, x, *pool_args)
+
 
 # --------------------------------------------------------------------------- ReLU
 def _relu_forward(z: Tensor, temp: float, gate: str, saved: str = "exact") -> Tensor:
@@ -42,38 +147,20 @@ def _relu_forward(z: Tensor, temp: float, gate: str, saved: str = "exact") -> Te
     return torch.relu(z)
 
 
-def _compact_gate(z: Tensor, temp: float, gate: str, saved: str) -> Tensor:
-    """The gate evaluated in float32 and stored in 2 bytes (``"bfloat16"``) or as ``round(255 * gate)`` in 1.
-
-    The sigmoid gate is one ``softplus_backward`` pass with a broadcast constant as its
-    "gradient" (``scale * sigmoid(z / temp)``, no temporaries), so storing it costs 2-3
-    passes instead of 3-5.
-    """
-    scale = 255.0 if saved == "uint8" else 1.0
-    z32 = z.float()
-    if gate == "sigmoid":
-        value = torch.ops.aten.softplus_backward(
-            z32.new_full((), scale).expand(z32.shape), z32, 1.0 / temp, _SOFTPLUS_THRESHOLD
-        )
-    else:
-        value = GATES[gate](z32, temp).mul_(scale)
-    return value.to(torch.bfloat16) if saved == "bfloat16" else value.round_().to(torch.uint8)
-
-
 def _relu_setup_context(ctx, inputs, output) -> None:
     z, temp, gate, saved = inputs
-    ctx.save_for_backward(z if saved == "exact" else _compact_gate(z, temp, gate, saved))
+    ctx.save_for_backward(z if saved == "exact" else compact_gate(z, temp, gate, saved))
     ctx.temp, ctx.gate, ctx.saved = temp, gate, saved
 
 
 def _relu_backward(ctx, grad: Tensor):
     (kept,) = ctx.saved_tensors
     if ctx.saved == "exact":
-        return surrogate_relu_backward(grad, kept, ctx.temp, ctx.gate), None, None, None
+        return relu_gate_backward(grad, kept, ctx.temp, ctx.gate), None, None, None
     dz = grad * kept  # promotes the compact gate to grad's dtype
     if ctx.saved == "uint8":
         dz = dz * (1.0 / 255.0)
-    return dz.to(grad.dtype), None, None, None
+    return flush_subnormal(dz.to(grad.dtype)), None, None, None
 
 
 _call_surrogate_relu = define_surrogate_op(
@@ -132,7 +219,8 @@ def _soft_max_pool2d_backward_op(
     compiled CPU graph calls the eager one as an extern kernel: compiled resnet50's
     pullback went from 1.11x to 1.02-1.03x of compiled vanilla, googlenet's from 1.88x to 1.14x.
     """
-    return soft_max_pool2d_backward_torch(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward)
+    # A real kernel call (the tracer is above it), so the C kernel may run here too.
+    return pool2d_backward(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward)
 
 
 @_soft_max_pool2d_backward_op.register_fake
@@ -148,7 +236,7 @@ def _(info, in_dims, grad, x, kernel_size, stride, padding, dilation, ceil_mode,
             return tensor.unsqueeze(0).expand(info.batch_size, *tensor.shape)
         return tensor.movedim(dim, 0)
 
-    result = soft_max_pool2d_backward_torch(
+    result = pool2d_backward(
         batched(grad, in_dims[0]), batched(x, in_dims[1]), kernel_size, stride, padding, dilation, ceil_mode, temp,
         pool_backward,
     )
@@ -162,7 +250,7 @@ def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
         kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward = ctx.pool_args
         pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp, pool_backward)
         return torch.ops.excitation.soft_max_pool2d_backward(grad, x, *pool_args), *_NO_POOL_ARG_GRADS
-    dx = soft_max_pool2d_backward(grad, x, *ctx.pool_args, functional=functional_backward())
+    dx = pool2d_backward(grad, x, *ctx.pool_args, functional=functional_backward())
     return dx, *_NO_POOL_ARG_GRADS
 
 

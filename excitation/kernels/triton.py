@@ -11,7 +11,7 @@
 Both are registered with ``torch.library.triton_op`` and launched through
 ``wrap_triton``, so ``torch.compile`` sees the kernels rather than opaque calls.
 Import this module only where Triton imports (:func:`triton_available`);
-``reference.surrogate_relu_backward`` and ``reference.soft_max_pool2d_backward``
+``reference.relu_backward`` and ``reference.soft_max_pool2d_backward``
 are the contracts they are tested against, on the CPU under ``TRITON_INTERPRET=1``.
 """
 
@@ -36,17 +36,30 @@ BLOCK = 1024
 NUM_WARPS = 4
 
 
+# The contract's floor and flush (reference.py): gates below 2^-64 are 0, results below the
+# output dtype's smallest normal are 0.
+GATE_FLOOR = 2.0**-64
+
+
 @triton.jit
-def _surrogate_relu_backward_kernel(grad_ptr, z_ptr, out_ptr, n_elements, inv_temp, GATE: tl.constexpr, BLOCK: tl.constexpr):
+def _flush(value, tiny):
+    return tl.where(tl.abs(value) < tiny, 0.0, value)
+
+
+@triton.jit
+def _surrogate_relu_backward_kernel(grad_ptr, z_ptr, out_ptr, n_elements, inv_temp, tiny,
+                                    GATE: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(z_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * inv_temp
     if GATE == 0:
-        gate = tl.sigmoid(u)  # saturates to exactly 0 / 1, finite for +-inf
+        gate = tl.sigmoid(tl.maximum(u, -64.0))  # finite for +-inf; floored below
     else:
-        gate = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
-    tl.store(out_ptr + offsets, (g * gate).to(out_ptr.dtype.element_ty), mask=mask)
+        gate = 0.5 * (1.0 + tl.math.erf(tl.maximum(u, -12.0) * 0.7071067811865476))
+    gate = tl.where(gate < GATE_FLOOR, 0.0, gate)
+    out = (g * gate).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, _flush(out, tiny), mask=mask)
 
 
 def _same_dense_layout(a: Tensor, b: Tensor) -> bool:
@@ -74,7 +87,7 @@ def _run(grad: Tensor, z: Tensor, temp: float, gate: str, launcher, block: int =
     if n:
         grid = (triton.cdiv(n, block),)
         launcher(_surrogate_relu_backward_kernel)[grid](
-            grad, z, out, n, 1.0 / temp, GATE=_GATES[gate], BLOCK=block, num_warps=num_warps
+            grad, z, out, n, 1.0 / temp, torch.finfo(out.dtype).tiny, GATE=_GATES[gate], BLOCK=block, num_warps=num_warps
         )
     return out
 
@@ -102,16 +115,16 @@ POOL_NUM_WARPS = 4
 
 @triton.jit
 def _window_logit(x_ptr, offset, ok, peak, inv_temp, big):
-    """``u = (clamp(x, +-big) - peak) / temp`` at one window offset, and ``e^u`` (0 outside the input)."""
+    """``u = (clamp(x, +-big) - peak) / temp`` at one window offset, and ``e^u`` (0 outside the input or below 2^-64)."""
     v = tl.load(x_ptr + offset, mask=ok, other=0.0).to(tl.float32)
-    u = (tl.minimum(tl.maximum(v, -big), big) - peak) * inv_temp
-    return u, tl.where(ok, tl.exp(u), 0.0)
+    u = tl.maximum((tl.minimum(tl.maximum(v, -big), big) - peak) * inv_temp, -45.0)
+    return u, tl.where(ok & (u >= -44.3614196), tl.exp(u), 0.0)
 
 
 @triton.jit
 def _soft_max_pool2d_backward_kernel(
     grad_ptr, x_ptr, out_ptr, n_outputs, height, width, out_h, out_w,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inv_temp, big,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inv_temp, big, tiny,
     KH: tl.constexpr, KW: tl.constexpr, OVERLAP: tl.constexpr, WEIGHTS_ONLY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -153,9 +166,9 @@ def _soft_max_pool2d_backward_kernel(
             ok = live & (h >= 0) & (h < height) & (w >= 0) & (w < width)
             u, e = _window_logit(x_ptr, base + h * width + w, ok, peak, inv_temp, big)
             if WEIGHTS_ONLY:
-                contribution = e * scale
+                contribution = _flush(e * scale, tiny)
             else:
-                contribution = tl.where(e > 0.0, e * scale * (1.0 + u - mean_u), 0.0)
+                contribution = _flush(tl.where(e > 0.0, e * scale * (1.0 + u - mean_u), 0.0), tiny)
             if OVERLAP:
                 tl.atomic_add(out_ptr + base + h * width + w, contribution, mask=ok & (e > 0.0))
             else:  # every input position is in at most one window: a plain store is race-free
@@ -180,10 +193,12 @@ def _run_pool(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, 
         grid = (triton.cdiv(n, block),)
         launcher(_soft_max_pool2d_backward_kernel)[grid](
             gs, xs, out, n, height, width, out_h, out_w, stride[0], stride[1], padding[0], padding[1],
-            dilation[0], dilation[1], 1.0 / temp, big, KH=kernel_size[0], KW=kernel_size[1], OVERLAP=overlap,
+            dilation[0], dilation[1], 1.0 / temp, big, torch.finfo(torch.float32).tiny, KH=kernel_size[0], KW=kernel_size[1], OVERLAP=overlap,
             WEIGHTS_ONLY=pool_backward == "weights", BLOCK=block, num_warps=num_warps,
         )
-    return out.to(x.dtype)
+    out = out.to(x.dtype)
+    # Sums of normal contributions can still cancel below the smallest normal (and a float16 cast can underflow).
+    return out.masked_fill_(out.abs() < torch.finfo(out.dtype).tiny, 0.0)
 
 
 def launch_soft_max_pool2d_backward(
