@@ -46,9 +46,31 @@ SIGMOID_FLOOR_LOGIT = -math.log(2.0**64 - 1.0)
 NORMAL_CDF_FLOOR_LOGIT = -9.080155124873613
 
 
+def traced_constant(value: float) -> Callable[[], float]:
+    """A reader of ``value`` that ``torch.compile`` treats as a constant.
+
+    Why: under ``torch.compile(dynamic=True)`` dynamo makes every module-level float it reads a
+    symbolic input, and (torch 2.14) it cannot lift such an input into the traced backward of an
+    ``autograd.Function`` ("lift_tracked_freevar_to_input should not be called on root
+    SubgraphTracer").  Code that runs inside a surrogate's backward reads its float constants
+    through one of these.
+    """
+
+    @torch.compiler.assume_constant_result
+    def read() -> float:
+        return value
+
+    return read
+
+
+gate_floor = traced_constant(GATE_FLOOR)
+sigmoid_floor_logit = traced_constant(SIGMOID_FLOOR_LOGIT)
+normal_cdf_floor_logit = traced_constant(NORMAL_CDF_FLOOR_LOGIT)
+
+
 def _sigmoid(u: Tensor) -> Tensor:
     """``sigmoid(u)``, 0 below the floor; the clamp keeps the exponential from underflowing (sigmoid(-64) is normal)."""
-    return torch.where(u < SIGMOID_FLOOR_LOGIT, 0.0, torch.sigmoid(u.clamp_min(-64.0)))
+    return torch.where(u < sigmoid_floor_logit(), 0.0, torch.sigmoid(u.clamp_min(-64.0)))
 
 
 def sigmoid_gate(z: Tensor, temp: float) -> Tensor:
@@ -59,7 +81,7 @@ def sigmoid_gate(z: Tensor, temp: float) -> Tensor:
 def normal_cdf_gate(z: Tensor, temp: float) -> Tensor:
     """``Phi(z / temp)``: the standard normal CDF, the derivative of a Gaussian-smoothed ReLU (0 where below 2^-64)."""
     u = z / temp
-    return torch.where(u < NORMAL_CDF_FLOOR_LOGIT, 0.0, torch.special.ndtr(u.clamp_min(-12.0)))
+    return torch.where(u < normal_cdf_floor_logit(), 0.0, torch.special.ndtr(u.clamp_min(-12.0)))
 
 
 #: Every gate by name.  ``excite(gate=...)`` accepts these keys.

@@ -53,7 +53,7 @@ def test_the_three_relu_mechanisms_agree(saved):
 
 def test_the_three_pool_mechanisms_agree():
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
-    args = ([3, 3], [2, 2], [1, 1], [1, 1], True, 0.3)
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], True, 0.3, "soft")
     results = []
     for run in (_call_surrogate_max_pool2d.eager.apply, _call_surrogate_max_pool2d.twin.apply,
                 torch.ops.excitation.surrogate_max_pool2d):

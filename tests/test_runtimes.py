@@ -343,3 +343,21 @@ def test_backend_rejects_bad_options():
         excitation.backend(gate="step")
     with pytest.raises(TypeError, match="inner"):
         excitation.backend(inner=3)
+
+
+def test_compile_dynamic_shapes_with_the_semantic_preset():
+    """dynamic=True with the Phi gate and the weights-only pool: their backward constants stay constants.
+
+    Why a test: dynamo (2.14) makes module-level floats symbolic under dynamic=True and then cannot
+    lift them into a traced custom backward; the constants are read through ``traced_constant``.
+    """
+    torch.manual_seed(0)
+    model, x = torchvision.models.resnet18(weights=None).eval(), torch.randn(2, 3, 40, 40)
+    excited = excitation.excite(model, preset="semantic")
+    torch._dynamo.reset()
+    compiled = torch.compile(excited, dynamic=True, backend="aot_eager")
+    for sample in (x, torch.randn(3, 3, 45, 43)):
+        leaf = _leaf(sample)
+        compiled(leaf)[:, TARGET].sum().backward()
+        assert rel_err(leaf.grad, excitation.pullback(excited, sample, TARGET)) <= COMPILED_TOL
+        assert rel_err(leaf.grad, excitation.gradient(model, sample, TARGET)) > 0.05

@@ -157,7 +157,8 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     if residual is not None and needs[6]:  # the residual's gradient is dz itself: dx needs a tensor of its own
         relu_gate_backward_(grad, dz, temp, gate)
         return flush_subnormal_(torch.mul(dz, scale)), None, None, None, None, None, dz, None, None
-    if gate == "sigmoid" and _native(grad, dz) and dz.dim() >= 2:
+    if gate == "sigmoid" and dz.dim() >= 2 and _native(dz) and native.supports(grad, contiguous=False) \
+            and native.planes_contiguous(grad) and grad.shape == dz.shape:
         # Gate, BatchNorm's input gradient and both flushes in one C pass over dz.
         return native.batch_norm_relu_sigmoid_backward_(grad, dz, scale, temp), None, None, None, None, None, None, None, None
     relu_gate_backward_(grad, dz, temp, gate)

@@ -32,7 +32,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..gates import GATE_FLOOR, GATES, NORMAL_CDF_FLOOR_LOGIT, SIGMOID_FLOOR_LOGIT
+from ..gates import GATE_FLOOR, GATES, NORMAL_CDF_FLOOR_LOGIT, SIGMOID_FLOOR_LOGIT, gate_floor, traced_constant
 
 __all__ = [
     "GATE_FLOOR",
@@ -62,9 +62,12 @@ def flush_subnormal(t: Tensor) -> Tensor:
     return torch.where(t.abs() < torch.finfo(t.dtype).tiny, torch.zeros((), dtype=t.dtype, device=t.device), t)
 
 
+_log_floor = traced_constant(math.log(GATE_FLOOR))
+
+
 def floor_gate(gate: Tensor) -> Tensor:
     """``gate`` with values below :data:`GATE_FLOOR` set to exactly 0."""
-    return torch.where(gate < GATE_FLOOR, torch.zeros((), dtype=gate.dtype, device=gate.device), gate)
+    return torch.where(gate < gate_floor(), torch.zeros((), dtype=gate.dtype, device=gate.device), gate)
 
 
 def gated_backward(grad: Tensor, gate: Tensor) -> Tensor:
@@ -170,7 +173,7 @@ def soft_max_pool_windows_backward(
     u = (masked - peak) / temp
     # Far below the max (and outside the input): weight exactly 0, and u a finite stand-in so
     # that p * u and its derivatives (create_graph, torch.func) never meet 0 * inf.
-    far = u < math.log(GATE_FLOOR)
+    far = u < _log_floor()
     u = torch.where(far, torch.full_like(u, -1e4), u)
     e = torch.where(far, torch.zeros_like(u), torch.exp(u))
     p = e / e.sum(dim=window_dims, keepdim=True)

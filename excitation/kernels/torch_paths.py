@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..gates import GATES
+from ..gates import GATES, gate_floor, normal_cdf_floor_logit, sigmoid_floor_logit, traced_constant
 from .reference import (
     GATE_FLOOR,
-    NORMAL_CDF_FLOOR_LOGIT,
-    SIGMOID_FLOOR_LOGIT,
     finite,
     max_pool2d_output_size,
     padding_floor,
@@ -64,8 +62,8 @@ def _floored_logits(z: Tensor, temp: float, gate: str) -> Tensor:
     """``z`` with values whose gate is below the floor replaced: ``-inf`` (sigmoid) or a clamp (normal CDF)."""
     if gate == "sigmoid":
         # softplus_backward maps -inf to a gate of exactly 0, and never evaluates an exp that underflows.
-        return torch.threshold(z, SIGMOID_FLOOR_LOGIT * temp, float("-inf"))
-    return z.clamp_min(NORMAL_CDF_FLOOR_LOGIT * temp * 1.125)  # Phi stays normal; floored below
+        return torch.threshold(z, sigmoid_floor_logit() * temp, float("-inf"))
+    return z.clamp_min(normal_cdf_floor_logit() * temp * 1.125)  # Phi stays normal; floored below
 
 
 def relu_backward(grad: Tensor, z: Tensor, temp: float, gate: str, functional: bool = True) -> Tensor:
@@ -87,7 +85,7 @@ def relu_backward(grad: Tensor, z: Tensor, temp: float, gate: str, functional: b
         return flush_subnormal_(_aten.softplus_backward.grad_input(grad, cut, 1.0 / temp, SOFTPLUS_THRESHOLD, grad_input=cut))
     compute = _floored_logits(z.to(torch.promote_types(z.dtype, torch.float32)), temp, gate)
     value = GATES[gate](compute, temp)
-    value = torch.threshold(value, GATE_FLOOR, 0.0) if functional else torch.threshold_(value, GATE_FLOOR, 0.0)
+    value = torch.threshold(value, gate_floor(), 0.0) if functional else torch.threshold_(value, gate_floor(), 0.0)
     product = (grad * value).to(grad.dtype)
     return _flush_subnormal(product) if functional else flush_subnormal_(product)
 
@@ -100,7 +98,7 @@ def relu_backward_(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """
     if gate == "sigmoid":
         # Elementwise with the output on its own input: every element is read before it is written.
-        torch.threshold_(z, SIGMOID_FLOOR_LOGIT * temp, float("-inf"))
+        torch.threshold_(z, sigmoid_floor_logit() * temp, float("-inf"))
         _aten.softplus_backward.grad_input(grad, z, 1.0 / temp, SOFTPLUS_THRESHOLD, grad_input=z)
         return flush_subnormal_(z)
     return z.copy_(relu_backward(grad, z, temp, gate, functional=False))
@@ -118,7 +116,7 @@ def compact_gate(z: Tensor, temp: float, gate: str, saved: str) -> Tensor:
     if gate == "sigmoid":
         value = _aten.softplus_backward(z32.new_full((), scale).expand(z32.shape), z32, 1.0 / temp, SOFTPLUS_THRESHOLD)
     else:
-        value = torch.threshold(GATES[gate](z32, temp), GATE_FLOOR, 0.0).mul_(scale)
+        value = torch.threshold(GATES[gate](z32, temp), gate_floor(), 0.0).mul_(scale)
     return value.to(torch.bfloat16) if saved == "bfloat16" else value.round_().to(torch.uint8)
 
 
@@ -143,7 +141,7 @@ def _geometry(x: Tensor, kernel_size, stride, padding, dilation, ceil_mode):
     return (out_h, out_w), pads, list(_offsets(kernel_size, stride, dilation, (out_h, out_w)))
 
 
-_LOG_FLOOR = math.log(GATE_FLOOR)
+_log_floor = traced_constant(math.log(GATE_FLOOR))
 
 
 def _window_weights(views: List[Tensor], temp: float, pool_backward: str = "soft") -> List[Tensor]:
@@ -160,9 +158,9 @@ def _window_weights(views: List[Tensor], temp: float, pool_backward: str = "soft
     us = [(view - peak) / temp for view in views]
     # Weight below the floor (and padding): exactly 0, with a finite stand-in u so that p * u and its
     # derivatives never meet 0 * inf and exp never underflows.
-    fars = [u < _LOG_FLOOR for u in us]
+    fars = [u < _log_floor() for u in us]
     us = [torch.where(far, torch.full_like(u, -1e4), u) for u, far in zip(us, fars)]
-    ps = [torch.where(far, torch.zeros_like(u), torch.exp(u.clamp_min(_LOG_FLOOR))) for u, far in zip(us, fars)]
+    ps = [torch.where(far, torch.zeros_like(u), torch.exp(u.clamp_min(_log_floor()))) for u, far in zip(us, fars)]
     total = ps[0]
     for p in ps[1:]:
         total = total + p
@@ -199,9 +197,9 @@ def soft_max_pool2d_backward_functional(
     return _flush_subnormal(result.reshape(*batch_shape, height, width).to(x.dtype))
 
 
-_LN2 = math.log(2.0)
+_ln2 = traced_constant(math.log(2.0))
 #: ``d = v - max`` (base-2 units) below this gives a window weight below the floor: exactly 0.
-_FLOOR_EXPONENT = math.log2(GATE_FLOOR)
+_floor_exponent = traced_constant(math.log2(GATE_FLOOR))
 
 
 def _accumulate_window_gradients(
@@ -231,8 +229,8 @@ def _accumulate_window_gradients(
     total, weighted = torch.zeros_like(peak), torch.zeros_like(peak)
     ds, es = [], []
     for view in views:
-        d = torch.sub(view, peak).clamp_min_(_FLOOR_EXPONENT - 1.0)
-        e = torch.threshold_(torch.exp2(d), GATE_FLOOR, 0.0)
+        d = torch.sub(view, peak).clamp_min_(_floor_exponent() - 1.0)
+        e = torch.threshold_(torch.exp2(d), gate_floor(), 0.0)
         total.add_(e)
         if pool_backward == "soft":
             weighted.addcmul_(e, d)
@@ -243,8 +241,8 @@ def _accumulate_window_gradients(
         for target, e in zip(targets, es):
             target.addcmul_(e, scale)
         return
-    shift = weighted.div_(total).neg_().add_(1.0 / _LN2)
-    scale = torch.div(grad, total).mul_(_LN2)
+    shift = weighted.div_(total).neg_().add_(1.0 / _ln2())
+    scale = torch.div(grad, total).mul_(_ln2())
     for target, d, e in zip(targets, ds, es):
         target.addcmul_(d.add_(shift), e.mul_(scale))
 
@@ -264,7 +262,7 @@ def _scaled_padded(planes: Tensor, pads: List[int], dtype: torch.dtype, temp: fl
     if any(pads):
         padded.fill_(padding_floor(dtype))
     interior = padded[:, pads[2] : pads[2] + height, pads[0] : pads[0] + width]
-    interior.copy_(planes).mul_(1.0 / (_LN2 * temp)).clamp_(-big, big)
+    interior.copy_(planes).mul_(1.0 / (_ln2() * temp)).clamp_(-big, big)
     return padded
 
 

@@ -67,131 +67,318 @@ void exc_relu_sigmoid_backward(const float *g, const float *z, float *out, int64
 }
 
 /* The fused BatchNorm -> ReLU pullback in one pass, in place on the recomputed pre-activation z
- * (contiguous N, C, inner): z = flush(flush(g * sigmoid(z / temp)) * scale[c]), scale = weight * invstd. */
+ * (contiguous N, C, inner): z = flush(flush(g * sigmoid(z / temp)) * scale[c]), scale = weight * invstd.
+ * g's planes are contiguous but may sit at any batch and channel strides: the gradient of a slice of
+ * a channel concatenation (every inception branch of googlenet) arrives that way. */
 void exc_bn_relu_sigmoid_backward_(const float *g, float *z, const float *scale, int64_t channels, int64_t inner,
-                                   int64_t begin_plane, int64_t end_plane, float inv_temp) {
+                                   int64_t begin_plane, int64_t end_plane, float inv_temp, int64_t g_batch_stride,
+                                   int64_t g_channel_stride) {
     for (int64_t plane = begin_plane; plane < end_plane; ++plane) {
         const float c = scale[plane % channels];
-        const float *gp = g + plane * inner;
+        const float *gp = g + (plane / channels) * g_batch_stride + (plane % channels) * g_channel_stride;
         float *zp = z + plane * inner;
         for (int64_t i = 0; i < inner; ++i) zp[i] = flush(flush(gp[i] * sigmoid_floored(zp[i] * inv_temp)) * c);
     }
 }
 
+/* The window arithmetic of the soft-pool backward for the extended output columns [0, M):
+ * given src[k] (window element k of output j is src[k][j]), D[k * stride + j] = the contribution
+ * of output j to its window element k.  Generic version: any kernel size, one pass per step. */
+static void window_pass(const float *const *src, float *D, float *E, const float *G, float *peak, float *total,
+                        float *weighted, float *factor, int64_t M, int64_t K, int64_t sw, int weights_only,
+                        int64_t stride) {
+    /* Strided gathers stay in loops of their own: GCC vectorises the arithmetic only over
+     * contiguous buffers ("not suitable for strided load" with a run-time stride). */
+    for (int64_t k = 0; k < K; ++k) {
+        float *Dk = D + k * stride;
+        for (int64_t j = 0; j < M; ++j) Dk[j] = src[k][sw * j];
+    }
+    memcpy(peak, D, sizeof(float) * (size_t)M);
+    for (int64_t k = 1; k < K; ++k)
+        for (int64_t j = 0; j < M; ++j) peak[j] = MAX(peak[j], D[k * stride + j]);
+    for (int64_t j = 0; j < M; ++j) total[j] = weighted[j] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+        float *Dk = D + k * stride, *Ek = E + k * stride;
+        for (int64_t j = 0; j < M; ++j) {
+            const float diff = MAX(Dk[j] - peak[j], FLOOR_EXPONENT - 1.0f);
+            const float weight = exp2_nonpositive(MAX(diff, FLOOR_EXPONENT));
+            const float e = diff < FLOOR_EXPONENT ? 0.0f : weight;
+            Dk[j] = diff;
+            Ek[j] = e;
+            total[j] += e;
+            weighted[j] += e * diff;
+        }
+    }
+    if (weights_only) {
+        for (int64_t j = 0; j < M; ++j) factor[j] = G[j] / total[j];
+    } else {
+        /* g * p_k * (1 + ln2 * (d_k - SD / S)) = e_k * (g ln2 / S) * (d_k + 1/ln2 - SD / S) */
+        for (int64_t j = 0; j < M; ++j) {
+            weighted[j] = 1.0f / LN2 - weighted[j] / total[j];
+            factor[j] = G[j] * LN2 / total[j];
+        }
+    }
+    for (int64_t k = 0; k < K; ++k) {
+        float *Dk = D + k * stride;
+        const float *Ek = E + k * stride;
+        if (weights_only)
+            for (int64_t j = 0; j < M; ++j) Dk[j] = Ek[j] * factor[j];
+        else
+            for (int64_t j = 0; j < M; ++j) Dk[j] = Ek[j] * factor[j] * (Dk[j] + weighted[j]);
+    }
+}
+
+/* The same for K window elements known at compile time (the pools of the common models): one
+ * pass over the columns with every window element in registers, read at a constant stride SW.
+ * Inlined with constant K and SW, so each caller is its own specialisation; ivdep because D never
+ * overlaps src. */
+static inline __attribute__((always_inline)) void window_pass_constant(const float *const *src, float *D,
+                                                                      const float *G, int64_t M, const int K,
+                                                                      const int SW, int weights_only,
+                                                                      int64_t stride) {
+    enum { KMAX = 9 };
+    float *dst[KMAX];
+    for (int k = 0; k < K; ++k) dst[k] = D + k * stride;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < M; ++j) {
+        float v[KMAX], e[KMAX];
+        float peak = src[0][SW * j];
+#pragma GCC unroll 9
+        for (int k = 0; k < K; ++k) {
+            v[k] = src[k][SW * j];
+            peak = MAX(peak, v[k]);
+        }
+        float total = 0.0f, weighted = 0.0f;
+#pragma GCC unroll 9
+        for (int k = 0; k < K; ++k) {
+            const float diff = MAX(v[k] - peak, FLOOR_EXPONENT - 1.0f);
+            const float weight = exp2_nonpositive(MAX(diff, FLOOR_EXPONENT));
+            e[k] = diff < FLOOR_EXPONENT ? 0.0f : weight;
+            v[k] = diff;
+            total += e[k];
+            weighted += e[k] * diff;
+        }
+        if (weights_only) {
+            const float factor = G[j] / total;
+#pragma GCC unroll 9
+            for (int k = 0; k < K; ++k) dst[k][j] = e[k] * factor;
+        } else {
+            const float factor = G[j] * LN2 / total, shift = 1.0f / LN2 - weighted / total;
+#pragma GCC unroll 9
+            for (int k = 0; k < K; ++k) dst[k][j] = e[k] * factor * (v[k] + shift);
+        }
+    }
+}
+
+/* Column-phase columns c whose input column c * sw + q - pw lies in [0, w_end). */
+static int64_t column_start(int64_t q, int64_t pw, int64_t sw) {
+    const int64_t need = pw - q; /* c * sw >= pw - q */
+    return need <= 0 ? 0 : (need + sw - 1) / sw;
+}
+
+static int64_t column_stop(int64_t q, int64_t pw, int64_t sw, int64_t w_end) {
+    const int64_t limit = w_end + pw - q; /* c * sw < w_end + pw - q */
+    return limit <= 0 ? 0 : (limit + sw - 1) / sw;
+}
+
 /* The 2-D soft max-pool backward (reference.soft_max_pool2d_backward) for planes [begin, end).
  * dx must be zero-filled; scale2 = log2(e) / temp.
  *
- * Layout, so that every pass is one long contiguous (or evenly strided) loop that vectorises,
- * whatever the pool: for each kernel row a, R_a holds the input rows that output row oh reads
- * at that kernel row (input row oh * sh - ph + a * dh), padded to Wp = sw * Wq columns with a
- * finite floor, in base-2 units of the temperature.  Output (oh, ow) is then column j =
- * oh * Wq + ow of an "extended" output of M = OH * Wq columns, and its window element (a, b)
- * is R_a[sw * j + b * dw]: a strided view of one buffer.  The extended columns ow >= OW are
- * junk windows whose incoming gradient is set to 0, so they add exactly 0.  Gradients go the
- * same way into TR_a, whose rows are then added into dx.  (Per output row, with OW = 28,
- * loop overheads made the first version of this kernel 3.5-5 ns per window element.) */
+ * Layout, so that every pass is one long loop that vectorises, whatever the pool (per output
+ * row, with OW = 28, loop overheads made a first version 3.5-5 ns per window element; a
+ * column de-interleave for stride 2 cost as much again, on 7-column rows).  The padded input
+ * planes of a chunk (a finite floor in the padding, base-2 units of the temperature) are split
+ * by row into sh phase buffers, planes stacked: phase p holds padded rows p, p + sh, ..., Hq rows
+ * of Wp = sw * Wq columns per plane.  Output (oh, ow) of plane b is column j = (b Hq + oh) Wq + ow
+ * of an "extended" output of M = chunk Hq Wq columns, and its window element (a, b') lies in
+ * phase (a dh) % sh at sw j + ((a dh) / sh) Wp + b' dw: a view at a constant stride sw.  Extended
+ * columns that are no output (ow >= OW, oh >= OH) are junk windows whose incoming gradient is 0,
+ * so they add exactly 0.  Gradients go back into phase buffers of the padded gradient split by
+ * row and by column (sh * sw of them, Wq columns per row), where each window element's
+ * contributions land contiguously (j + ((a dh) / sh) Wq + (b' dw) / sw in phase ((a dh) % sh,
+ * (b' dw) % sw)), and are then interleaved into dx: one strided pass, where strided adds per
+ * window element took a quarter of the kernel's time for 3x3/2 pools. */
 int exc_soft_max_pool2d_backward(const float *g, const float *x, float *dx, int64_t begin, int64_t end,
                                  int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw,
                                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                                  float scale2, int weights_only) {
+    enum { KMAX = 64 };
     const int64_t K = kh * kw;
+    if (K > KMAX) return 2;
     const float big = FLT_MAX / 4.0f, outside = -FLT_MAX / 2.0f;
-    int64_t Wp = (OW - 1) * sw + (kw - 1) * dw + 1; /* padded columns any window reads */
-    Wp = (Wp + sw - 1) / sw * sw;
-    const int64_t Wq = Wp / sw, M = OH * Wq;
-    const int64_t row_buffer = OH * Wp + (kw - 1) * dw + sw; /* junk columns of the last row stay inside */
-    const size_t floats = (size_t)(2 * kh * row_buffer + 2 * K * M + 5 * M);
-    float *buffer = (float *)malloc(sizeof(float) * floats);
+    const int64_t Hp = (OH - 1) * sh + (kh - 1) * dh + 1;
+    const int64_t Wq = ((OW - 1) * sw + (kw - 1) * dw + 1 + sw - 1) / sw, Wp = sw * Wq;
+    const int64_t Hq = (Hp + sh - 1) / sh, per_plane = Hq * Wq;
+    /* ~8 Ki extended columns per chunk: long loops, and the K rows of D stay in L2. */
+    const int64_t chunk = MAX(1, MIN(end - begin, 8192 / MAX(1, per_plane)));
+    const int64_t M = chunk * per_plane;
+    const int64_t tail = ((kh - 1) * dh / sh + 1) * Wp + (kw - 1) * dw + sw; /* junk reads stay inside */
+    const int64_t phase = chunk * Hq * Wp + tail;                        /* one row phase of the input */
+    const int64_t gphase = chunk * Hq * Wq + ((kh - 1) * dh / sh + 1) * Wq + (kw - 1) * dw / sw + 1;
+    const int64_t gphases = sh * sw;                                    /* row x column phases of the gradient */
+    float *buffer = (float *)malloc(sizeof(float) * (size_t)(sh * phase + gphases * gphase + 2 * K * M + 5 * M));
     if (buffer == NULL) return 1;
-    float *R = buffer, *TR = R + kh * row_buffer, *D = TR + kh * row_buffer, *E = D + K * M;
+    float *P = buffer, *T = P + sh * phase, *D = T + gphases * gphase, *E = D + K * M;
     float *peak = E + K * M, *total = peak + M, *weighted = total + M, *factor = weighted + M, *G = factor + M;
-    const int64_t first = MIN(MAX(pw, 0), Wp), last = MIN(pw + W, Wp); /* padded columns holding input */
-    for (int64_t plane = begin; plane < end; ++plane) {
-        const float *xp = x + plane * H * W, *gp = g + plane * OH * OW;
-        float *dxp = dx + plane * H * W;
-        for (int64_t a = 0; a < kh; ++a) {
-            float *Ra = R + a * row_buffer;
-            for (int64_t oh = 0; oh < OH; ++oh) {
-                const int64_t h = oh * sh - ph + a * dh;
-                float *row = Ra + oh * Wp;
-                if (h < 0 || h >= H) {
-                    for (int64_t c = 0; c < Wp; ++c) row[c] = outside;
-                    continue;
-                }
-                const float *xr = xp + h * W - pw;
-                for (int64_t c = 0; c < first; ++c) row[c] = outside;
-                for (int64_t c = first; c < last; ++c) row[c] = MIN(MAX(xr[c] * scale2, -big), big);
-                for (int64_t c = MAX(last, first); c < Wp; ++c) row[c] = outside;
-            }
-            for (int64_t c = OH * Wp; c < row_buffer; ++c) Ra[c] = outside;
-        }
-        for (int64_t oh = 0; oh < OH; ++oh) {
-            for (int64_t ow = 0; ow < OW; ++ow) G[oh * Wq + ow] = gp[oh * OW + ow];
-            for (int64_t ow = OW; ow < Wq; ++ow) G[oh * Wq + ow] = 0.0f;
-        }
-        /* Strided gathers and scatters stay in loops of their own: GCC vectorises the arithmetic
-         * only over contiguous buffers ("not suitable for strided load" with a run-time stride). */
-        for (int64_t k = 0; k < K; ++k) {
-            const float *src = R + (k / kw) * row_buffer + (k % kw) * dw;
-            float *Dk = D + k * M;
-            if (sw == 1)
-                memcpy(Dk, src, sizeof(float) * (size_t)M);
-            else
-                for (int64_t j = 0; j < M; ++j) Dk[j] = src[sw * j];
-            if (k == 0)
-                memcpy(peak, Dk, sizeof(float) * (size_t)M);
-            else
-                for (int64_t j = 0; j < M; ++j) peak[j] = MAX(peak[j], Dk[j]);
-        }
-        for (int64_t j = 0; j < M; ++j) total[j] = weighted[j] = 0.0f;
-        for (int64_t k = 0; k < K; ++k) {
-            float *Dk = D + k * M, *Ek = E + k * M;
-            for (int64_t j = 0; j < M; ++j) {
-                const float diff = MAX(Dk[j] - peak[j], FLOOR_EXPONENT - 1.0f);
-                const float weight = exp2_nonpositive(MAX(diff, FLOOR_EXPONENT));
-                const float e = diff < FLOOR_EXPONENT ? 0.0f : weight;
-                Dk[j] = diff;
-                Ek[j] = e;
-                total[j] += e;
-                weighted[j] += e * diff;
+    const float *src[KMAX];
+    int64_t target[KMAX]; /* element k of extended output j: input P[offset + sw j], gradient T[target[k] + j] */
+    for (int64_t k = 0; k < K; ++k) {
+        const int64_t ra = (k / kw) * dh, cb = (k % kw) * dw;
+        src[k] = P + (ra % sh) * phase + (ra / sh) * Wp + cb;
+        target[k] = ((ra % sh) * sw + cb % sw) * gphase + (ra / sh) * Wq + cb / sw;
+    }
+    const int64_t w_end = MIN(W, Wp - pw); /* input columns any window reads */
+    for (int64_t first = begin; first < end; first += chunk) {
+        const int64_t count = MIN(chunk, end - first), n = count * per_plane;
+        for (int64_t i = 0; i < sh * phase; ++i) P[i] = outside;
+        for (int64_t b = 0; b < count; ++b) {
+            const float *xp = x + (first + b) * H * W;
+            for (int64_t r = ph; r < MIN(Hp, H + ph); ++r) { /* padded row r is input row r - ph */
+                const float *xr = xp + (r - ph) * W;
+                float *row = P + (r % sh) * phase + (b * Hq + r / sh) * Wp + pw;
+                for (int64_t w = 0; w < w_end; ++w) row[w] = MIN(MAX(xr[w] * scale2, -big), big);
             }
         }
-        if (weights_only) {
-            for (int64_t j = 0; j < M; ++j) factor[j] = G[j] / total[j];
-        } else {
-            /* g * p_k * (1 + ln2 * (d_k - SD / S)) = e_k * (g ln2 / S) * (d_k + 1/ln2 - SD / S) */
-            for (int64_t j = 0; j < M; ++j) {
-                weighted[j] = 1.0f / LN2 - weighted[j] / total[j];
-                factor[j] = G[j] * LN2 / total[j];
-            }
-        }
-        for (int64_t i = 0; i < kh * row_buffer; ++i) TR[i] = 0.0f;
+        memset(G, 0, sizeof(float) * (size_t)M);
+        for (int64_t b = 0; b < count; ++b)
+            for (int64_t oh = 0; oh < OH; ++oh)
+                memcpy(G + (b * Hq + oh) * Wq, g + ((first + b) * OH + oh) * OW, sizeof(float) * (size_t)OW);
+        if (K == 9 && sw == 1)
+            window_pass_constant(src, D, G, n, 9, 1, weights_only, M);
+        else if (K == 9 && sw == 2)
+            window_pass_constant(src, D, G, n, 9, 2, weights_only, M);
+        else if (K == 4 && sw == 2)
+            window_pass_constant(src, D, G, n, 4, 2, weights_only, M);
+        else if (K == 4 && sw == 1)
+            window_pass_constant(src, D, G, n, 4, 1, weights_only, M);
+        else
+            window_pass(src, D, E, G, peak, total, weighted, factor, n, K, sw, weights_only, M);
+        /* D holds each window element's contributions; add them up, element by element. */
+        memset(T, 0, sizeof(float) * (size_t)(gphases * gphase));
         for (int64_t k = 0; k < K; ++k) {
-            float *dst = TR + (k / kw) * row_buffer + (k % kw) * dw;
-            float *Dk = D + k * M;
-            const float *Ek = E + k * M;
-            if (weights_only)
-                for (int64_t j = 0; j < M; ++j) Dk[j] = Ek[j] * factor[j];
-            else
-                for (int64_t j = 0; j < M; ++j) Dk[j] = Ek[j] * factor[j] * (Dk[j] + weighted[j]);
-            if (sw == 1)
-                for (int64_t j = 0; j < M; ++j) dst[j] += Dk[j];
-            else
-                for (int64_t j = 0; j < M; ++j) dst[sw * j] += Dk[j];
+            float *dst = T + target[k];
+            const float *Dk = D + k * M;
+            for (int64_t j = 0; j < n; ++j) dst[j] += Dk[j];
         }
-        for (int64_t a = 0; a < kh; ++a) {
-            const float *TRa = TR + a * row_buffer;
-            for (int64_t oh = 0; oh < OH; ++oh) {
-                const int64_t h = oh * sh - ph + a * dh;
-                if (h < 0 || h >= H) continue;
-                const float *row = TRa + oh * Wp + pw; /* row[w]: input column w, padded column w + pw */
+        for (int64_t b = 0; b < count; ++b) {
+            float *dxp = dx + (first + b) * H * W;
+            for (int64_t h = 0; h < H && h + ph < Hp; ++h) {
+                const int64_t r = h + ph, row_index = (b * Hq + r / sh) * Wq;
                 float *dxr = dxp + h * W;
-                const int64_t w_end = MIN(W, Wp - pw);
-                for (int64_t w = MAX(0, -pw); w < w_end; ++w) dxr[w] += row[w];
+                for (int64_t q = 0; q < sw; ++q) { /* padded column c * sw + q is input column c * sw + q - pw */
+                    const float *row = T + ((r % sh) * sw + q) * gphase + row_index;
+                    const int64_t c0 = column_start(q, pw, sw), c1 = column_stop(q, pw, sw, w_end);
+                    /* A constant stride lets GCC vectorise the interleave (a run-time one stays scalar). */
+                    if (sw == 1)
+                        for (int64_t c = c0; c < c1; ++c) dxr[c - pw] = flush(row[c]);
+                    else if (sw == 2)
+                        for (int64_t c = c0; c < c1; ++c) dxr[2 * c + q - pw] = flush(row[c]);
+                    else
+                        for (int64_t c = c0; c < c1; ++c) dxr[c * sw + q - pw] = flush(row[c]);
+                }
             }
         }
-        for (int64_t i = 0; i < H * W; ++i) dxp[i] = flush(dxp[i]);
     }
     free(buffer);
+    return 0;
+}
+
+/* The 2-D max-pool forward with indices for planes [begin, end), bit-identical to ATen's CPU kernel
+ * (aten/src/ATen/native/cpu/MaxPoolKernel.cpp, cpu_max_pool): scanning each window row-major, an
+ * element replaces the running max when it is greater or NaN; the running max starts at -inf with
+ * the window's first in-bounds position as its index; the value written is the input element at
+ * that index, so every bit (NaN payloads, the sign of zero) is the input's.  ATen's NCHW loop is
+ * scalar (resnet50's stem pool at batch 8: ~90 ms on a 2-core Xeon); this one runs the same
+ * comparisons as selects over a row-phase buffer (the layout of the backward below), so they vectorise. */
+int exc_max_pool2d_forward(const float *x, float *out, int64_t *indices, int64_t begin, int64_t end, int64_t H,
+                           int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                           int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+    enum { KMAX = 64 };
+    const int64_t K = kh * kw;
+    if (K > KMAX) return 2;
+    const int64_t Hp = (OH - 1) * sh + (kh - 1) * dh + 1;
+    const int64_t Wq = ((OW - 1) * sw + (kw - 1) * dw + 1 + sw - 1) / sw, Wp = sw * Wq;
+    const int64_t Hq = (Hp + sh - 1) / sh, per_plane = Hq * Wq;
+    const int64_t tail = ((kh - 1) * dh / sh + 1) * Wp + (kw - 1) * dw + sw;
+    const int64_t phase = per_plane * sw + tail; /* one plane at a time: planes are the parallel unit */
+    float *P = (float *)malloc(sizeof(float) * (size_t)(sh * phase));
+    int32_t *first = (int32_t *)malloc(sizeof(int32_t) * (size_t)(3 * per_plane));
+    float *best = (float *)malloc(sizeof(float) * (size_t)per_plane);
+    if (P == NULL || first == NULL || best == NULL) {
+        free(P);
+        free(first);
+        free(best);
+        return 1;
+    }
+    int32_t *index = first + per_plane, *arg = index + per_plane;
+    const float minus_inf = -__builtin_inff();
+    int32_t element[KMAX];
+    const float *src[KMAX];
+    for (int64_t k = 0; k < K; ++k) {
+        const int64_t ra = (k / kw) * dh, cb = (k % kw) * dw;
+        src[k] = P + (ra % sh) * phase + (ra / sh) * Wp + cb;
+        element[k] = (int32_t)(ra * W + cb); /* input index of element k, from the window's corner */
+    }
+    /* Per extended column: the input index of its window's corner, and of its first in-bounds element. */
+    for (int64_t j = 0; j < per_plane; ++j) {
+        const int64_t oh = j / Wq, ow = j % Wq, h0 = oh * sh - ph, w0 = ow * sw - pw;
+        int64_t hf = h0, wf = w0;
+        while (hf < 0) hf += dh;
+        while (wf < 0) wf += dw;
+        index[j] = (int32_t)(h0 * W + w0);
+        first[j] = (int32_t)(MIN(hf, H - 1) * W + MIN(wf, W - 1));
+    }
+    const int64_t w_end = MIN(W, Wp - pw);
+    for (int64_t plane = begin; plane < end; ++plane) {
+        const float *xp = x + plane * H * W;
+        for (int64_t i = 0; i < sh * phase; ++i) P[i] = minus_inf; /* padding never wins: v > max is false */
+        for (int64_t r = ph; r < MIN(Hp, H + ph); ++r) {
+            float *row = P + (r % sh) * phase + (r / sh) * Wp + pw;
+            memcpy(row, xp + (r - ph) * W, sizeof(float) * (size_t)w_end);
+        }
+        for (int64_t j = 0; j < per_plane; ++j) {
+            best[j] = minus_inf;
+            arg[j] = first[j]; /* the running argmax starts at the window's first in-bounds element */
+        }
+        for (int64_t k = 0; k < K; ++k) {
+            const float *sk = src[k];
+            const int32_t offset = element[k];
+            /* A constant stride lets GCC vectorise the strided reads (a run-time one stays scalar). */
+            if (sw == 1) {
+                for (int64_t j = 0; j < per_plane; ++j) {
+                    const float v = sk[j], m = best[j];
+                    const int take = v > m || v != v;
+                    best[j] = take ? v : m;
+                    arg[j] = take ? index[j] + offset : arg[j];
+                }
+            } else if (sw == 2) {
+                for (int64_t j = 0; j < per_plane; ++j) {
+                    const float v = sk[2 * j], m = best[j];
+                    const int take = v > m || v != v;
+                    best[j] = take ? v : m;
+                    arg[j] = take ? index[j] + offset : arg[j];
+                }
+            } else {
+                for (int64_t j = 0; j < per_plane; ++j) {
+                    const float v = sk[sw * j], m = best[j];
+                    const int take = v > m || v != v;
+                    best[j] = take ? v : m;
+                    arg[j] = take ? index[j] + offset : arg[j];
+                }
+            }
+        }
+        float *op = out + plane * OH * OW;
+        int64_t *ip = indices + plane * OH * OW;
+        for (int64_t oh = 0; oh < OH; ++oh) {
+            const int32_t *ar = arg + oh * Wq;
+            for (int64_t ow = 0; ow < OW; ++ow) {
+                op[oh * OW + ow] = xp[ar[ow]];
+                ip[oh * OW + ow] = ar[ow];
+            }
+        }
+    }
+    free(P);
+    free(first);
+    free(best);
     return 0;
 }

@@ -1,0 +1,191 @@
+"""The C kernels (kernels/native.py, csrc/excitation_cpu.c) against the contract and ATen, and their fallback."""
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from excitation.kernels import native, reference, torch_paths
+from excitation.kernels.reference import max_pool2d_output_size
+
+from .helpers import rel_err
+
+TINY = torch.finfo(torch.float32).tiny
+
+
+def _subnormals(t: torch.Tensor) -> int:
+    return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+
+
+def test_the_kernels_build_here():
+    # CI and this machine have a C compiler (torch.compile's CPU backend needs one too).
+    assert native.available(), native.status()
+    assert native.status() == "on"
+
+
+def _pool_cases():
+    # kernel, stride, padding, dilation, ceil_mode: the common pools, every parity, the generic path (K not 4 or 9).
+    for k, s, p, d, c in itertools.product([(2, 2), (3, 3), (2, 3), (5, 5)], [(1, 1), (2, 2), (2, 1), (3, 3)],
+                                           [(0, 0), (1, 1), (1, 0)], [(1, 1), (2, 1)], [False, True]):
+        if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+            continue
+        yield k, s, p, d, c
+
+
+POOL_CASES = list(_pool_cases())
+
+
+@pytest.mark.parametrize("pool_backward", ["soft", "weights"])
+@pytest.mark.parametrize("shape", [(2, 3, 11, 13), (1, 2, 6, 5)])
+def test_soft_pool_backward_matches_the_contract(shape, pool_backward):
+    failures = []
+    for kernel, stride, padding, dilation, ceil_mode in POOL_CASES:
+        x = torch.randn(*shape)
+        try:
+            out = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+        except RuntimeError:
+            continue  # torch rejects the configuration itself
+        g = torch.randn_like(out)
+        args = (list(kernel), list(stride), list(padding), list(dilation))
+        ours = native.soft_max_pool2d_backward(g, x, *args, out.shape[-2:], 0.3, pool_backward)
+        ref = reference.soft_max_pool2d_backward(g.double(), x.double(), *args, ceil_mode, 0.3, pool_backward)
+        if not rel_err(ours, ref) < 2e-6 or _subnormals(ours):
+            failures.append((kernel, stride, padding, dilation, ceil_mode, rel_err(ours, ref)))
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("temp", [1e-6, 0.3, 1e6])
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_soft_pool_backward_at_extremes(temp, scale):
+    x = torch.randn(2, 4, 9, 9) * scale
+    x[0, 0, 0, 0], x[0, 1, 4, 4] = math.inf, -math.inf
+    out = F.max_pool2d(x, 3, 2, 1)
+    g = torch.randn_like(out)
+    ours = native.soft_max_pool2d_backward(g, x, [3, 3], [2, 2], [1, 1], [1, 1], out.shape[-2:], temp, "soft")
+    chunked = torch_paths.soft_max_pool2d_backward_chunked(g, x, [3, 3], [2, 2], [1, 1], [1, 1], False, temp)
+    assert torch.isfinite(ours).all() and _subnormals(ours) == 0
+    torch.testing.assert_close(ours, chunked, rtol=1e-5, atol=1e-6 * float(g.abs().max()))
+
+
+def test_soft_pool_backward_on_large_planes_and_many_chunks():
+    # A plane wider than a chunk (8 Ki extended columns), and planes that do not fill the last chunk.
+    for shape in [(1, 1, 200, 190), (3, 37, 9, 9)]:
+        x = torch.randn(*shape)
+        out = F.max_pool2d(x, 3, 1, 1)
+        g = torch.randn_like(out)
+        ours = native.soft_max_pool2d_backward(g, x, [3, 3], [1, 1], [1, 1], [1, 1], out.shape[-2:], 0.3, "soft")
+        ref = reference.soft_max_pool2d_backward(g.double(), x.double(), [3, 3], [1, 1], [1, 1], [1, 1], False, 0.3)
+        assert rel_err(ours, ref) < 2e-6
+
+
+def test_max_pool_forward_is_atens_bit_for_bit():
+    failures = 0
+    for kernel, stride, padding, dilation, ceil_mode in POOL_CASES:
+        x = torch.randn(2, 3, 11, 13)
+        # Ties, signed zeros, infinities and NaNs: the cases where "which element" is a choice.
+        x[0, 0, :4, :4] = 1.0
+        x[0, 1, 2:6, 2:6] = torch.tensor([0.0, -0.0]).repeat(8)[:16].reshape(4, 4)
+        x[1, 0] = -math.inf
+        x[1, 1, 3, 3], x[1, 1, 3, 4], x[1, 2, 5, 5] = math.nan, math.nan, math.inf
+        try:
+            values, indices = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        except RuntimeError:
+            continue
+        ours_v, ours_i = native.max_pool2d_with_indices(x, list(kernel), list(stride), list(padding), list(dilation),
+                                                        values.shape[-2:])
+        same_bits = torch.equal(ours_v.view(torch.int32), values.view(torch.int32))
+        failures += not (same_bits and torch.equal(ours_i, indices))
+    assert failures == 0
+
+
+def test_relu_gate_matches_the_contract_and_never_underflows():
+    z = torch.cat([torch.randn(10_000) * 30, torch.tensor([-math.inf, math.inf, 0.0, -0.0, -1e30, 1e30])])
+    g = torch.randn_like(z)
+    g[:100] = 1e-30  # tiny incoming gradients: products below the smallest normal must be flushed
+    for temp in (1e-3, 0.3, 5.0):
+        ours = native.relu_sigmoid_backward(g, z, temp)
+        ref = reference.relu_backward(g.double(), z.double(), temp, "sigmoid")
+        # float32's own conditioning: u = z / temp carries a relative rounding of 6e-8, so e^u at
+        # |u| ~ 40 carries ~3e-6 (torch's float32 sigmoid too).
+        torch.testing.assert_close(ours.double(), ref, rtol=5e-6, atol=TINY)
+        assert _subnormals(ours) == 0
+        in_place = z.clone()
+        assert native.relu_sigmoid_backward(g, in_place, temp, out=in_place) is in_place
+        assert torch.equal(in_place, ours)
+
+
+def test_fused_batch_norm_gate_with_a_slice_of_a_concatenation_as_gradient():
+    z = torch.randn(2, 5, 7, 6) * 4
+    whole = torch.randn(2, 12, 7, 6)
+    g = whole[:, 3:8]  # planes contiguous, batch stride of the concatenation
+    assert not g.is_contiguous() and native.planes_contiguous(g)
+    scale = torch.rand(5) + 0.5
+    expected = torch_paths.flush_subnormal_(torch_paths.relu_backward(g, z, 0.3, "sigmoid") * scale.view(1, -1, 1, 1))
+    ours = native.batch_norm_relu_sigmoid_backward_(g, z.clone(), scale, 0.3)
+    torch.testing.assert_close(ours, expected, rtol=2e-6, atol=1e-12)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x = torch.randn(4, 6, 20, 20)
+    out = F.max_pool2d(x, 3, 2, 1)
+    g = torch.randn_like(out)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(native.soft_max_pool2d_backward(g, x, [3, 3], [2, 2], [1, 1], [1, 1], out.shape[-2:],
+                                                           0.3, "soft"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+_FALLBACK = textwrap.dedent(
+    """
+    import json, torch, torchvision, excitation
+    from excitation.kernels import native
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    pb = excitation.pullback(model, x, 3)
+    print(json.dumps({"status": native.status(), "pullback": pb.flatten()[:4000].tolist()}))
+    """
+)
+
+
+def _run(env_extra):
+    env = dict(os.environ, **env_extra)
+    done = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_without_a_compiler_or_when_switched_off_the_torch_paths_give_the_same_pullback(tmp_path):
+    on = _run({"EXCITATION_CACHE_DIR": str(tmp_path / "cache")})
+    off = _run({"EXCITATION_NATIVE": "0"})
+    no_compiler = _run({"EXCITATION_CACHE_DIR": str(tmp_path / "empty"), "CC": "/nonexistent/cc",
+                        "PATH": "/nonexistent"})
+    assert on["status"] == "on" and off["status"] == "off: EXCITATION_NATIVE=0"
+    assert no_compiler["status"].startswith("off: RuntimeError: no C compiler")
+    reference_pb = torch.tensor(on["pullback"])
+    for other in (off, no_compiler):
+        assert rel_err(torch.tensor(other["pullback"]), reference_pb) < 1e-5
+    assert list((tmp_path / "cache").rglob("libexcitation_cpu.so"))  # built into the cache, under its key
+
+
+def test_concurrent_first_builds_share_one_cache(tmp_path):
+    # torchrun ranks start together: each compiles to a temporary name and renames, so none loads a partial file.
+    env = dict(os.environ, EXCITATION_CACHE_DIR=str(tmp_path))
+    code = "from excitation.kernels import native; print(native.status())"
+    runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    assert [run.communicate(timeout=300)[0].strip() for run in runs] == ["on"] * 2
+    assert len(list(tmp_path.rglob("libexcitation_cpu.so"))) == 1 and not list(tmp_path.rglob("*.partial"))
