@@ -99,8 +99,8 @@ def _build(name: str, x: np.ndarray, classes: int, options: Dict[str, Any]):
                   return_aggregate=False)
     o = dict(options)
     if name == "Infidelity":
-        return q.Infidelity(perturb_patch_sizes=o.get("patch_sizes", [max(1, side // 8)]),
-                            n_perturb_samples=o.get("samples", 10), normalise=o.get("normalise", False), **common)
+        return q.Infidelity(perturb_patch_sizes=o.get("patch_sizes", [max(1, side // 4)]),
+                            n_perturb_samples=o.get("samples", 5), normalise=o.get("normalise", False), **common)
     if name == "FaithfulnessCorrelation":
         return q.FaithfulnessCorrelation(nr_runs=o.get("runs", 50), subset_size=o.get("subset", min(224, pixels // 4)),
                                          perturb_baseline="black", normalise=o.get("normalise", True), **common)

@@ -1,0 +1,281 @@
+"""``excitation.evaluate``: every explainer, every metric, per image, with paired intervals.
+
+Data flows one way: images -> model -> explainers -> Quantus metrics (per image)
+-> paired bootstrap against the gradient -> Markdown table, JSON, figure.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .explainers import Explainer, resolve_explainers
+from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, METRICS, mprt, run_metric
+from .stats import Interval, bootstrap_mean, paired_difference
+
+__all__ = ["evaluate", "Evaluation", "load_inputs"]
+
+
+@dataclass
+class Evaluation:
+    """Per-image scores ``scores[explainer][metric]`` [N], intervals, the MPRT curves and the cost."""
+
+    scores: Dict[str, Dict[str, np.ndarray]]
+    metrics: List[str]
+    explainers: List[str]
+    n: int
+    description: str = ""
+    mprt_curves: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    sweep: List[Dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    seconds_by_explainer: Dict[str, float] = field(default_factory=dict)
+
+    def interval(self, explainer: str, metric: str) -> Interval:
+        return bootstrap_mean(self.scores[explainer][metric])
+
+    def versus_gradient(self, explainer: str, metric: str) -> Interval:
+        """Mean of (explainer - gradient) over images, paired bootstrap 95 % interval."""
+        return paired_difference(self.scores[explainer][metric], self.scores["gradient"][metric])
+
+    def table(self) -> str:
+        """A Markdown table: each metric's mean [95 % CI], and the paired difference from the gradient."""
+        arrows = {m: ("↑" if HIGHER_IS_BETTER[m] else "↓") for m in self.metrics}
+        head = "| explainer | " + " | ".join(f"{m} {arrows[m]}" for m in self.metrics) + " |"
+        lines = [head, "|---" * (len(self.metrics) + 1) + "|"]
+        for e in self.explainers:
+            cells = []
+            for m in self.metrics:
+                cell = str(self.interval(e, m))
+                if e != "gradient":
+                    d = self.versus_gradient(e, m)
+                    better = (d.low > 0) if HIGHER_IS_BETTER[m] else (d.high < 0)
+                    worse = (d.high < 0) if HIGHER_IS_BETTER[m] else (d.low > 0)
+                    cell += f"<br>Δ {d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]" + (" ✓" if better else " ✗" if worse else "")
+                cells.append(cell)
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(f"N = {self.n} images; mean [bootstrap 95 % CI]; Δ = explainer − gradient, paired bootstrap "
+                     f"95 % CI (✓ better, ✗ worse, else not resolved). {self.description}")
+        lines.append(f"Cost: {self.seconds:.1f} s in all (" + ", ".join(
+            f"{k} {v:.1f} s" for k, v in self.seconds_by_explainer.items()) + ").")
+        if self.mprt_curves:
+            lines.append("")
+            layers = list(next(iter(self.mprt_curves.values())))
+            lines.append("MPRT curve (mean Spearman ρ with the original explanation, layers randomised top-down, "
+                         "cumulative):")
+            lines.append("")
+            lines.append("| explainer | " + " | ".join(layers) + " |")
+            lines.append("|---" * (len(layers) + 1) + "|")
+            for e, curve in self.mprt_curves.items():
+                lines.append(f"| {e} | " + " | ".join(f"{curve[k]:.3f}" for k in layers) + " |")
+        if self.sweep:
+            lines.append("")
+            lines.append("Temperature sweep (pullback, preset 'paper', mean per metric):")
+            lines.append("")
+            lines.append("| temp | " + " | ".join(self.metrics) + " |")
+            lines.append("|---" * (len(self.metrics) + 1) + "|")
+            for row in self.sweep:
+                lines.append(f"| {row['temp']} | " + " | ".join(f"{row[m]:.3g}" for m in self.metrics) + " |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"n": self.n, "description": self.description, "seconds": self.seconds,
+                               "seconds_by_explainer": self.seconds_by_explainer, "metrics": self.metrics,
+                               "explainers": self.explainers, "mprt_curves": self.mprt_curves, "sweep": self.sweep,
+                               "results": {}}
+        for e in self.explainers:
+            out["results"][e] = {}
+            for m in self.metrics:
+                i = self.interval(e, m)
+                row = {"mean": i.mean, "ci95": [i.low, i.high], "n": i.n,
+                       "per_image": [None if not np.isfinite(v) else float(v) for v in self.scores[e][m]]}
+                if e != "gradient":
+                    d = self.versus_gradient(e, m)
+                    row["minus_gradient"] = {"mean": d.mean, "ci95": [d.low, d.high], "n": d.n}
+                out["results"][e][m] = row
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def figure(self, path: Union[str, Path]) -> Path:
+        """One chart per metric: each explainer's mean with its 95 % interval."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = len(self.metrics) + (1 if self.mprt_curves else 0)
+        fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.4), squeeze=False)
+        for ax, m in zip(axes[0], self.metrics):
+            ivs = [self.interval(e, m) for e in self.explainers]
+            means = np.array([i.mean for i in ivs])
+            err = np.array([[i.mean - i.low for i in ivs], [i.high - i.mean for i in ivs]])
+            colors = ["tab:gray" if e == "gradient" else "tab:blue" for e in self.explainers]
+            ax.barh(range(len(ivs)), means, xerr=err, color=colors, capsize=3)
+            ax.set_yticks(range(len(ivs)))
+            ax.set_yticklabels(self.explainers if ax is axes[0][0] else [""] * len(ivs), fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{m} {'↑' if HIGHER_IS_BETTER[m] else '↓'}", fontsize=9)
+            ax.tick_params(labelsize=7)
+        if self.mprt_curves:
+            ax = axes[0][-1]
+            for e, curve in self.mprt_curves.items():
+                ax.plot(range(len(curve)), list(curve.values()), marker="o", ms=3, label=e)
+            layers = list(next(iter(self.mprt_curves.values())))
+            ax.set_xticks(range(len(layers)))
+            ax.set_xticklabels(layers, rotation=60, fontsize=6)
+            ax.set_title("MPRT (ρ, top-down) ↓", fontsize=9)
+            ax.legend(fontsize=6)
+        fig.suptitle(f"N = {self.n}, mean and bootstrap 95 % CI", fontsize=9)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    *,
+    explainers: Union[None, Sequence[Union[str, Explainer]], Dict[str, Any]] = None,
+    metrics: Optional[Sequence[str]] = None,
+    temps: Optional[Sequence[float]] = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    description: str = "",
+    progress: bool = True,
+    metric_options: Optional[Dict[str, Dict[str, Any]]] = None,
+) -> Evaluation:
+    """Score explainers with Quantus metrics, per image, beside the vanilla gradient.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier on the given inputs (plain; never modified: Quantus randomises copies).
+    x, target : Tensor
+        Inputs [N, C, H, W] and the explained classes [N] (labels or predictions).
+    explainers : names or callables ``(model, x, target) -> attribution``
+        Registered names in :data:`excitation.evaluate.EXPLAINERS` (default: pullback
+        under each preset and the gradient); the gradient is always added as the reference.
+    metrics : names
+        From :data:`excitation.evaluate.METRICS` (default: Infidelity, FaithfulnessCorrelation,
+        MaxSensitivity, Sparseness).  ``"MPRT"`` also records the per-layer curve.
+    temps : floats, optional
+        Also sweep the pullback's ReLU temperature: metric means per temperature.
+    seed : int
+        Seeds Quantus' random subsets and perturbations, identically for every explainer.
+    """
+    start = time.perf_counter()
+    metrics = list(DEFAULT_METRICS if metrics is None else metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}.")
+    if x.dim() != 4 or target.shape != (x.shape[0],):
+        raise ValueError(f"x must be [N, C, H, W] and target [N], got {tuple(x.shape)} and {tuple(target.shape)}.")
+    metric_options = metric_options or {}
+    model = model.eval()
+    with torch.no_grad():
+        classes = int(model(x[:1]).shape[1])
+    chosen = resolve_explainers(explainers)
+    names = [n for n in chosen if n != "gradient"] + ["gradient"]
+    from tqdm.auto import tqdm
+
+    scores: Dict[str, Dict[str, np.ndarray]] = {}
+    curves: Dict[str, Dict[str, float]] = {}
+    seconds: Dict[str, float] = {}
+    bar = tqdm(total=len(names) * len(metrics), desc="evaluate", disable=not progress)
+    for name in names:
+        explainer = chosen[name]
+        t0 = time.perf_counter()
+        a = torch.cat([explainer(model, x[i:i + batch_size], target[i:i + batch_size])
+                       for i in range(0, len(x), batch_size)])
+        scores[name] = {}
+        for m in metrics:
+            bar.set_postfix_str(f"{name}: {m}")
+            if m == "MPRT":
+                result = mprt(model, x, target, a, explainer, batch_size=batch_size, **metric_options.get(m, {}))
+                scores[name][m] = result.average
+                curves[name] = {k: float(np.nanmean(v)) for k, v in result.curve.items()}
+            else:
+                scores[name][m] = run_metric(m, model, x, target, a, explainer, classes=classes,
+                                             batch_size=batch_size, seed=seed, **metric_options.get(m, {}))
+            bar.update(1)
+        seconds[name] = time.perf_counter() - t0
+    bar.close()
+    sweep: List[Dict[str, Any]] = []
+    if temps:
+        sweep_metrics = [m for m in metrics if m != "MPRT"]
+        for temp in tqdm(list(temps), desc="temperature sweep", disable=not progress):
+            chosen_t = resolve_explainers(["pullback"], temp=float(temp))["pullback"]
+            a = torch.cat([chosen_t(model, x[i:i + batch_size], target[i:i + batch_size])
+                           for i in range(0, len(x), batch_size)])
+            row: Dict[str, Any] = {"temp": float(temp)}
+            for m in sweep_metrics:
+                row[m] = float(np.nanmean(run_metric(m, model, x, target, a, chosen_t, classes=classes,
+                                                     batch_size=batch_size, seed=seed, **metric_options.get(m, {}))))
+            for m in metrics:
+                row.setdefault(m, float("nan"))
+            sweep.append(row)
+    return Evaluation(scores=scores, metrics=metrics, explainers=names, n=int(len(x)), description=description,
+                      mprt_curves=curves, sweep=sweep, seconds=time.perf_counter() - start,
+                      seconds_by_explainer=seconds)
+
+
+def load_inputs(model_name: Optional[str] = None, *, weights: Optional[str] = None, weights_file: Optional[str] = None,
+                images: Optional[str] = None, n: Optional[int] = None, targets: str = "predicted",
+                size: Optional[int] = None, progress: bool = True):
+    """``(model, x, target, description)``: the digits demo (default) or a classifier on an image folder.
+
+    ``targets`` is ``"predicted"`` (the model's top class) or ``"label"`` (the folder's class index,
+    which must be the model's class index, as in an ImageNet validation ImageFolder).
+    """
+    if targets not in ("predicted", "label"):
+        raise ValueError(f"targets must be 'predicted' or 'label', got {targets!r}.")
+    if model_name is None or model_name in ("digits-a", "digits-b"):
+        if images is not None:
+            raise ValueError("--images needs --model NAME (a torchvision or timm classifier); the digits models "
+                             "use their own held-out images.")
+        from ..demo.digits import load_digits, load_model
+
+        which = "b" if model_name == "digits-b" else "a"
+        model = load_model(which)
+        (_, _), (x, y) = load_digits()
+        if n is not None:
+            x, y = x[:n], y[:n]
+        description = f"Model: in-repo digits model {which!r}, held-out digits."
+    else:
+        if images is None:
+            raise ValueError(f"--model {model_name} needs --images DIR (a folder of images, ImageFolder or flat).")
+        from ..images import ImageDataset, list_images
+        from ..models import load_classifier
+
+        loaded = load_classifier(model_name, weights=weights, weights_file=weights_file, size=size, progress=progress)
+        listing = list_images(images).head(n)
+        data = ImageDataset(listing, loaded.preprocess)
+        items = [data[i] for i in range(len(data))]
+        x = torch.stack([item[0] for item in items])
+        y = torch.tensor([item[1] for item in items], dtype=torch.long)
+        model = loaded.pixel_model()
+        description = f"Model: {loaded.describe()}, {len(x)} images from {images}."
+        if targets == "label" and bool((y < 0).any()):
+            raise ValueError(f"--targets label needs labelled images (an ImageFolder); {images} has none. "
+                             f"Use --targets predicted.")
+    if targets == "predicted":
+        with torch.no_grad():
+            y = torch.cat([model(x[i:i + 64]).argmax(1) for i in range(0, len(x), 64)])
+        description += " Targets: the predicted class."
+    else:
+        description += " Targets: the labels."
+    return model, x, y, description
