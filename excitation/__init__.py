@@ -20,6 +20,7 @@ Importing this package registers the ``excitation::`` ops with
 from .api import clear_cache, gradient, prepare, pullback, pullbacks
 from .ascent import IMAGENET_NORMALIZE, Normalized, ascend
 from .calibrate import calibrate
+from .evaluation import evaluate
 from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
 from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
 from .fxpass.backend import backend
@@ -27,6 +28,7 @@ from .fxpass.rules import DEFAULT_RULES, RULES, Rule
 from .gates import GATES
 from .kernels import surrogate_max_pool2d, surrogate_relu
 from .presets import DEFAULT_PRESET, POOL_BACKWARDS, PRESETS, Preset
+from .quantus import quantus_explain_func
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,8 @@ __all__ = [
     "pullback",
     "ascend",
     "calibrate",
+    "evaluate",
+    "quantus_explain_func",
     "IMAGENET_NORMALIZE",
     "Normalized",
     "pullbacks",

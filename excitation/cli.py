@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--json", help="also write the rows as JSON")
     zoo.add_argument("--no-progress", action="store_true")
     zoo.set_defaults(func=_cmd_zoo)
+
+    from .evaluation.cli import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``excitation.evaluate``: every explainer, every metric, per image, with paired intervals.
+"""``excitation.evaluate`` (this module's :func:`evaluate`): every explainer, every metric, per image, with paired intervals.
 
 Data flows one way: images -> model -> explainers -> Quantus metrics (per image)
 -> paired bootstrap against the gradient -> Markdown table, JSON, figure.
@@ -37,6 +37,7 @@ class Evaluation:
     sweep: List[Dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     seconds_by_explainer: Dict[str, float] = field(default_factory=dict)
+    calibrated: Dict[str, float] = field(default_factory=dict)
 
     def interval(self, explainer: str, metric: str) -> Interval:
         return bootstrap_mean(self.scores[explainer][metric])
@@ -84,13 +85,18 @@ class Evaluation:
             lines.append("|---" * (len(self.metrics) + 1) + "|")
             for row in self.sweep:
                 lines.append(f"| {row['temp']} | " + " | ".join(f"{row[m]:.3g}" for m in self.metrics) + " |")
+        if self.calibrated:
+            values = np.array(list(self.calibrated.values()))
+            lines.append("")
+            lines.append(f"`calibrate` gives per-site temperatures from {values.min():.3g} to {values.max():.3g} "
+                         f"(median {np.median(values):.3g}) over {len(values)} sites.")
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"n": self.n, "description": self.description, "seconds": self.seconds,
                                "seconds_by_explainer": self.seconds_by_explainer, "metrics": self.metrics,
                                "explainers": self.explainers, "mprt_curves": self.mprt_curves, "sweep": self.sweep,
-                               "results": {}}
+                               "calibrated": self.calibrated, "results": {}}
         for e in self.explainers:
             out["results"][e] = {}
             for m in self.metrics:
@@ -167,10 +173,10 @@ def evaluate(
     x, target : Tensor
         Inputs [N, C, H, W] and the explained classes [N] (labels or predictions).
     explainers : names or callables ``(model, x, target) -> attribution``
-        Registered names in :data:`excitation.evaluate.EXPLAINERS` (default: pullback
+        Registered names in :data:`excitation.evaluation.EXPLAINERS` (default: pullback
         under each preset and the gradient); the gradient is always added as the reference.
     metrics : names
-        From :data:`excitation.evaluate.METRICS` (default: Infidelity, FaithfulnessCorrelation,
+        From :data:`excitation.evaluation.METRICS` (default: Infidelity, FaithfulnessCorrelation,
         MaxSensitivity, Sparseness).  ``"MPRT"`` also records the per-layer curve.
     temps : floats, optional
         Also sweep the pullback's ReLU temperature: metric means per temperature.
