@@ -76,11 +76,7 @@ class ExcitationPullback(GradientAttribution):
         elif not isinstance(target, Tensor):
             target = torch.as_tensor(list(target), dtype=torch.long, device=inputs.device)
         if target.numel() != n:
-            # NoiseTunnel and the metrics repeat inputs; a per-input target repeats with them.
-            if n % target.numel() == 0:
-                target = target.reshape(-1).repeat_interleave(n // target.numel())
-            else:
-                raise ValueError(f"target must give one class per input: {target.numel()} for {n} inputs.")
+            raise ValueError(f"target must give one class per input: {target.numel()} targets for {n} inputs.")
         out = pullback(self.forward_func, inputs.detach(), target.reshape(-1).long(), preset=self.preset,
                        temp=self.temp, pool_temp=self.pool_temp).detach()
         return out.abs() if (self.abs if abs is None else abs) else out

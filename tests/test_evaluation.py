@@ -1,0 +1,287 @@
+"""excitation.evaluation: Quantus wrappers against hand-computed values, the 0.6.0 defects, the bootstrap,
+the explainers, the CLI end to end on a generated image folder."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("quantus")
+pytest.importorskip("captum")
+
+import excitation
+from excitation.evaluation import (METRICS, bootstrap_mean, evaluate, make_explainer, mprt, paired_difference,
+                                   run_metric)
+from excitation.evaluation.metrics import numpy_trapz_shim, per_sample_normalise
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Linear(nn.Module):
+    """f(x) = W flatten(x) + b: every attribution quantity has a closed form."""
+
+    def __init__(self, classes: int = 3, side: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(side * side, classes)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(classes, side * side, generator=g))
+            self.fc.bias.copy_(torch.randn(classes, generator=g))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+def _data(n=4, side=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = 0.2 + 0.8 * torch.rand(n, 1, side, side, generator=g)
+    x[:, 0, 0, 0] = 0.0  # Quantus' "black" baseline is each image's minimum: make it 0
+    return x, torch.arange(n) % 3
+
+
+def input_x_gradient(model, x, target):
+    return excitation.gradient(model, x, target) * x
+
+
+# ------------------------------------------------------------------ metric wrappers vs closed forms
+def test_infidelity_is_zero_for_the_gradient_of_a_linear_model_and_w_dot_x_squared_when_doubled():
+    model, (x, y) = Linear(), _data()
+    grad = make_explainer("gradient")
+    a = grad(model, x, y)
+    exact = run_metric("Infidelity", model, x, y, a, grad, classes=3, patch_sizes=[8])
+    assert np.allclose(exact, 0.0, atol=1e-6)
+    # One patch = the whole image, replaced by the black baseline b: loss = (2 w.(x-b) - w.(x-b))^2 = (w.(x-b))^2.
+    doubled = run_metric("Infidelity", model, x, y, 2 * a, grad, classes=3, patch_sizes=[8])
+    w = model.fc.weight.detach()[y]
+    baseline = x.flatten(1).amin(1, keepdim=True)  # Quantus' "black" baseline: the image's minimum (0 here)
+    hand = ((w * (x.flatten(1) - baseline)).sum(1) ** 2).numpy()
+    np.testing.assert_allclose(doubled, hand, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["FaithfulnessCorrelation", "FaithfulnessEstimate"])
+def test_faithfulness_of_input_x_gradient_on_a_linear_model_is_one(name):
+    # Removing a set S (to black, 0) drops the logit by sum_S w_i x_i = sum_S a_i: Pearson correlation 1.
+    model, (x, y) = Linear(), _data()
+    a = input_x_gradient(model, x, y)
+    scores = run_metric(name, model, x, y, a, input_x_gradient, classes=3, runs=20, subset=8, step=4)
+    np.testing.assert_allclose(scores, 1.0, atol=1e-5)
+    # ... and a sign-flipped attribution is perfectly anti-faithful.
+    flipped = run_metric(name, model, x, y, -a, input_x_gradient, classes=3, runs=20, subset=8, step=4)
+    np.testing.assert_allclose(flipped, -1.0, atol=1e-5)
+
+
+def test_max_sensitivity_is_zero_for_a_constant_explanation_and_matches_hand_for_input_x_gradient():
+    model, (x, y) = Linear(), _data()
+    grad = make_explainer("gradient")
+    assert np.allclose(run_metric("MaxSensitivity", model, x, y, grad(model, x, y), grad, classes=3), 0.0)
+    # For a = w * x, a(x+d) - a(x) = w * d, so the ratio ||w d|| / ||w x|| is below max|w| r sqrt(D) / ||w x||.
+    s = run_metric("MaxSensitivity", model, x, y, input_x_gradient(model, x, y), input_x_gradient, classes=3,
+                   radius=0.1)
+    w = model.fc.weight.detach()[y]
+    bound = (w.abs().amax(1) * 0.1 * 8 / (w * x.flatten(1)).norm(dim=1)).numpy()
+    assert np.all(s > 0) and np.all(s <= bound + 1e-6)
+
+
+def test_random_logit_with_two_classes_compares_with_the_other_class():
+    model, (x, _) = Linear(classes=2), _data()
+    y = torch.tensor([0, 1, 0, 1])
+    grad = make_explainer("gradient")
+
+    def l1(a, b, **_):
+        return float(np.abs(a - b).sum())
+
+    scores = run_metric("RandomLogit", model, x, y, grad(model, x, y), grad, classes=2, similarity=l1)
+    w = model.fc.weight.detach().numpy()
+    hand = []
+    for t in y.tolist():
+        mine, other = w[t] / np.abs(w[t]).max(), w[1 - t] / np.abs(w[1 - t]).max()
+        hand.append(np.abs(mine - other).sum())
+    np.testing.assert_allclose(scores, hand, rtol=1e-5)
+
+
+def test_sparseness_is_the_gini_index_per_image():
+    model, (x, y) = Tiny(), _data()
+    explain = make_explainer("pullback")
+    a = explain(model, x, y)
+    scores = run_metric("Sparseness", model, x, y, a, explain, classes=3)
+    hand = []
+    for v in a.abs().flatten(1).double().numpy():
+        v = np.sort(v)
+        n = v.size
+        hand.append(np.sum((2 * np.arange(1, n + 1) - n - 1) * v) / (n * v.sum()))
+    np.testing.assert_allclose(scores, hand, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ Quantus 0.6.0 defects
+def test_mprt_average_excludes_the_original_models_self_similarity():
+    import quantus
+
+    model, (x, y) = Tiny(), _data()
+    explain = make_explainer("pullback")
+    a = explain(model, x, y)
+    result = mprt(model, x, y, a, explain)
+    layers = [k for k in result.curve if k != "original"]
+    assert list(result.curve)[0] == "original" and layers == ["fc", "conv"]  # top-down
+    np.testing.assert_allclose(result.curve["original"], 1.0)
+    np.testing.assert_allclose(result.average, np.mean([result.curve[k] for k in layers], axis=0))
+    # Quantus' own average wrongly includes "original" (it skips the key "orig").
+    from excitation.evaluation.metrics import as_quantus_explain_func
+
+    theirs = quantus.MPRT(layer_order="top_down", seed=42, return_average_correlation=True, abs=True,
+                          normalise_func=per_sample_normalise, disable_warnings=True)(
+        model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.numpy(),
+        explain_func=as_quantus_explain_func(explain), softmax=False, device="cpu")
+    np.testing.assert_allclose(theirs, np.mean([result.curve[k] for k in result.curve], axis=0), rtol=1e-6)
+    assert not np.allclose(theirs, result.average)
+
+
+def test_trapz_shim_restores_np_trapz_only_inside_and_only_when_missing():
+    from quantus.helpers.utils import calculate_auc
+
+    had = hasattr(np, "trapz")
+    with numpy_trapz_shim():
+        assert calculate_auc(np.array([0.0, 1.0, 2.0])) == pytest.approx(2.0)  # hand: 0.5 + 1.5
+    assert hasattr(np, "trapz") == had
+
+
+def test_normalisation_is_per_sample_not_over_the_batch():
+    from quantus.functions.normalise_func import normalise_by_max
+
+    a = np.stack([np.full((1, 2, 2), 1.0), np.full((1, 2, 2), -100.0)])
+    a[0, 0, 0, 0] = 0.5
+    ours = per_sample_normalise(a)
+    np.testing.assert_allclose(ours[0], a[0] / 1.0)
+    np.testing.assert_allclose(ours[1], a[1] / 100.0)
+    assert np.abs(normalise_by_max(a)[0]).max() == pytest.approx(0.01)  # the defect: batch-wide max
+
+
+def test_road_is_not_offered_and_extras_depend_on_plain_quantus():
+    assert "ROAD" not in METRICS
+    with pytest.raises(ValueError, match="unknown metric 'ROAD'"):
+        run_metric("ROAD", Linear(), *_data(), torch.zeros(4, 1, 8, 8), make_explainer("gradient"), classes=3)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for group in ("eval", "dev"):
+        deps = " ".join(extras[group])
+        assert "quantus>=0.6" in deps and "quantus[" not in deps and "captum>=0.7" in deps
+
+
+# ------------------------------------------------------------------ bootstrap
+def test_bootstrap_interval_matches_the_normal_theory_and_covers():
+    rng = np.random.default_rng(0)
+    v = rng.normal(0.5, 2.0, size=2000)
+    i = bootstrap_mean(v)
+    half = 1.96 * v.std(ddof=1) / np.sqrt(v.size)
+    assert i.mean == pytest.approx(v.mean())
+    assert (i.high - i.low) / 2 == pytest.approx(half, rel=0.1)
+    assert i.low < 0.5 < i.high
+    covered = sum(bootstrap_mean(rng.normal(0.5, 2.0, 60), resamples=500, seed=k).low < 0.5 <
+                  bootstrap_mean(rng.normal(0.5, 2.0, 60), resamples=500, seed=k).high for k in range(0))
+    hits = 0
+    for k in range(150):
+        s = rng.normal(0.5, 2.0, 60)
+        j = bootstrap_mean(s, resamples=500, seed=k)
+        hits += j.low < 0.5 < j.high
+    assert 0.88 <= hits / 150 <= 0.99 and covered == 0
+
+
+def test_paired_difference_removes_the_shared_per_image_variance_and_drops_nans():
+    rng = np.random.default_rng(1)
+    shared = rng.normal(0, 10, 500)
+    d = rng.normal(0.3, 0.5, 500)
+    b, a = shared, shared + d
+    a_nan = a.copy()
+    a_nan[:3] = np.nan
+    paired = paired_difference(a_nan, b)
+    assert paired.n == 497 and paired.mean == pytest.approx(d[3:].mean())
+    assert paired.high - paired.low < 0.2 < 2 * 1.96 * 10 * np.sqrt(2 / 500)  # unpaired width would be ~2.5
+    assert paired.low < 0.3 < paired.high
+
+
+# ------------------------------------------------------------------ explainers
+def test_smooth_pullback_and_ascent_match_plain_loops_and_captum_leaves_the_model_alone():
+    model, (x, y) = Tiny(), _data()
+    smooth = make_explainer("smooth-pullback")(model, x, y)
+    g = torch.Generator().manual_seed(0)
+    spread = (x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True))
+    ref = sum(excitation.pullback(model, x + torch.randn(x.shape, generator=g) * 0.15 * spread, y)
+              for _ in range(8)) / 8
+    torch.testing.assert_close(smooth, ref)
+    moved = excitation.ascend(model, x, y, steps=3, step_size=1.0, radius=5.0, pixel_range=(0.0, 1.0),
+                              progress=False)
+    torch.testing.assert_close(make_explainer("pullback-ascent")(model, x, y), moved - x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("guided-backprop", "integrated-gradients", "smoothgrad"):
+        out = make_explainer(name)(model, x, y)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model._forward_hooks and not model._backward_hooks and not model.conv._forward_hooks
+
+
+def test_evaluate_api_pairs_user_callables_with_the_gradient():
+    model, (x, y) = Linear(), _data(n=6)
+    result = evaluate(model, x, y, explainers={"ixg": input_x_gradient}, metrics=["FaithfulnessCorrelation"],
+                      progress=False, metric_options={"FaithfulnessCorrelation": {"runs": 10, "subset": 8}})
+    assert result.explainers == ["ixg", "gradient"]
+    np.testing.assert_allclose(result.scores["ixg"]["FaithfulnessCorrelation"], 1.0, atol=1e-5)
+    d = result.versus_gradient("ixg", "FaithfulnessCorrelation")
+    assert d.mean == pytest.approx(1.0 - np.mean(result.scores["gradient"]["FaithfulnessCorrelation"]))
+    assert "ixg" in result.table() and result.seconds > 0
+
+
+# ------------------------------------------------------------------ CLI, folder path end to end
+def test_cli_on_a_generated_image_folder_with_random_weights(tmp_path, capsys):
+    from PIL import Image
+
+    from excitation.cli import main
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{k}.png")
+    out = tmp_path / "res" / "ev"
+    rc = main(["evaluate", "--model", "resnet18", "--images", str(tmp_path / "imgs"), "--n", "3", "--size", "32",
+               "--explainers", "pullback", "--metrics", "Sparseness", "--temps", "0.3", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 1000 and "Sparseness" in out.with_suffix(".md").read_text()
+    assert data["n"] == 3 and data["explainers"] == ["pullback", "gradient"] and data["seconds"] > 0
+    assert data["calibrated"] and data["sweep"][0]["temp"] == 0.3
+    # Independent reference: the Gini index of the gradient of the same classifier on the same pixels.
+    from excitation.images import ImageDataset, list_images
+    from excitation.models import load_classifier
+
+    loaded = load_classifier("resnet18", size=32)
+    x = torch.stack([ImageDataset(list_images(tmp_path / "imgs"), loaded.preprocess)[i][0] for i in range(3)])
+    model = loaded.pixel_model()
+    # random weights: the CLI's model was built with its own random init, so compare structure, not values
+    per_image = data["results"]["gradient"]["Sparseness"]["per_image"]
+    assert len(per_image) == 3 and all(0 < v < 1 for v in per_image)
+    assert x.shape == (3, 3, 32, 32) and model(x).shape == (3, 1000)
+
+
+def test_cli_errors_are_one_line(capsys):
+    from excitation.cli import main
+
+    assert main(["evaluate", "--images", "somewhere"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--images needs --model" in err[0]
