@@ -105,8 +105,8 @@ def test_random_logit_with_two_classes_compares_with_the_other_class():
     y = torch.tensor([0, 1, 0, 1])
     grad = make_explainer("gradient")
 
-    def l1(a, b, **_):
-        return float(np.abs(a - b).sum())
+    def l1(a, b, batched=False, **_):  # Quantus calls it on [N, D] rows
+        return np.abs(a - b).sum(axis=-1)
 
     scores = run_metric("RandomLogit", model, x, y, grad(model, x, y), grad, classes=2, similarity=l1)
     w = model.fc.weight.detach().numpy()
@@ -192,14 +192,12 @@ def test_bootstrap_interval_matches_the_normal_theory_and_covers():
     assert i.mean == pytest.approx(v.mean())
     assert (i.high - i.low) / 2 == pytest.approx(half, rel=0.1)
     assert i.low < 0.5 < i.high
-    covered = sum(bootstrap_mean(rng.normal(0.5, 2.0, 60), resamples=500, seed=k).low < 0.5 <
-                  bootstrap_mean(rng.normal(0.5, 2.0, 60), resamples=500, seed=k).high for k in range(0))
     hits = 0
     for k in range(150):
         s = rng.normal(0.5, 2.0, 60)
         j = bootstrap_mean(s, resamples=500, seed=k)
         hits += j.low < 0.5 < j.high
-    assert 0.88 <= hits / 150 <= 0.99 and covered == 0
+    assert 0.88 <= hits / 150 <= 0.99  # nominal 0.95
 
 
 def test_paired_difference_removes_the_shared_per_image_variance_and_drops_nans():
