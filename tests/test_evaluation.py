@@ -283,3 +283,20 @@ def test_cli_errors_are_one_line(capsys):
     assert main(["evaluate", "--images", "somewhere"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--images needs --model" in err[0]
+
+
+def test_demo_headline_evaluation_matches_a_direct_evaluate_call():
+    from excitation.demo.digits import load_digits, load_model
+    from excitation.demo.run import DemoResult, _headline_evaluation
+
+    model = load_model("a")
+    (_, _), (x, _) = load_digits()
+    ev = _headline_evaluation(model, x[:4], 0, False)
+    with torch.no_grad():
+        target = model(x[:4]).argmax(1)
+    direct = run_metric("Sparseness", model, x[:4], target, excitation.pullback(model, x[:4], target),
+                        make_explainer("pullback"), classes=10)
+    np.testing.assert_allclose(ev.scores["pullback"]["Sparseness"], direct)
+    text = DemoResult(accuracy={"a": 1.0, "b": 1.0}, baseline=(0, 1), evaluation=ev).summary
+    assert ev.n == 4 and ev.metrics == ["FaithfulnessCorrelation", "MaxSensitivity", "Sparseness"]
+    assert callable(text)

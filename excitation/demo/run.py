@@ -15,9 +15,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from ..api import pullbacks
@@ -59,6 +60,8 @@ class DemoResult:
     baseline: Tuple[int, int] = (0, 0)
     figures: List[Path] = field(default_factory=list)
     seconds: float = 0.0
+    # Headline Quantus metrics on the first held-out images (None without Quantus or with eval_n=0).
+    evaluation: Optional[Any] = None
 
     def rate(self, direction: str, radius: float = BUDGET["radius"], table: str = "transfer") -> Tuple[float, float, float]:
         """(rate, low, high): the rate and its 95 % Wilson interval."""
@@ -82,6 +85,14 @@ class DemoResult:
                 white, _, _ = self.rate(direction, radius, "white_box")
                 cells.append(f"{rate:6.1%} ({low:5.1%}-{high:5.1%})  [{white:5.1%}]")
             lines.append(f"  {radius:9.1f} | {cells[0]:>41} | {cells[1]:>41}")
+        if self.evaluation is not None:
+            ev = self.evaluation
+            lines.append(f"evaluation on {ev.n} held-out images (Quantus; mean, and pullback − gradient with its "
+                         f"paired 95% CI; `excitation evaluate` for the full table):")
+            for m in ev.metrics:
+                d = ev.versus_gradient("pullback", m)
+                lines.append(f"  {m:<24} pullback {ev.interval('pullback', m).mean:8.3g} | gradient "
+                             f"{ev.interval('gradient', m).mean:8.3g} | Δ {d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]")
         lines.append(f"figures: {', '.join(str(p) for p in self.figures)}  ({self.seconds:.1f} s)")
         return "\n".join(lines)
 
@@ -95,8 +106,12 @@ def _first_of_each(x: Tensor, y: Tensor, digits) -> Tensor:
     return torch.stack([x[(y == d).nonzero()[0, 0]] for d in digits])
 
 
-def run_demo(out_dir: Path = Path("out"), *, progress: bool = True, seed: int = 0) -> DemoResult:
-    """Run the demo; write ``pullback_grid.png`` and ``accentuation_grid.png`` to ``out_dir``."""
+def run_demo(out_dir: Path = Path("out"), *, progress: bool = True, seed: int = 0, eval_n: int = 16) -> DemoResult:
+    """Run the demo; write ``pullback_grid.png`` and ``accentuation_grid.png`` to ``out_dir``.
+
+    ``eval_n`` held-out images also get the headline Quantus metrics (pullback vs gradient);
+    0 skips them, as does a missing Quantus (the ``eval`` extra).
+    """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -143,5 +158,22 @@ def run_demo(out_dir: Path = Path("out"), *, progress: bool = True, seed: int = 
         with torch.no_grad():
             result.transfer[(direction, radius)] = (int((model_b(moved).argmax(1) == pair_targets).sum()), trials)
             result.white_box[(direction, radius)] = (int((model_a(moved).argmax(1) == pair_targets).sum()), trials)
+    if eval_n > 0:
+        result.evaluation = _headline_evaluation(model_a, x_test[:eval_n], seed, progress)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _headline_evaluation(model: nn.Module, x: Tensor, seed: int, progress: bool):
+    """FaithfulnessCorrelation, MaxSensitivity and Sparseness of pullback and gradient (None without Quantus)."""
+    try:
+        import quantus  # noqa: F401
+    except ImportError:
+        return None
+    from ..evaluation import evaluate
+
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    return evaluate(model, x, target, explainers=["pullback"], metrics=["FaithfulnessCorrelation", "MaxSensitivity",
+                    "Sparseness"], seed=seed, progress=progress,
+                    metric_options={"FaithfulnessCorrelation": {"runs": 20}})
