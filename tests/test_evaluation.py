@@ -297,6 +297,11 @@ def test_demo_headline_evaluation_matches_a_direct_evaluate_call():
     direct = run_metric("Sparseness", model, x[:4], target, excitation.pullback(model, x[:4], target),
                         make_explainer("pullback"), classes=10)
     np.testing.assert_allclose(ev.scores["pullback"]["Sparseness"], direct)
-    text = DemoResult(accuracy={"a": 1.0, "b": 1.0}, baseline=(0, 1), evaluation=ev).summary
+    from excitation.demo.run import RADII
+
+    filled = {(d, r): (1, 10) for d in ("pullback", "gradient") for r in RADII}
+    text = DemoResult(accuracy={"a": 1.0, "b": 1.0}, baseline=(0, 10), transfer=filled, white_box=filled,
+                      evaluation=ev).summary()
     assert ev.n == 4 and ev.metrics == ["FaithfulnessCorrelation", "MaxSensitivity", "Sparseness"]
-    assert callable(text)
+    d = ev.versus_gradient("pullback", "Sparseness")
+    assert "evaluation on 4 held-out images" in text and f"Δ {d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]" in text
