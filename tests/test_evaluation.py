@@ -235,6 +235,7 @@ def test_smooth_pullback_and_ascent_match_plain_loops_and_captum_leaves_the_mode
 
 def test_evaluate_api_pairs_user_callables_with_the_gradient():
     model, (x, y) = Linear(), _data(n=6)
+    model.train()  # evaluate must not switch the user's model to eval mode
     result = evaluate(model, x, y, explainers={"ixg": input_x_gradient}, metrics=["FaithfulnessCorrelation"],
                       progress=False, metric_options={"FaithfulnessCorrelation": {"runs": 10, "subset": 8}})
     assert result.explainers == ["ixg", "gradient"]
@@ -242,6 +243,7 @@ def test_evaluate_api_pairs_user_callables_with_the_gradient():
     d = result.versus_gradient("ixg", "FaithfulnessCorrelation")
     assert d.mean == pytest.approx(1.0 - np.mean(result.scores["gradient"]["FaithfulnessCorrelation"]))
     assert "ixg" in result.table() and result.seconds > 0
+    assert model.training
 
 
 # ------------------------------------------------------------------ CLI, folder path end to end

@@ -86,6 +86,15 @@ HIGHER_IS_BETTER: Dict[str, bool] = {
 }
 
 
+def in_eval_mode(model: nn.Module) -> nn.Module:
+    """``model`` if it is in eval mode, else an eval-mode deep copy (Quantus needs eval; the model is never changed)."""
+    if not any(m.training for m in model.modules()):
+        return model
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
 def _features(x: np.ndarray) -> int:
     return int(np.prod(x.shape[2:]))
 
@@ -141,7 +150,7 @@ def run_metric(name: str, model: nn.Module, x: Tensor, y: Tensor, a: Tensor, exp
     torch.manual_seed(seed)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with numpy_trapz_shim():
-        scores = metric(model=model.eval(), x_batch=xn, y_batch=y.detach().cpu().numpy(),
+        scores = metric(model=in_eval_mode(model), x_batch=xn, y_batch=y.detach().cpu().numpy(),
                         a_batch=a.detach().float().cpu().numpy(), explain_func=as_quantus_explain_func(explainer),
                         channel_first=True, softmax=False, device=str(device), batch_size=batch_size)
     return np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -170,7 +179,7 @@ def mprt(model: nn.Module, x: Tensor, y: Tensor, a: Tensor, explainer: Explainer
                     normalise_func=per_sample_normalise, disable_warnings=True, display_progressbar=False)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with numpy_trapz_shim():
-        scores = metric(model=model.eval(), x_batch=x.detach().float().cpu().numpy(),
+        scores = metric(model=in_eval_mode(model), x_batch=x.detach().float().cpu().numpy(),
                         y_batch=y.detach().cpu().numpy(), a_batch=a.detach().float().cpu().numpy(),
                         explain_func=as_quantus_explain_func(explainer), channel_first=True, softmax=False,
                         device=str(device), batch_size=batch_size)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .explainers import Explainer, resolve_explainers
-from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, METRICS, mprt, run_metric
+from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, METRICS, in_eval_mode, mprt, run_metric
 from .stats import Interval, bootstrap_mean, paired_difference
 
 __all__ = ["evaluate", "Evaluation", "load_inputs"]
@@ -191,7 +191,7 @@ def evaluate(
     if x.dim() != 4 or target.shape != (x.shape[0],):
         raise ValueError(f"x must be [N, C, H, W] and target [N], got {tuple(x.shape)} and {tuple(target.shape)}.")
     metric_options = metric_options or {}
-    model = model.eval()
+    model = in_eval_mode(model)  # a training-mode model is copied, never switched
     with torch.no_grad():
         classes = int(model(x[:1]).shape[1])
     chosen = resolve_explainers(explainers)
