@@ -119,21 +119,26 @@ class Evaluation:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        cols = len(self.metrics) + (1 if self.mprt_curves else 0)
-        fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.4), squeeze=False)
-        for ax, m in zip(axes[0], self.metrics):
+        panels = len(self.metrics) + (1 if self.mprt_curves else 0)
+        cols = min(4, panels)
+        rows = -(-panels // cols)
+        fig, grid = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
+        axes = [list(grid.flat)]
+        for ax in axes[0][panels:]:
+            ax.axis("off")
+        for k, (ax, m) in enumerate(zip(axes[0], self.metrics)):
             ivs = [self.interval(e, m) for e in self.explainers]
             means = np.array([i.mean for i in ivs])
             err = np.array([[i.mean - i.low for i in ivs], [i.high - i.mean for i in ivs]])
             colors = ["tab:gray" if e == "gradient" else "tab:blue" for e in self.explainers]
             ax.barh(range(len(ivs)), means, xerr=err, color=colors, capsize=3)
             ax.set_yticks(range(len(ivs)))
-            ax.set_yticklabels(self.explainers if ax is axes[0][0] else [""] * len(ivs), fontsize=8)
+            ax.set_yticklabels(self.explainers if k % cols == 0 else [""] * len(ivs), fontsize=8)
             ax.invert_yaxis()
             ax.set_title(f"{m} {'↑' if HIGHER_IS_BETTER[m] else '↓'}", fontsize=9)
             ax.tick_params(labelsize=7)
         if self.mprt_curves:
-            ax = axes[0][-1]
+            ax = axes[0][len(self.metrics)]
             for e, curve in self.mprt_curves.items():
                 ax.plot(range(len(curve)), list(curve.values()), marker="o", ms=3, label=e)
             layers = list(next(iter(self.mprt_curves.values())))
