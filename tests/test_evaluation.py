@@ -307,3 +307,19 @@ def test_demo_headline_evaluation_matches_a_direct_evaluate_call():
     assert ev.n == 4 and ev.metrics == ["FaithfulnessCorrelation", "MaxSensitivity", "Sparseness"]
     d = ev.versus_gradient("pullback", "Sparseness")
     assert "evaluation on 4 held-out images" in text and f"Δ {d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]" in text
+
+
+def test_readme_evidence_tables_are_the_committed_runs():
+    readme = (ROOT / "README.md").read_text()
+    for name in ("digits", "digits_sweep"):
+        text = (ROOT / "docs" / "evidence" / f"{name}.md").read_text()
+        table = text.split("# Evaluation\n\n", 1)[1].split("\n\n![metrics]", 1)[0]
+        if name == "digits_sweep":
+            table = table.split("mean per metric):\n\n", 1)[1]
+        assert table.strip() in readme, name
+    data = json.loads((ROOT / "docs" / "evidence" / "digits.json").read_text())
+    assert data["n"] == 449 and (ROOT / "docs" / "evidence" / "digits.png").is_file()
+    # The table's numbers are the per-image scores' means (recomputed here, not read from the table).
+    gini = np.mean(data["results"]["gradient"]["Sparseness"]["per_image"])
+    assert f"| gradient | {data['results']['gradient']['Infidelity']['mean']:.3g} [" in readme
+    assert f"{gini:.3g} [" in readme
