@@ -119,7 +119,8 @@ class Evaluation:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = len(self.metrics) + (1 if self.mprt_curves else 0)
+        swept = [m for m in self.metrics if m != "MPRT"] if self.sweep else []
+        panels = len(self.metrics) + (1 if self.mprt_curves else 0) + len(swept)
         cols = min(4, panels)
         rows = -(-panels // cols)
         fig, grid = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
@@ -145,6 +146,16 @@ class Evaluation:
             ax.set_xticks(range(len(layers)))
             ax.set_xticklabels(layers, rotation=60, fontsize=6)
             ax.set_title("MPRT (ρ, top-down) ↓", fontsize=9)
+            ax.legend(fontsize=6)
+        first = len(self.metrics) + (1 if self.mprt_curves else 0)
+        for ax, m in zip(axes[0][first:], swept):
+            temps = [row["temp"] for row in self.sweep]
+            ax.plot(temps, [row[m] for row in self.sweep], marker="o", ms=3, color="tab:blue", label="pullback")
+            ax.axhline(self.interval("gradient", m).mean, color="tab:gray", ls="--", label="gradient")
+            ax.set_xscale("log")
+            ax.set_xlabel("ReLU temp", fontsize=7)
+            ax.set_title(f"{m} vs temperature", fontsize=9)
+            ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
         fig.suptitle(f"N = {self.n}, mean and bootstrap 95 % CI", fontsize=9)
         fig.tight_layout()
