@@ -311,7 +311,7 @@ def test_demo_headline_evaluation_matches_a_direct_evaluate_call():
 
 def test_readme_evidence_tables_are_the_committed_runs():
     readme = (ROOT / "README.md").read_text()
-    for name in ("digits", "digits_sweep"):
+    for name in ("digits", "digits_sweep", "digits_peers"):
         text = (ROOT / "docs" / "evidence" / f"{name}.md").read_text()
         table = text.split("# Evaluation\n\n", 1)[1].split("\n\n![metrics]", 1)[0]
         if name == "digits_sweep":
