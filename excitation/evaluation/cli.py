@@ -16,7 +16,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Add ``evaluate`` to the ``excitation`` subcommands."""
     p = sub.add_parser(
         "evaluate", help="score pullbacks beside gradients and peers with Quantus metrics, per image, with CIs",
-        description="Explainers x Quantus metrics, one score per image, paired bootstrap 95 %% intervals of "
+        description="Explainers x Quantus metrics, one score per image, paired bootstrap 95 % intervals of "
                     "(explainer - gradient). Default: the in-repo digits model on its held-out images (offline). "
                     "Writes a Markdown table, a JSON file and one figure.")
     p.add_argument("--model", help="digits-a (default), digits-b, or a torchvision/timm classifier name")
