@@ -88,6 +88,16 @@ def test_faithfulness_of_input_x_gradient_on_a_linear_model_is_one(name):
     np.testing.assert_allclose(flipped, -1.0, atol=1e-5)
 
 
+def test_monotonicity_correlation_of_input_x_gradient_on_a_linear_model_is_one():
+    # Removing feature i (to black, 0) moves the logit by w_i x_i = a_i: the squared change (a_i^2, times a
+    # per-image constant) is a monotone function of |a_i|, so the Spearman correlation is exactly 1.
+    model, (x, y) = Linear(), _data()
+    a = input_x_gradient(model, x, y)
+    scores = run_metric("MonotonicityCorrelation", model, x, y, a, input_x_gradient, classes=3, samples=1, step=1,
+                        baseline="black")
+    np.testing.assert_allclose(scores, 1.0, atol=1e-6)
+
+
 def test_max_sensitivity_is_zero_for_a_constant_explanation_and_matches_hand_for_input_x_gradient():
     model, (x, y) = Linear(), _data()
     grad = make_explainer("gradient")

@@ -118,7 +118,7 @@ def _build(name: str, x: np.ndarray, classes: int, options: Dict[str, Any]):
                                       normalise=o.get("normalise", True), **common)
     if name == "MonotonicityCorrelation":
         return q.MonotonicityCorrelation(nr_samples=o.get("samples", 5), features_in_step=o.get("step", max(1, pixels // 16)),
-                                         normalise=o.get("normalise", True), **common)
+                                         perturb_baseline=o.get("baseline", "uniform"), normalise=o.get("normalise", True), **common)
     if name == "MaxSensitivity":
         return q.MaxSensitivity(nr_samples=o.get("samples", 5), lower_bound=o.get("radius", 0.2),
                                 normalise=o.get("normalise", False), **common)
