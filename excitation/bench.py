@@ -204,11 +204,13 @@ def run_bench(
     progress: bool = True,
     model: Optional[nn.Module] = None,
     flush_to_zero: bool = True,
+    only: Optional[List[str]] = None,
 ) -> BenchResult:
     """Measure every method on one torchvision model (random weights, eval, frozen parameters).
 
     On the CPU, ``flush_to_zero=True`` adds the cost of subnormal floats on this machine: vanilla,
     ours and the paper-style surrogate on one thread with flush-to-zero off and on (batch <= 2).
+    ``only`` restricts the timed methods to these names (the vanilla baselines always run).
     """
     import torchvision
 
@@ -228,6 +230,12 @@ def run_bench(
     x = torch.rand(batch, 3, size, size, generator=generator).to(dev)
     target = torch.randint(0, 1000, (batch,), generator=generator).to(dev)
     methods = _methods(model, model_name, temp, compile_, peers)
+    flush_methods = dict(methods)
+    if only is not None:
+        unknown = sorted(set(only) - set(methods))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(methods)}")
+        methods = {name: fn for name, fn in methods.items() if name in only or name.startswith("vanilla gradient")}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     rows = {name: BenchRow(name) for name in methods}
@@ -283,7 +291,7 @@ def run_bench(
             row.ratio = row.ms_median / base.ms_median
             if base.memory_mb:
                 row.memory_ratio = row.memory_mb / base.memory_mb
-    flush = _flush_cost(methods, x, target, repeats) if flush_to_zero and dev.type == "cpu" else None
+    flush = _flush_cost(flush_methods, x, target, repeats) if flush_to_zero and dev.type == "cpu" else None
     return BenchResult(
         flush_to_zero=flush, model=model_name, batch=batch, size=size, device=str(dev), temp=temp, torch_version=torch.__version__,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), machine=_machine() if dev.type == "cpu" else torch.cuda.get_device_name(dev),
