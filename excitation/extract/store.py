@@ -121,8 +121,12 @@ class Extract(Mapping):
     """What :func:`load_extract` returns: arrays by name (lazy zarr arrays), ``"path"`` (a list), ``.metadata``."""
 
     def __init__(self, group: Any, paths: List[str], metadata: Dict[str, Any]) -> None:
+        import warnings
+
         self._group = group
-        self._names = sorted(name for name, _ in group.arrays())
+        with warnings.catch_warnings():  # paths.json and _commits/ are ours, not zarr nodes
+            warnings.filterwarnings("ignore", message=".*not recognized as a component")
+            self._names = sorted(name for name, _ in group.arrays())
         self.paths = paths
         self.metadata = metadata
 
