@@ -142,6 +142,14 @@ def _versions() -> Dict[str, str]:
             "zarr": zarr.__version__, "python": sys.version.split()[0], "numpy": np.__version__}
 
 
+def _compiled_pullback(module: nn.Module, x: Tensor, score) -> Tensor:
+    """``d sum_i score(module(x))_i / dx`` through a compiled module (``pullback`` refuses compiled ones)."""
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(score(module(leaf)).sum(), leaf)
+    return grad
+
+
 def _input_gradient(module: nn.Module, x: Tensor, index: Tensor) -> Tuple[Tensor, Tensor]:
     """``(logits, d sum_i out[i, index_i] / dx)`` through ``module`` (used for the compiled path)."""
     leaf = x.detach().requires_grad_(True)
@@ -344,27 +352,38 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
         if good:
             where = np.array([i - start for i, _, _ in good])
             x = torch.stack([t for _, t, _ in good]).to(dev)
-            with torch.no_grad():
-                out_logits = pixel_model(x)
-            if mode == "predicted":
-                index = out_logits.argmax(1)
-            elif mode == "label":
-                index = torch.tensor([y for _, _, y in good], device=dev)
-                if int(index.max()) >= n_classes:
-                    raise ValueError(f"--targets label: a label is >= the model's {n_classes} classes.")
-            elif mode == "topk":
-                index = out_logits.topk(k, dim=1).indices
+            labels_t = torch.tensor([y for _, _, y in good], device=dev)
+
+            def choose(logits: Tensor) -> Tensor:
+                if mode == "predicted":
+                    return logits.argmax(1)
+                if mode == "label":
+                    if int(labels_t.max()) >= n_classes:
+                        raise ValueError(f"--targets label: a label is >= the model's {n_classes} classes.")
+                    return labels_t
+                if mode == "topk":
+                    return logits.topk(k, dim=1).indices
+                chosen = torch.tensor(classes, device=dev)[None].expand(len(good), -1)
+                return chosen if multi else chosen[:, 0]
+
+            seen: Dict[str, Tensor] = {}
+
+            def score(logits: Tensor) -> Tensor:
+                """One forward for logits, target and pullback: the target is chosen from this output."""
+                seen["logits"], seen["index"] = logits.detach(), choose(logits.detach())
+                return logits.gather(1, seen["index"][:, None])[:, 0]
+
+            if multi:
+                with torch.no_grad():
+                    out_logits = pixel_model(x)
+                index = choose(out_logits)
+                if compiled is not None:
+                    p = torch.stack([_input_gradient(compiled, x, index[:, j])[1] for j in range(k)], 1)
+                else:
+                    p = pullbacks(excited, x, index)
             else:
-                index = torch.tensor(classes, device=dev)[None].expand(len(good), -1)
-                index = index if multi else index[:, 0]
-            if compiled is not None:
-                cols = index if multi else index[:, None]
-                grads = torch.stack([_input_gradient(compiled, x, cols[:, j])[1] for j in range(cols.shape[1])], 1)
-                p = grads if multi else grads[:, 0]
-            elif multi:
-                p = pullbacks(excited, x, index)
-            else:
-                p = pullback(excited, x, index)
+                p = pullback(excited, x, score) if compiled is None else _compiled_pullback(compiled, x, score)
+                out_logits, index = seen["logits"], seen["index"]
             pb[where] = p.detach().cpu().numpy().astype(np_dtype)
             logits[where] = out_logits.cpu().numpy()
             target[where] = index.cpu().numpy()
