@@ -219,3 +219,20 @@ def test_missing_required_argument_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["extract", "--model", MODEL])
     assert exc.value.code == 2 and "--images" in capsys.readouterr().err
+
+
+def test_accentuations_and_gradients_match_ascend_and_gradient(images, tmp_path):
+    out = tmp_path / "acc"
+    extract(MODEL, images, out, size=SIZE, batch=8, targets="2", gradient=True, ascend_steps=2, step_size=1.0,
+            radius=2.0, preset="semantic", progress=False)
+    data = load_extract(out)
+    model = Normalized(tiny(), *IMAGENET_NORMALIZE).eval()
+    transform = pixel_transform(int(round(SIZE * 256 / 224)), SIZE)
+    x = torch.stack([load_image(p, transform) for p in data["path"][8:16]])
+    expected = excitation.ascend(model, x, 2, steps=2, step_size=1.0, radius=2.0, preset="semantic", progress=False)
+    np.testing.assert_allclose(data["accentuation"][8:16].astype(np.float32), expected.numpy(), atol=1e-3)
+    pb = excitation.pullback(model, x, 2, preset="semantic").numpy().astype(np.float16)
+    assert np.array_equal(data["pullback"][8:16], pb)
+    grad = excitation.gradient(model, x, 2).numpy().astype(np.float16)
+    assert np.array_equal(data["gradient"][8:16], grad)
+    assert data.metadata["options"]["preset"] == "semantic" and data["target"][:].tolist() == [2] * 24

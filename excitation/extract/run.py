@@ -254,14 +254,19 @@ def extract(
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", world.local_rank if world.distributed else torch.cuda.current_device())
     try:
-        return _run(**locals())
+        return _run(net=net, transform=transform, norm=norm, model_id=model_id, world=world, dev=dev,
+                    image_list=image_list, out=out, mode=mode, classes=classes, batch=batch, dtype=dtype,
+                    gradient=gradient, ascend_steps=ascend_steps, step_size=step_size, radius=radius, preset=preset,
+                    temp=temp, rules=rules, compile=compile, workers=workers, on_error=on_error, progress=progress,
+                    images=images, size=size)
     finally:
         world.close()
 
 
 def _run(*, net, transform, norm, model_id, world: World, dev, image_list: ImageList, out: Path, mode, classes,
          batch, dtype, gradient, ascend_steps, step_size, radius, preset, temp, rules, compile, workers, on_error,
-         progress, images, size, normalize, **_unused) -> ExtractResult:
+         progress, images, size) -> ExtractResult:
+    """The loop of :func:`extract`, once the arguments are checked and the process group joined."""
     from ..api import gradient as vanilla_gradient
     from ..api import pullback, pullbacks
     from ..ascent import Normalized, ascend
