@@ -236,3 +236,36 @@ def test_accentuations_and_gradients_match_ascend_and_gradient(images, tmp_path)
     grad = excitation.gradient(model, x, 2).numpy().astype(np.float16)
     assert np.array_equal(data["gradient"][8:16], grad)
     assert data.metadata["options"]["preset"] == "semantic" and data["target"][:].tolist() == [2] * 24
+
+
+def test_webdataset_shards_give_the_rows_of_the_same_images_in_a_folder(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    flat, shards = tmp_path / "flat", tmp_path / "shards"
+    flat.mkdir()
+    shards.mkdir()
+    rng = np.random.default_rng(3)
+    for s in range(2):
+        with tarfile.open(shards / f"train-{s:04d}.tar", "w") as tar:
+            for i in range(3):
+                key = f"s{s}_{i}"
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (18, 18, 3), dtype=np.uint8)).save(buffer, format="PNG")
+                (flat / f"{key}.png").write_bytes(buffer.getvalue())
+                for name, data in ((f"{key}.png", buffer.getvalue()), (f"{key}.cls", str(i + s).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    extract(MODEL, shards, tmp_path / "from_tar", size=SIZE, batch=4, targets="label", workers=1, progress=False)
+    extract(MODEL, flat, tmp_path / "from_dir", size=SIZE, batch=4, targets="2", progress=False)
+    tar_data, dir_data = load_extract(tmp_path / "from_tar"), load_extract(tmp_path / "from_dir")
+    assert [p.rsplit("#", 1)[1] for p in tar_data["path"]] == [Path(p).name for p in dir_data["path"]]
+    assert tar_data["path"][0] == f"{shards / 'train-0000.tar'}#s0_0.png"
+    assert tar_data["label"][:].tolist() == [0, 1, 2, 1, 2, 3] == tar_data["target"][:].tolist()
+    assert np.array_equal(tar_data["logits"][:], dir_data["logits"][:])  # same pixels, same batches
+    np.testing.assert_allclose(tar_data["pullback"][4].astype(np.float32),  # row 4: label 2 == class 2
+                               dir_data["pullback"][4].astype(np.float32), rtol=1e-3, atol=1e-6)
+    assert tar_data.metadata["options"]["images"] == str(shards)

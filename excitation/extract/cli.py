@@ -30,7 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="torchvision / timm name, or module:function returning an nn.Module")
     p.add_argument("--weights", help="weight-set name (torchvision) or pretrained tag (timm)")
     p.add_argument("--weights-file", help="a local state dict (.pt/.pth/.safetensors)")
-    p.add_argument("--images", required=True, help="ImageFolder tree, flat folder or .txt list of images")
+    p.add_argument("--images", required=True, help="ImageFolder tree, flat folder, .txt list of images, or webdataset .tar shard(s)")
     p.add_argument("--out", required=True, help="the store (a folder); an existing one is resumed")
     p.add_argument("--targets", default="predicted", help="predicted (default), label, topK (e.g. top5) or 3,5,7")
     p.add_argument("--batch", type=int, default=8, help="images per batch and per zarr chunk (default 8)")

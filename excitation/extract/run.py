@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ExcitationError
-from ..images import ImageList, list_images, load_image
+from ..images import ImageList
+from .data import collect, load
 from . import store as _store
 from .dist import World, init_world
 from .sharding import chunk_bounds, chunk_count, rank_chunks
@@ -106,7 +107,7 @@ class _Items(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return index, load_image(self.images.paths[index], self.transform), self.images.labels[index], None
+            return index, load(self.images.paths[index], self.transform), self.images.labels[index], None
         except ExcitationError as exc:
             return index, None, self.images.labels[index], str(exc)
 
@@ -192,7 +193,8 @@ def extract(
         A torchvision / timm name or ``"module:function"`` (see :func:`excitation.models.load_classifier`),
         or a module taking ``[0, 1]`` pixels (then ``size`` is required).  Never modified.
     images : path
-        An ImageFolder tree, a flat folder or a ``.txt`` list (:func:`excitation.images.list_images`).
+        An ImageFolder tree, a flat folder, a ``.txt`` list (:func:`excitation.images.list_images`),
+        or webdataset ``.tar`` shards (one, or a folder of them; see :mod:`excitation.extract.data`).
     out : path
         The store.  An existing store made with the same options is resumed; other options are refused.
     targets : str or ints
@@ -231,7 +233,7 @@ def extract(
         unknown = [r for r in rules if r not in RULES]
         if unknown:
             raise ValueError(f"--rules {unknown}: not rules; choose among {', '.join(RULES)}.")
-    image_list = list_images(images)
+    image_list = collect(images)
     if mode == "label" and any(label < 0 for label in image_list.labels):
         raise ValueError(f"--targets label needs labelled images (an ImageFolder tree or a list with labels); "
                          f"{images} has unlabelled ones.")
