@@ -268,4 +268,4 @@ def test_webdataset_shards_give_the_rows_of_the_same_images_in_a_folder(tmp_path
     assert np.array_equal(tar_data["logits"][:], dir_data["logits"][:])  # same pixels, same batches
     np.testing.assert_allclose(tar_data["pullback"][4].astype(np.float32),  # row 4: label 2 == class 2
                                dir_data["pullback"][4].astype(np.float32), rtol=1e-3, atol=1e-6)
-    assert tar_data.metadata["options"]["images"] == str(shards)
+    assert tar_data.metadata["options"]["images"] == str(shards.resolve())

@@ -9,7 +9,6 @@ computed, and the result is bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import time
@@ -302,7 +301,7 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
     if ascend_steps:
         arrays["accentuation"] = ((n,) + per, dtype)
     fingerprint = {
-        **model_id, "images": str(images), "n_images": n,
+        **model_id, "images": str(Path(images).resolve()), "n_images": n,
         "paths_sha256": hashlib.sha256("\n".join(str(Path(p).resolve()) for p in image_list.paths).encode()).hexdigest(),
         "size": size, "normalize": [list(norm[0]), list(norm[1])] if norm is not None else None,
         "input_shape": list(probe.shape), "targets": [mode, classes], "batch": batch, "dtype": dtype,
