@@ -20,6 +20,7 @@ Importing this package registers the ``excitation::`` ops with
 from .api import clear_cache, gradient, prepare, pullback, pullbacks
 from .ascent import IMAGENET_NORMALIZE, Normalized, ascend
 from .calibrate import calibrate
+from .extract import extract, load_extract
 from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
 from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
 from .fxpass.backend import backend
@@ -39,6 +40,8 @@ __all__ = [
     "pullback",
     "ascend",
     "calibrate",
+    "extract",
+    "load_extract",
     "IMAGENET_NORMALIZE",
     "Normalized",
     "pullbacks",

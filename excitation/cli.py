@@ -1,4 +1,4 @@
-"""The ``excitation`` command: ``demo``, ``explain``, ``bench`` and ``zoo``.
+"""The ``excitation`` command: ``demo``, ``explain``, ``bench``, ``zoo`` and ``extract``.
 
 Every subcommand has ``--help``.  Errors print one line, ``excitation: error: ...``,
 and exit with status 2; ``--traceback`` shows the full trace instead.
@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--json", help="also write the rows as JSON")
     zoo.add_argument("--no-progress", action="store_true")
     zoo.set_defaults(func=_cmd_zoo)
+
+    from .extract.cli import add_parser as add_extract_parser
+
+    add_extract_parser(sub)
     return parser
 
 
