@@ -21,6 +21,7 @@ from .api import clear_cache, gradient, prepare, pullback, pullbacks
 from .ascent import IMAGENET_NORMALIZE, Normalized, ascend
 from .calibrate import calibrate
 from .evaluation import evaluate
+from .extract import extract, load_extract
 from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
 from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
 from .fxpass.backend import backend
@@ -43,6 +44,8 @@ __all__ = [
     "calibrate",
     "evaluate",
     "quantus_explain_func",
+    "extract",
+    "load_extract",
     "IMAGENET_NORMALIZE",
     "Normalized",
     "pullbacks",

@@ -57,6 +57,8 @@ class BenchResult:
     memory_kind: str
     rows: List[BenchRow] = field(default_factory=list)
     tf32: Optional[bool] = None  # CUDA only: whether cuDNN ran float32 convolutions in TF32
+    #: CPU only: one-thread times with flush-to-zero off and on (see :func:`_flush_cost`).
+    flush_to_zero: Optional[Dict[str, object]] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -95,11 +97,24 @@ def _swap_relus(model: nn.Module, temp: float) -> nn.Module:
     return swapped
 
 
-def _machine() -> str:
-    import os
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` prints it (``/proc/cpuinfo``), or the platform's guess."""
     import platform
 
-    return f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} cores"
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine() -> str:
+    import os
+
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def _input_gradient(module: nn.Module, x: Tensor, target: Tensor) -> Tensor:
@@ -188,8 +203,15 @@ def run_bench(
     peers: bool = True,
     progress: bool = True,
     model: Optional[nn.Module] = None,
+    flush_to_zero: bool = True,
+    only: Optional[List[str]] = None,
 ) -> BenchResult:
-    """Measure every method on one torchvision model (random weights, eval, frozen parameters)."""
+    """Measure every method on one torchvision model (random weights, eval, frozen parameters).
+
+    On the CPU, ``flush_to_zero=True`` adds the cost of subnormal floats on this machine: vanilla,
+    ours and the paper-style surrogate on one thread with flush-to-zero off and on (batch <= 2).
+    ``only`` restricts the timed methods to these names (the vanilla baselines always run).
+    """
     import torchvision
 
     dev = torch.device(device)
@@ -208,6 +230,12 @@ def run_bench(
     x = torch.rand(batch, 3, size, size, generator=generator).to(dev)
     target = torch.randint(0, 1000, (batch,), generator=generator).to(dev)
     methods = _methods(model, model_name, temp, compile_, peers)
+    flush_methods = dict(methods)
+    if only is not None:
+        unknown = sorted(set(only) - set(methods))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(methods)}")
+        methods = {name: fn for name, fn in methods.items() if name in only or name.startswith("vanilla gradient")}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     rows = {name: BenchRow(name) for name in methods}
@@ -263,12 +291,41 @@ def run_bench(
             row.ratio = row.ms_median / base.ms_median
             if base.memory_mb:
                 row.memory_ratio = row.memory_mb / base.memory_mb
+    flush = _flush_cost(flush_methods, x, target, repeats) if flush_to_zero and dev.type == "cpu" else None
     return BenchResult(
-        model=model_name, batch=batch, size=size, device=str(dev), temp=temp, torch_version=torch.__version__,
+        flush_to_zero=flush, model=model_name, batch=batch, size=size, device=str(dev), temp=temp, torch_version=torch.__version__,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), machine=_machine() if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         memory_kind="autograd saved tensors" if dev.type == "cpu" else "peak CUDA allocation", rows=list(rows.values()),
         tf32=bool(torch.backends.cudnn.allow_tf32) if dev.type == "cuda" else None,
     )
+
+
+#: The methods of the flush-to-zero footnote: the baseline, ours, and the surrogate that underflows.
+FLUSH_METHODS = ("vanilla gradient", "excitation (ours)", "paper-style: nn.ReLU -> autograd.Function")
+
+
+def _flush_cost(methods: Dict[str, Callable], x: Tensor, target: Tensor, repeats: int) -> Dict[str, object]:
+    """One thread, flush-to-zero off and on, for :data:`FLUSH_METHODS` (batch <= 2 to bound the time)."""
+    from .subnormals import flush_to_zero_cost
+
+    xs, ts = x[:2], target[:2]
+    chosen = {name: (lambda fn: lambda: fn(xs, ts))(methods[name]) for name in FLUSH_METHODS if methods.get(name)}
+    cost = flush_to_zero_cost(chosen, rounds=max(2, min(5, repeats // 3)))
+    return {"batch": int(xs.shape[0]), "rounds": cost.rounds, "supported": cost.supported,
+            "ms_off": cost.ms_off, "ms_on": cost.ms_on, "subnormals": cost.subnormals}
+
+
+def format_flush_note(flush: Dict[str, object]) -> List[str]:
+    """The footnote: what subnormal floats cost on this CPU, per method, as ratios to vanilla."""
+    ms_off, ms_on, subnormals = flush["ms_off"], flush["ms_on"], flush["subnormals"]
+    base = "vanilla gradient"
+    lines = ["", f"Subnormal floats on this CPU (one thread, batch {flush['batch']}, {flush['rounds']} interleaved rounds; "
+                 "flush-to-zero reaches only the calling thread, so it is a diagnosis, not a setting to rely on):", "",
+             "| method | subnormal outputs / call | time / vanilla, FTZ off | time / vanilla, FTZ on |", "|---|---|---|---|"]
+    for name in ms_off:
+        on = f"{ms_on[name] / ms_on[base]:.3f}" if ms_on else "– (no FTZ on this CPU)"
+        lines.append(f"| {name} | {subnormals[name]} | {ms_off[name] / ms_off[base]:.3f} | {on} |")
+    return lines
 
 
 def format_table(result: BenchResult) -> str:
@@ -281,6 +338,8 @@ def format_table(result: BenchResult) -> str:
     lines += _rows(result)
     if result.tf32:
         lines += ["", TF32_NOTE]
+    if result.flush_to_zero:
+        lines += format_flush_note(result.flush_to_zero)
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The ``excitation`` command: ``demo``, ``explain``, ``bench`` and ``zoo``.
+"""The ``excitation`` command: ``demo``, ``explain``, ``bench``, ``zoo``, ``evaluate`` and ``extract``.
 
 Every subcommand has ``--help``.  Errors print one line, ``excitation: error: ...``,
 and exit with status 2; ``--traceback`` shows the full trace instead.
@@ -78,7 +78,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(args.model, batch=args.batch, size=args.size, device=args.device, compile_=args.compile,
                        temp=args.temp, repeats=args.repeats, warmup=args.warmup, peers=not args.no_peers,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, flush_to_zero=not args.no_flush_check)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(result.to_json())
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--no-peers", action="store_true", help="skip zennit and captum")
     bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--no-flush-check", action="store_true",
+                       help="skip the footnote on subnormal floats (one thread, flush-to-zero off and on)")
     bench.add_argument("--json", help="also write the result as JSON")
     bench.set_defaults(func=_cmd_bench)
 
@@ -171,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import add_parser as add_evaluate_parser
 
     add_evaluate_parser(sub)
+
+    from .extract.cli import add_parser as add_extract_parser
+
+    add_extract_parser(sub)
     return parser
 
 

@@ -18,8 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 _RELU_OUT_OF_PLACE = {F.relu, torch.relu, Tensor.relu}
 _RELU_IN_PLACE = {F.relu_, torch.relu_, Tensor.relu_}
@@ -398,38 +396,4 @@ def compiled_gradient_and_saved_bytes(fn, x: Tensor, backend) -> Tuple[Tensor, i
 
 
 # ------------------------------------------------------------------ subnormals
-_UNINITIALISED = frozenset("empty empty_like new_empty empty_strided new_empty_strided resize_ set_".split())
-
-
-class SubnormalCounter(TorchDispatchMode):
-    """Counts the subnormal floats in the outputs of every ATen op that runs inside it.
-
-    Skipped: ops that return uninitialised memory (``empty`` and friends: their garbage is no
-    computed value) and returns that are views of an input (counted where they were computed).
-    Independent of the CPU: it counts values, not time.  ``counts`` maps op names to subnormals.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Dict[str, int] = {}
-        self.values = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func._opname in _UNINITIALISED:
-            return out
-        outputs = out if isinstance(out, (tuple, list)) else (out,)
-        for spec, tensor in zip(func._schema.returns, outputs):
-            if spec.alias_info is not None and not spec.alias_info.is_write:
-                continue
-            for t in tree_flatten(tensor)[0]:
-                if isinstance(t, Tensor) and t.is_floating_point() and t.numel():
-                    n = int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
-                    self.values += t.numel()
-                    if n:
-                        self.counts[str(func)] = self.counts.get(str(func), 0) + n
-        return out
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
+from excitation.subnormals import SubnormalCounter  # noqa: E402,F401  (re-exported for the tests)

@@ -34,3 +34,8 @@ def test_run_bench_measures_every_method_against_its_own_baseline():
     assert rows["excitation (ours)"].memory_mb < rows["excitation (ours), unfused"].memory_mb
     assert rows["excitation (ours), unfused, uint8 saved gate"].memory_mb < rows["excitation (ours), unfused"].memory_mb
     assert result.tf32 is None and json.loads(result.to_json())["model"] == "resnet18"
+    # The flush-to-zero footnote: one-thread times for vanilla, ours and the paper-style surrogate.
+    flush = result.flush_to_zero
+    assert set(flush["ms_off"]) == {"vanilla gradient", "excitation (ours)", "paper-style: nn.ReLU -> autograd.Function"}
+    assert flush["subnormals"]["vanilla gradient"] == 0 and flush["subnormals"]["excitation (ours)"] == 0
+    assert "Subnormal floats on this CPU" in format_table(result)

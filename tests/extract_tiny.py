@@ -1,0 +1,15 @@
+"""A tiny classifier for the extract tests, loadable as ``--model tests.extract_tiny:tiny``."""
+
+import torch
+from torch import nn
+
+
+def tiny() -> nn.Module:
+    """Conv -> ReLU -> max-pool -> conv -> ReLU -> mean -> linear (5 classes); fixed random weights."""
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return net.eval()
