@@ -361,15 +361,7 @@ def _pullbacks_by_loop(module: nn.Module, x: Tensor, index: Tensor) -> Tensor:
 
     AOTAutograd's compiled backward donates its buffers, so it runs once per forward
     (no ``retain_graph``): each of the K targets gets its own forward and backward,
-    all through the same compiled graphs.
+    all through the same compiled graphs (and in grad mode, so no new guards fail).
     """
-    batch = x.shape[0]
-    with TRACE_GATE.running(), torch.no_grad(), _eval_mode(module):
-        out = module(x.detach())
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"pullbacks() needs a model output of shape [N, classes]; got {shape}.")
-    flat = target_indices(index.reshape(-1), index.numel(), out.shape[1], device=out.device)
-    index = flat.reshape(index.shape)
-    grads = [_input_gradient(module, x, index[:, k], False) for k in range(index.shape[1])]
+    grads = [_input_gradient(module, x, index[:, k].contiguous(), False) for k in range(index.shape[1])]
     return torch.stack(grads, dim=1)

@@ -48,6 +48,9 @@ __all__ = ["CompiledExcited", "ACTIVATION_FUNCTIONS", "DEFAULT_INNER", "count_ac
 
 log = logging.getLogger("excitation")
 
+#: Recompilations allowed per frame on this path (dynamo's own default is 8).
+RECOMPILE_LIMIT = 64
+
 #: The inner backend of the automatic dynamo path: compiles fast, runs the eager kernels.
 DEFAULT_INNER = "aot_eager"
 
@@ -194,7 +197,19 @@ class CompiledExcited(nn.Module):
         counting: _CountingBackend = self._counting
         before_compiles = self.compiles
         before = counting.executed
-        out = self._compiled(*args)
+        # Past the recompile limit dynamo would run the frame eagerly, with vanilla backwards:
+        # a higher limit for this model, and an error rather than that silent fallback.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            try:
+                out = self._compiled(*args)
+            except Exception as exc:
+                if "recompile_limit" in str(exc) or "cache_size_limit" in str(exc):
+                    raise ExcitationError(
+                        f"dynamo recompiled {type(self.model).__name__} past its limit ({RECOMPILE_LIMIT}); "
+                        f"its frames would run eagerly with vanilla backwards.  Call pullback() with fewer "
+                        f"input shapes, or excitation.clear_cache() and torch._dynamo.reset() between models."
+                    ) from exc
+                raise
         executed = counting.executed - before
         if self.compiles != before_compiles or self._checked_compiles == 0:
             self._check(args, out, executed)
