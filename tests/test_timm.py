@@ -109,8 +109,7 @@ def test_timm_attention_reaches_the_attention_rule(fused):
 DYNAMO_FAMILIES = {
     "fasternet": ("fasternet_t0", dict(embed_dim=8, depths=(1, 1, 1, 1))),
     "convit": ("convit_tiny", dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=1, local_up_to_layer=1)),
-    "crossvit": ("crossvit_tiny_240", dict(img_size=(32, 32), patch_size=(8, 16), embed_dim=(16, 32),
-                                           depth=((1, 1, 0),), num_heads=(1, 1), mlp_ratio=(1, 1, 1))),
+    "vgg": ("vgg11", dict(mlp_ratio=0.01)),  # timm's own VGG (ConvMlp pre-logits): ReLU and max-pool
 }
 
 
