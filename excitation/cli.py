@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--json", help="also write the rows as JSON")
     zoo.add_argument("--no-progress", action="store_true")
     zoo.set_defaults(func=_cmd_zoo)
+    from .zoo_timm import add_parser as add_zoo_timm  # timm itself is imported only when it runs
+
+    add_zoo_timm(sub)
     return parser
 
 
