@@ -60,6 +60,7 @@ def test_fallback_takes_dynamo_path_and_says_so(model, caplog):
     assert api.path_of(prepared) == "dynamo" and prepared.excitation_path == "dynamo"
     assert any("torch.compile path" in r.getMessage() for r in caplog.records)
     assert "x.mean() > 0" in prepared.trace_error
+    assert excitation.report(prepared).counts()["relu"] >= 2 and not excitation.report(prepared).unhandled
     # fx-traceable models keep the fx path
     plain = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     assert api.path_of(api.prepare(plain)) == "fx"
