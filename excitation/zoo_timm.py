@@ -287,13 +287,22 @@ def run(args: argparse.Namespace) -> int:
         names = {m: timm.list_models(module=m) for m in modules}
     else:
         names = {m: [n] for m, n in smallest_per_module(modules, progress=not args.no_progress).items()}
+    done: List[TimmRow] = []
+
+    def write(rows: List[TimmRow]) -> None:
+        if args.out:
+            Path(args.out).write_text("# The timm zoo\n\nMade by `excitation zoo-timm`"
+                                      + (f" --size {args.size}" if args.size else "") + ".\n\n"
+                                      + format_timm_table(rows) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+    def on_row(row: TimmRow) -> None:  # written as it goes: a killed run keeps its rows
+        done.append(row)
+        write(done)
+
     rows = run_timm_zoo(names, size=args.size, repeats=args.repeats, budget_s=args.budget,
-                        progress=not args.no_progress)
-    table = format_timm_table(rows)
-    print(table)
-    if args.out:
-        Path(args.out).write_text("# The timm zoo\n\nMade by `excitation zoo-timm`"
-                                  + (f" --size {args.size}" if args.size else "") + ".\n\n" + table + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+                        progress=not args.no_progress, on_row=on_row)
+    write(rows)
+    print(format_timm_table(rows))
     return 0
