@@ -9,6 +9,7 @@ no BatchNorm statistic is updated.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from contextlib import contextmanager
@@ -18,11 +19,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .errors import ExcitationTraceError
 from .fxpass.rewrite import TempsSpec, check_not_compiled, excite, is_excited, report
 from .fxpass.tracing import TRACE_GATE, clone_module_tree
 from .presets import resolve_preset
 
-__all__ = ["pullback", "pullbacks", "gradient", "prepare", "clear_cache"]
+__all__ = ["pullback", "pullbacks", "gradient", "prepare", "clear_cache", "path_of"]
+
+log = logging.getLogger("excitation")
 
 Target = Union[int, Sequence[int], Tensor, Callable[[Tensor], Tensor]]
 
@@ -61,11 +65,20 @@ def prepare(
 
     An already-excited model is returned as is.  Plain models are excited once
     per option set and cached (weakly), so repeated calls do not re-trace.
+
+    A model that ``torch.fx.symbolic_trace`` cannot trace (data-dependent control
+    flow) is excited through dynamo instead: the result is a
+    :class:`~excitation.dynamo_path.CompiledExcited` (``excitation_path == "dynamo"``,
+    compiled with ``excitation.backend(..., inner="aot_eager")``), and one ``INFO``
+    line on the ``"excitation"`` logger says so.  :func:`path_of` tells which path a
+    prepared module took.  ``excite(model)`` still raises the fx error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
     check_not_compiled(model, "pullback" if excited else "gradient")
     options = (preset, temp, pool_temp, gate, pool_backward)
+    if excited and getattr(model, "excitation_path", None) == "dynamo":
+        return model  # already a CompiledExcited from an earlier prepare()
     if excited and is_excited(model):
         if any(value is not None for value in options) or temps is not None:
             found = report(model)
@@ -85,14 +98,32 @@ def prepare(
         return cached[1]
     if excited:
         name, temp, pool_temp, gate, pool_backward = options
-        prepared = excite(model, preset=name, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward,
-                          temps=temps)
+        try:
+            prepared = excite(model, preset=name, temp=temp, pool_temp=pool_temp, gate=gate,
+                              pool_backward=pool_backward, temps=temps)
+            prepared.excitation_path = "fx"
+        except ExcitationTraceError as exc:
+            from .dynamo_path import DEFAULT_INNER, CompiledExcited
+
+            reason = str(exc).splitlines()[0]
+            log.info("excitation: %s does not trace with torch.fx (%s); using the torch.compile path "
+                     "(excitation.backend, inner %r)", type(model).__name__, reason, DEFAULT_INNER)
+            prepared = CompiledExcited(model, trace_error=reason, preset=name, temp=temp, pool_temp=pool_temp,
+                                       gate=gate, pool_backward=pool_backward, temps=temps)
     else:
         prepared = clone_module_tree(model)
     prepared.eval()
     with _CACHE_LOCK:
         _CACHE.setdefault(model, {})[key] = (identity, prepared)
     return prepared
+
+
+def path_of(prepared: nn.Module) -> str:
+    """Which path a module from :func:`prepare` runs: ``"fx"``, ``"dynamo"`` or ``"vanilla"``."""
+    path = getattr(prepared, "excitation_path", None)
+    if path is not None:
+        return path
+    return "fx" if is_excited(prepared) else "vanilla"
 
 
 def _identity(model: nn.Module) -> Tuple[int, ...]:
@@ -308,6 +339,9 @@ def pullbacks(
         index = index[None, :].expand(batch, -1)
     if index.dim() != 2 or index.shape[0] != batch or index.shape[1] == 0:
         raise ValueError(f"targets must have shape [K] or [{batch}, K] with K >= 1, got {tuple(index.shape)}.")
+    if path_of(module) == "dynamo":
+        # torch.func.vjp/vmap do not compose with dynamo's compiled custom backward.
+        return _pullbacks_by_loop(module, x, index)
     with TRACE_GATE.running(), torch.enable_grad(), _eval_mode(module):
         out, vjp = torch.func.vjp(module, x.detach())
         if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
@@ -320,3 +354,14 @@ def pullbacks(
         cotangents.scatter_(2, index.t()[:, :, None], 1.0)
         (grads,) = torch.func.vmap(vjp)(cotangents)
     return grads.transpose(0, 1)
+
+
+def _pullbacks_by_loop(module: nn.Module, x: Tensor, index: Tensor) -> Tensor:
+    """:func:`pullbacks` for a dynamo-excited module: [N, K, ...] from K pullback calls.
+
+    AOTAutograd's compiled backward donates its buffers, so it runs once per forward
+    (no ``retain_graph``): each of the K targets gets its own forward and backward,
+    all through the same compiled graphs (and in grad mode, so no new guards fail).
+    """
+    grads = [_input_gradient(module, x, index[:, k].contiguous(), False) for k in range(index.shape[1])]
+    return torch.stack(grads, dim=1)

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch import Tensor, fx
 
 from .api import check_input, prepare
+from .errors import ExcitationError
 from .fxpass.rules import RULES
 from .kernels.fused import batch_norm_relu, batch_norm_relu_pre_activation
 from .fxpass.sites import SITE_NODE_META, surrogate_rule
@@ -106,6 +107,12 @@ def calibrate(
     scale_factor = check_temp(scale_factor, argument="scale_factor")
     min_temp = check_temp(min_temp, argument="min_temp")
     excited = prepare(model, excited=True)
+    if getattr(excited, "excitation_path", None) == "dynamo":
+        raise ExcitationError(
+            f"calibrate() reads each site's input from the fx graph, but {type(model).__name__} does not trace "
+            f"with torch.fx ({excited.trace_error}); pullback() runs it through dynamo with the preset's "
+            f"temperatures.  Pass temp=... to pullback(), or make the model fx-traceable to calibrate it."
+        )
     if isinstance(batches, Tensor):
         batches = [batches]
     recorder = _Recorder(excited, max_samples, torch.Generator().manual_seed(0))

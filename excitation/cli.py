@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .extract.cli import add_parser as add_extract_parser
 
     add_extract_parser(sub)
+
+    from .zoo_timm import add_parser as add_zoo_timm  # timm itself is imported only when it runs
+
+    add_zoo_timm(sub)
     return parser
 
 

@@ -419,7 +419,12 @@ def check_not_compiled(model: Any, function: str) -> None:
 
 
 def report(model: nn.Module) -> Report:
-    """The :class:`Report` of an excited model: every rewritten site and every activation left alone."""
+    """The :class:`Report` of an excited model: every rewritten site and every activation left alone.
+
+    For a dynamo-path module from :func:`excitation.prepare`, the sites of all graphs compiled so far.
+    """
+    if getattr(model, "excitation_path", None) == "dynamo":
+        return model.report()
     found = getattr(_uncompiled(model), REPORT_ATTR, None)
     if not isinstance(found, Report):
         raise ExcitationError(

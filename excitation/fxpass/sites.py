@@ -519,6 +519,13 @@ def _is_decomposed_hardsigmoid(node: Node) -> bool:
     return isinstance(source, Node) and source.target in (aten.add.Tensor, aten.add) and 3 in source.args[1:]
 
 
+def _is_zero_floor_clamp(node: Node) -> bool:
+    """``x.clamp(0, hi)`` / ``clamp(x, min=0, ...)`` with constant bounds: a ReLU-like gate no rule covers."""
+    low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    return isinstance(low, (int, float)) and low == 0 and (high is None or isinstance(high, (int, float)))
+
+
 def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
     """``(op name, reason)`` for an activation-like op no rule covers at ``node``, or ``None``.
 
@@ -546,6 +553,9 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
     name = name.rstrip("_")
     if name in _UNHANDLED_NAMES:
         return name, "no rule"
+    if name in ("clamp", "clip") and (node.op == "call_method" or node.target in (torch.clamp, torch.clip)) \
+            and _is_zero_floor_clamp(node):
+        return "clamp", "no rule"  # a hard gate 1[lo < x < hi], e.g. timm's hard_mish: x/2 * (x + 2).clamp(0, 2)
     if name in _SMOOTH_NAMES:
         if any(_is_decomposed_silu(user) for user in node.users):
             return None  # reported once, by the multiplication

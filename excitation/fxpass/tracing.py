@@ -151,6 +151,7 @@ def trace(module: nn.Module) -> fx.GraphModule:
             f"torch.fx.symbolic_trace cannot trace {type(module).__name__}: {module_text}{location}: "
             f"{type(exc).__name__}: {exc}\n"
             "How to get excitation pullbacks anyway:\n"
+            "  * excitation.pullback / pullbacks / ascend take the torch.compile path below by themselves;\n"
             "  * use the torch.compile backend, which handles data-dependent Python control flow:\n"
             "      torch.compile(model, backend=excitation.backend(temp=0.3))\n"
             "  * or trace it yourself with a custom torch.fx.Tracer that treats the failing "

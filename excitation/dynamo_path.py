@@ -1,0 +1,238 @@
+"""The automatic ``torch.compile`` path for models that ``torch.fx.symbolic_trace`` cannot trace.
+
+:func:`excitation.pullback`, :func:`~excitation.pullbacks` and :func:`~excitation.ascend`
+first try the fx pass.  When tracing fails (data-dependent control flow such as
+``if x.sum() > 0:``, as in a fifth of timm's model modules) they fall back, by
+themselves, to dynamo: a clone of the model's module tree is compiled with the
+:func:`excitation.backend` (inner backend ``"aot_eager"`` by default: it compiles
+in well under a second per graph and keeps the eager kernels).
+
+Guarantees of this path (each checked at run time, not only promised):
+
+* **no silent vanilla.**  Each compiled graph is wrapped so that its run counts
+  the activation sites it holds (rewritten or reported unhandled).  After every call
+  that compiled a new graph, the model is also run once eagerly under a
+  ``TorchFunctionMode`` that counts every activation-like call; if it saw more than
+  the graphs account for, some activation ran outside dynamo's graphs (with a
+  vanilla backward) and :class:`~excitation.errors.ExcitationError` is raised.
+* **forward equals the model's.**  The same eager run gives the plain output; the
+  largest difference is kept in :attr:`CompiledExcited.forward_max_diff` and a
+  mismatch is logged as a warning.
+* **the original model is untouched.**  The compiled module is a clone of the module
+  tree (own module objects and flags, shared tensors); nothing writes to the tensors.
+* **compiled once per shape.**  :func:`excitation.api.prepare` caches the wrapper per
+  model and options; dynamo's guards reuse its graphs, so repeated calls at a fixed
+  shape do not recompile (:attr:`CompiledExcited.compiles` counts the graphs).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor, fx
+from torch.overrides import TorchFunctionMode
+
+from .errors import ExcitationError
+from .fxpass.backend import ExcitationBackend
+from .fxpass.report import Report
+from .fxpass.rewrite import TempsSpec
+from .fxpass.tracing import clone_module_tree
+
+__all__ = ["CompiledExcited", "ACTIVATION_FUNCTIONS", "DEFAULT_INNER", "count_activation_calls"]
+
+log = logging.getLogger("excitation")
+
+#: Recompilations allowed per frame on this path (dynamo's own default is 8).
+RECOMPILE_LIMIT = 64
+
+#: The inner backend of the automatic dynamo path: compiles fast, runs the eager kernels.
+DEFAULT_INNER = "aot_eager"
+
+# Every element-wise activation or max-pool callable a model may reach at run time, in
+# the forms torch exposes it (F.*, torch.*, Tensor methods).  Used only to *count* calls.
+_ACTIVATION_NAMES = """relu relu_ relu6 hardtanh hardtanh_ leaky_relu leaky_relu_ silu gelu hardswish hardsigmoid
+    elu elu_ selu selu_ celu celu_ mish prelu rrelu rrelu_ softplus threshold threshold_ glu
+    softshrink hardshrink max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices
+    max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
+    adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices""".split()
+
+
+def _collect(names: Sequence[str]) -> frozenset:
+    found = set()
+    for owner in (F, torch, torch.Tensor, torch._C._nn):
+        for name in names:
+            fn = getattr(owner, name, None)
+            if fn is not None:
+                found.add(fn)
+    return frozenset(found)
+
+
+#: Callables counted as one activation call each by :func:`count_activation_calls`.
+ACTIVATION_FUNCTIONS = _collect(_ACTIVATION_NAMES)
+# The sites and unhandled ops of a report that are element-wise activations or max-pools.
+_COUNTED_KINDS = frozenset(
+    "relu hardtanh leaky_relu silu gelu hardswish hardsigmoid max_pool1d max_pool2d max_pool3d "
+    "adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d".split()
+)
+
+
+class _ActivationCounter(TorchFunctionMode):
+    """Counts the outermost activation-like torch calls (nested calls run with the mode off)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in ACTIVATION_FUNCTIONS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_activation_calls(module: nn.Module, *args: Any) -> "tuple[int, Any]":
+    """Run ``module(*args)`` eagerly (no grad) and count its activation-like calls: ``(count, output)``."""
+    counter = _ActivationCounter()
+    with torch.no_grad(), counter:
+        out = module(*args)
+    return counter.count, out
+
+
+def _graph_activation_count(result: Report) -> int:
+    """Activation sites in one excited graph: rewritten (of a counted kind) plus left alone."""
+    rewritten = sum(site.kind in _COUNTED_KINDS for site in result.sites)
+    return rewritten + len(result.unhandled)
+
+
+class _CountingBackend:
+    """Wraps an :class:`ExcitationBackend` so that each compiled graph counts its sites when it runs."""
+
+    def __init__(self, inner: ExcitationBackend) -> None:
+        self.inner = inner
+        self.executed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Tensor]) -> Callable:
+        compiled = self.inner(gm, example_inputs)
+        sites = _graph_activation_count(self.inner.reports[-1])
+
+        @functools.wraps(compiled)  # keeps attributes such as _boxed_call
+        def run(*args: Any, **kwargs: Any) -> Any:
+            self.executed += sites
+            return compiled(*args, **kwargs)
+
+        return run
+
+
+class CompiledExcited(nn.Module):
+    """A model excited through dynamo: ``forward`` runs the compiled, excited clone.
+
+    Built by :func:`excitation.prepare` when ``symbolic_trace`` fails; use it like the
+    fx-excited module (``pullback(prepared, x, t)`` works too).
+
+    Attributes
+    ----------
+    excitation_path : str
+        ``"dynamo"`` (an fx-excited module from :func:`~excitation.prepare` says ``"fx"``).
+    trace_error : str
+        Why the fx pass could not trace the model (first line of its error).
+    backend : ExcitationBackend
+        The backend used; ``backend.reports`` holds one report per compiled graph.
+    forward_max_diff : float
+        Largest ``|compiled - eager|`` of the plain forward seen in the checked calls (0.0: bit-equal).
+    """
+
+    excitation_path = "dynamo"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        trace_error: str = "",
+        preset: Optional[str] = None,
+        temp: Optional[float] = None,
+        pool_temp: Optional[float] = None,
+        gate: Optional[str] = None,
+        pool_backward: Optional[str] = None,
+        temps: TempsSpec = None,
+        inner: Any = DEFAULT_INNER,
+    ) -> None:
+        super().__init__()
+        self.model = clone_module_tree(model)
+        self.model.eval()
+        self.trace_error = trace_error
+        self.backend = ExcitationBackend(preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+                                         pool_backward=pool_backward, temps=temps, inner=inner)
+        counting = _CountingBackend(self.backend)
+        # Not a registered submodule: parameters() and modules() see the clone once.
+        self.__dict__["_counting"] = counting
+        self.__dict__["_compiled"] = torch.compile(self.model, backend=counting)
+        self.__dict__["_check_lock"] = threading.Lock()
+        self.forward_max_diff = 0.0
+        self._checked_compiles = 0
+
+    @property
+    def compiles(self) -> int:
+        """How many graphs dynamo compiled so far (a graph break or a new shape adds some)."""
+        return len(self.backend.reports)
+
+    def report(self) -> Report:
+        """One report over every compiled graph (sites and unhandled ops of all of them)."""
+        reports = self.backend.reports
+        merged = Report(temp=self.backend.temp, pool_temp=self.backend.pool_temp, gate=self.backend.gate,
+                        saved=self.backend.saved, preset=self.backend.preset, pool_backward=self.backend.pool_backward)
+        for part in reports:
+            merged.sites.extend(part.sites)
+            merged.unhandled.extend(part.unhandled)
+            merged.smooth.extend(part.smooth)
+            merged.rules.update(part.rules)
+        return merged
+
+    def forward(self, *args: Any) -> Any:
+        counting: _CountingBackend = self._counting
+        before_compiles = self.compiles
+        before = counting.executed
+        # Past the recompile limit dynamo would run the frame eagerly, with vanilla backwards:
+        # a higher limit for this model, and an error rather than that silent fallback.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            try:
+                out = self._compiled(*args)
+            except Exception as exc:
+                if "recompile_limit" in str(exc) or "cache_size_limit" in str(exc):
+                    raise ExcitationError(
+                        f"dynamo recompiled {type(self.model).__name__} past its limit ({RECOMPILE_LIMIT}); "
+                        f"its frames would run eagerly with vanilla backwards.  Call pullback() with fewer "
+                        f"input shapes, or excitation.clear_cache() and torch._dynamo.reset() between models."
+                    ) from exc
+                raise
+        executed = counting.executed - before
+        if self.compiles != before_compiles or self._checked_compiles == 0:
+            self._check(args, out, executed)
+        return out
+
+    def _check(self, args: Sequence[Any], out: Any, executed: int) -> None:
+        """After a call that compiled something: no activation ran outside the graphs; forward equal."""
+        with self._check_lock:
+            eager_count, eager_out = count_activation_calls(self.model, *args)
+            if eager_count > executed:
+                raise ExcitationError(
+                    f"{type(self.model).__name__}: {eager_count} activation calls ran, but the graphs dynamo "
+                    f"captured hold only {executed}; {eager_count - executed} ran outside them and would keep a "
+                    f"vanilla backward.  Make the code around them traceable by dynamo (no skipped frames), "
+                    f"or excite an fx-traceable version of the model."
+                )
+            if isinstance(out, Tensor) and isinstance(eager_out, Tensor):
+                diff = float((out.detach() - eager_out).abs().max()) if out.numel() else 0.0
+                self.forward_max_diff = max(self.forward_max_diff, diff)
+                if diff != 0.0:
+                    log.warning("excitation: dynamo path forward of %s differs from eager by %.3g",
+                                type(self.model).__name__, diff)
+            self._checked_compiles = self.compiles
+
+    def __repr__(self) -> str:
+        return f"CompiledExcited({type(self.model).__name__}, {self.backend!r}, compiles={self.compiles})"

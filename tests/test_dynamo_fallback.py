@@ -1,0 +1,154 @@
+"""The automatic dynamo path of the public API, for models torch.fx cannot trace."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import excitation
+from excitation import api
+from excitation.dynamo_path import CompiledExcited, count_activation_calls
+
+from .helpers import fingerprint, reference_pullback, rel_err, vanilla_gradient
+
+
+class Branchy(nn.Module):
+    """A forward that branches on data: fx cannot trace it, dynamo splits it into graphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pos = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.neg = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.LeakyReLU(0.1), nn.ReLU())
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        if x.mean() > 0:  # data-dependent: TraceError in symbolic_trace
+            h = self.pos(h)
+        else:
+            h = self.neg(h)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    """One model for the module: each compile costs seconds, and prepare() caches it."""
+    torch.manual_seed(0)
+    return Branchy()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    return x.abs() + 0.1, -x.abs() - 0.1  # one input per branch
+
+
+def test_excite_still_raises_the_fx_error(model):
+    with pytest.raises(excitation.ExcitationTraceError, match="x.mean\\(\\) > 0"):
+        excitation.excite(model)
+
+
+def test_fallback_takes_dynamo_path_and_says_so(model, caplog):
+    x, _ = _inputs()
+    with caplog.at_level(logging.INFO, logger="excitation"):
+        excitation.pullback(model, x, 1)
+    prepared = api.prepare(model)
+    assert isinstance(prepared, CompiledExcited)
+    assert api.path_of(prepared) == "dynamo" and prepared.excitation_path == "dynamo"
+    assert any("torch.compile path" in r.getMessage() for r in caplog.records)
+    assert "x.mean() > 0" in prepared.trace_error
+    assert excitation.report(prepared).counts()["relu"] >= 2 and not excitation.report(prepared).unhandled
+    # fx-traceable models keep the fx path
+    plain = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert api.path_of(api.prepare(plain)) == "fx"
+
+
+def test_both_branches_match_the_reference(model):
+    """Each branch's pullback equals the interception reference (ReLU, LeakyReLU, max-pool rules)."""
+    for x in _inputs():
+        got = excitation.pullback(model, x, 3)
+        model.eval()
+        want = reference_pullback(model, x, 3, rules=True)
+        assert rel_err(got, want) < 1e-5
+        assert rel_err(got, vanilla_gradient(model, x, 3)) > 1e-3  # it is not the gradient
+
+
+def test_fallback_equals_backend_by_hand(model):
+    x, y = _inputs()
+    compiled = torch.compile(api.clone_module_tree(model).eval(), backend=excitation.backend(inner="aot_eager"))
+    for inp in (x, y):
+        leaf = inp.clone().requires_grad_(True)
+        (by_hand,) = torch.autograd.grad(compiled(leaf)[:, 2].sum(), leaf)
+        assert torch.equal(excitation.pullback(model, inp, 2), by_hand)
+
+
+def test_forward_equal_and_original_untouched(model):
+    x, y = _inputs()
+    model.train()
+    before = fingerprint(model)
+    for inp in (x, y):
+        excitation.pullback(model, inp, 0)
+    assert fingerprint(model) == before and model.training
+    prepared = api.prepare(model)
+    for inp in (x, y):
+        with torch.no_grad():
+            assert torch.equal(prepared(inp), model.eval()(inp))
+    model.train()
+    assert prepared.forward_max_diff == 0.0
+    assert not any(p is q for p, q in zip(model.modules(), prepared.model.modules()))
+
+
+def test_no_recompilation_at_a_fixed_shape(model):
+    x, y = _inputs()
+    excitation.pullback(model, x, 1)
+    excitation.pullback(model, y, 1)
+    prepared = api.prepare(model)
+    compiles = prepared.compiles
+    assert compiles >= 2  # a graph break: several graphs
+    first = excitation.pullback(model, x, 1)
+    for _ in range(3):
+        assert torch.equal(excitation.pullback(model, x, 1), first)
+        excitation.pullback(model, y, 4)
+    assert prepared.compiles == compiles
+    assert api.prepare(model) is prepared  # cached per model and options
+
+
+def test_pullbacks_and_ascend_on_dynamo_path(model):
+    x, _ = _inputs()
+    many = excitation.pullbacks(model, x, [0, 3])
+    assert many.shape == (2, 2, 3, 8, 8)
+    for k, t in enumerate((0, 3)):
+        assert torch.equal(many[:, k], excitation.pullback(model, x, t))
+    moved = excitation.ascend(model, x, 3, steps=2, step_size=0.1, radius=1.0, pixel_range=None, progress=False)
+    # one step by hand: x + step_size * pb / ||pb||
+    pb = excitation.pullback(model, x, 3)
+    step = x + 0.1 * pb / pb.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    once = excitation.ascend(model, x, 3, steps=1, step_size=0.1, radius=1.0, pixel_range=None, progress=False)
+    assert torch.allclose(once, step, atol=1e-6) and moved.shape == x.shape
+
+
+def test_calibrate_names_the_dynamo_limit(model):
+    with pytest.raises(excitation.ExcitationError, match="does not trace with torch.fx"):
+        excitation.calibrate(model, _inputs()[0])
+
+
+class Hidden(nn.Module):
+    """An activation inside a frame dynamo must not compile: it would run eagerly (vanilla)."""
+
+    def forward(self, x):
+        return _hidden_relu(x) + x.sum() * 0 if x.sum() > -1e9 else x
+
+
+@torch._dynamo.disable
+def _hidden_relu(x):
+    return torch.relu(x)
+
+
+def test_activation_outside_the_graphs_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), Hidden(), nn.Linear(4, 2))
+    assert count_activation_calls(model, torch.randn(1, 4))[0] == 1
+    with pytest.raises(excitation.ExcitationError, match="ran outside them"):
+        excitation.pullback(model, torch.randn(1, 4), 0)

@@ -1,0 +1,54 @@
+"""The timm zoo's zero-weight guard, its row checks and its table (tiny models only)."""
+
+import argparse
+
+import torch
+import torch.nn as nn
+
+import excitation
+from excitation import zoo_timm
+
+from .helpers import vanilla_gradient
+
+
+def _zero_head_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    nn.init.zeros_(model[2].weight)
+    return model
+
+
+def test_zero_head_makes_every_gradient_zero_and_the_guard_reinitialises_it():
+    model = _zero_head_model()
+    x = torch.randn(2, 5)
+    assert not vanilla_gradient(model, x, 1).any()  # why the guard exists
+    assert zoo_timm.reinit_zero_weights(model, seed=0) == ["2"]
+    assert model[2].weight.abs().min() > 0 and vanilla_gradient(model, x, 1).any()
+    assert zoo_timm.reinit_zero_weights(model, seed=0) == []  # nothing left to fix
+
+
+def test_check_row_against_independent_numbers():
+    model = _zero_head_model()
+    x = torch.randn(1, 5, generator=torch.Generator().manual_seed(3))
+    row = zoo_timm.check_timm_model(model, x, module="toy", name="toy", repeats=1)
+    assert row.reinit == ["2"] and row.path == "fx" and row.sites == {"relu": 1} and row.unhandled == {}
+    assert row.forward_identical and row.finite
+    target = int(model(x)[0].argmax())
+    pb, g = excitation.pullback(model, x, target), vanilla_gradient(model, x, target)
+    assert abs(row.rel_diff - float((pb - g).norm() / g.norm())) < 1e-6
+    table = zoo_timm.format_timm_table([row, zoo_timm.TimmRow(module="m", model="n", size=0, error="not run: budget")])
+    assert "| toy | toy | 5 |" in table and "re-init" in table and "| 2 |" in table
+    assert "ran 1/2" in table and "not run: budget" in table
+
+
+def test_smallest_per_module_by_name():
+    chosen = zoo_timm.smallest_per_module(["convnext", "resnet", "vgg"], progress=False)
+    assert chosen == {"convnext": "convnext_atto", "resnet": "resnet18", "vgg": "vgg11"}
+
+
+def test_cli_registers_zoo_timm():
+    from excitation.cli import build_parser
+
+    args = build_parser().parse_args(["zoo-timm", "--modules", "vgg", "--size", "32", "--budget", "0"])
+    assert args.func is zoo_timm.run and args.modules == ["vgg"] and args.size == 32
+    assert isinstance(args, argparse.Namespace)
