@@ -189,3 +189,25 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
             for _ in range(2)]
     assert [run.communicate(timeout=300)[0].strip() for run in runs] == ["on"] * 2
     assert len(list(tmp_path.rglob("libexcitation_cpu.so"))) == 1 and not list(tmp_path.rglob("*.partial"))
+
+
+def test_windows_larger_than_the_c_kernels_take_the_torch_path():
+    # cspnext's spatial-pyramid pools are 13x13: the C kernels keep 64 window pointers, so such
+    # pools must reach the torch paths (this raised "could not allocate" before), and a direct
+    # call must say what is wrong rather than blame memory.
+    import excitation
+
+    from .helpers import reference_pullback
+
+    assert native.pool_window_supported([8, 8]) and not native.pool_window_supported([13, 13])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(13, 1, 6),
+                                torch.nn.MaxPool2d(9, 1, 4), torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)).eval()
+    x = torch.randn(2, 2, 16, 16)
+    excited = excitation.excite(model)
+    assert torch.equal(excited(x), model(x))
+    assert rel_err(excitation.pullback(excited, x, 1), reference_pullback(model, x, 1, rules=True)) < 1e-5
+    g = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="more than 64 elements"):
+        native.soft_max_pool2d_backward(g, x[:, :1].expand(2, 3, 16, 16).contiguous(), [13, 13], [1, 1], [6, 6],
+                                        [1, 1], (16, 16), 0.3, "soft")

@@ -141,6 +141,16 @@ def status() -> str:
     return str(_STATUS)
 
 
+# The pool kernels keep one pointer per window element on the stack (``KMAX`` in the C source):
+# larger windows (cspnext's 13x13 spatial-pyramid pools) take the torch path instead.
+MAX_POOL_WINDOW = 64
+
+
+def pool_window_supported(kernel_size: Sequence[int]) -> bool:
+    """Whether a 2-D pooling window is small enough for the C kernels (at most ``MAX_POOL_WINDOW`` elements)."""
+    return len(kernel_size) == 2 and kernel_size[0] * kernel_size[1] <= MAX_POOL_WINDOW
+
+
 def _ranges(total: int, work_per_item: int) -> List[range]:
     threads = max(1, torch.get_num_threads())
     if threads == 1 or total * work_per_item < _PARALLEL_MIN_WORK or total < 2:
@@ -161,8 +171,10 @@ def _run(call: Callable[[int, int], object], total: int, work_per_item: int = 1)
                 if _POOL is None or _POOL._max_workers < len(parts):  # type: ignore[attr-defined]
                     _POOL = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="excitation-native")
         results = list(_POOL.map(lambda part: call(part.start, part.stop), parts))
+    if 2 in results:  # the callers check pool_window_supported first: this is a bug, never silent
+        raise ValueError(f"excitation's C pool kernel got a window of more than {MAX_POOL_WINDOW} elements")
     if any(results):
-        raise MemoryError("excitation's C soft-pool kernel could not allocate its row buffers")
+        raise MemoryError("excitation's C pool kernel could not allocate its row buffers")
 
 
 def supports(*tensors: Tensor, contiguous: bool = True) -> bool:

@@ -132,7 +132,7 @@ def pool2d_backward(
 
             return launch_soft_max_pool2d_backward(grad, x, *pool_args)
         return torch.ops.excitation.soft_max_pool2d_backward_triton(grad, x, *pool_args)  # tracers see the kernel
-    if _native(x):
+    if _native(x) and native.pool_window_supported(kernel_size):
         grad = grad.contiguous()  # the C kernel reads it densely (a copy only for unusual layouts)
         out_hw = [max_pool2d_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
                   for i in range(2)]
@@ -194,7 +194,7 @@ def _pool_forward(
     indices; tests/test_native.py), because ATen's NCHW max-pool is a scalar loop: on a 2-core
     Xeon it took ~290 of googlenet's ~1000 ms input gradient at batch 8, vanilla's too.
     """
-    if len(kernel_size) == 2 and x.dim() in (3, 4) and _native(x) and x.numel():
+    if native.pool_window_supported(kernel_size) and x.dim() in (3, 4) and _native(x) and x.numel():
         out_hw = [max_pool2d_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
                   for i in range(2)]
         if min(out_hw) > 0:
