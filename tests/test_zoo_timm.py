@@ -52,3 +52,27 @@ def test_cli_registers_zoo_timm():
     args = build_parser().parse_args(["zoo-timm", "--modules", "vgg", "--size", "32", "--budget", "0"])
     assert args.func is zoo_timm.run and args.modules == ["vgg"] and args.size == 32
     assert isinstance(args, argparse.Namespace)
+
+
+def test_a_model_that_breaks_at_the_requested_size_is_rebuilt_at_its_own(monkeypatch):
+    # crossvit accepts img_size=64 and then fails in its forward (its two patch grids disagree):
+    # the zoo must rebuild it at its configured size, not report a failure.
+    class Picky(nn.Module):
+        def __init__(self, img_size=None):
+            super().__init__()
+            self.img_size, self.pretrained_cfg = img_size, {"input_size": (3, 12, 12)}
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            if self.img_size is not None:
+                raise RuntimeError("The size of tensor a (26) must match the size of tensor b (27)")
+            return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+    class FakeTimm:
+        @staticmethod
+        def create_model(name, pretrained=False, **kwargs):
+            return Picky(**kwargs)
+
+    monkeypatch.setattr(zoo_timm, "_timm", lambda: FakeTimm)
+    (row,) = zoo_timm.run_timm_zoo({"picky": ["picky_tiny"]}, size=64, progress=False)
+    assert row.error == "" and row.size == 12 and row.finite and row.forward_identical
