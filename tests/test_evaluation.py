@@ -275,7 +275,7 @@ def test_quantus_road_keeps_only_the_first_batch_ours_keeps_every_image_and_hand
         road(model, x, y, a, percentages=[50, 10])
 
 
-def test_evaluate_records_the_road_curve_and_the_table_reads_lower_as_better():
+def test_evaluate_records_the_road_curve_and_the_table_reads_lower_as_better(tmp_path):
     model, (x, _) = Linear(), _data(n=6)
     with torch.no_grad():
         y = model(x).argmax(1)
@@ -286,6 +286,7 @@ def test_evaluate_records_the_road_curve_and_the_table_reads_lower_as_better():
     np.testing.assert_allclose(result.scores["ixg"]["ROAD"], direct.auc)
     assert result.road_curves["ixg"] == pytest.approx(dict(zip(["0", "25", "50", "100"], direct.curves.mean(0))))
     assert "ROAD curve" in result.table() and result.to_dict()["road_curves"] == result.road_curves
+    assert result.figure(tmp_path / "road.png").stat().st_size > 1000  # bars and the curve panel draw
     # Direction: an explainer whose ROAD area is lower on every image is marked better (✓), higher worse (✗).
     base = np.linspace(0.5, 0.9, 20)
     made = Evaluation(scores={"low": {"ROAD": base - 0.2}, "high": {"ROAD": base + 0.1}, "gradient": {"ROAD": base}},
@@ -422,7 +423,7 @@ def test_demo_headline_evaluation_matches_a_direct_evaluate_call():
 
 def test_readme_evidence_tables_are_the_committed_runs():
     readme = (ROOT / "README.md").read_text()
-    for name in ("digits", "digits_sweep", "digits_peers"):
+    for name in ("digits", "digits_sweep", "digits_peers", "digits_road"):
         text = (ROOT / "docs" / "evidence" / f"{name}.md").read_text()
         table = text.split("# Evaluation\n\n", 1)[1].split("\n\n![metrics]", 1)[0]
         if name == "digits_sweep":
@@ -434,3 +435,7 @@ def test_readme_evidence_tables_are_the_committed_runs():
     gini = np.mean(data["results"]["gradient"]["Sparseness"]["per_image"])
     assert f"| gradient | {data['results']['gradient']['Infidelity']['mean']:.3g} [" in readme
     assert f"{gini:.3g} [" in readme
+    road = json.loads((ROOT / "docs" / "evidence" / "digits_road.json").read_text())
+    delta = paired_difference(road["results"]["pullback"]["ROAD"]["per_image"],
+                              road["results"]["gradient"]["ROAD"]["per_image"])
+    assert road["n"] == 449 and f"Δ {delta.mean:+.3g} [{delta.low:+.3g}, {delta.high:+.3g}] ✗" in readme

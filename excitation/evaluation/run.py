@@ -137,7 +137,8 @@ class Evaluation:
         import matplotlib.pyplot as plt
 
         swept = [m for m in self.metrics if m != "MPRT"] if self.sweep else []
-        panels = len(self.metrics) + (1 if self.mprt_curves else 0) + len(swept)
+        curve_panels = (1 if self.mprt_curves else 0) + (1 if self.road_curves else 0)
+        panels = len(self.metrics) + curve_panels + len(swept)
         cols = min(4, panels)
         rows = -(-panels // cols)
         fig, grid = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
@@ -164,7 +165,17 @@ class Evaluation:
             ax.set_xticklabels(layers, rotation=60, fontsize=6)
             ax.set_title("MPRT (ρ, top-down) ↓", fontsize=9)
             ax.legend(fontsize=6)
-        first = len(self.metrics) + (1 if self.mprt_curves else 0)
+        if self.road_curves:
+            ax = axes[0][len(self.metrics) + (1 if self.mprt_curves else 0)]
+            for e, curve in self.road_curves.items():
+                ax.plot([float(p) for p in curve], list(curve.values()), marker="o", ms=3, label=e,
+                        color="tab:gray" if e == "gradient" else None, ls="--" if e == "gradient" else "-")
+            ax.set_xlabel("most relevant pixels imputed (%)", fontsize=7)
+            ax.set_ylabel("still the explained class", fontsize=7)
+            ax.set_title("ROAD curve ↓", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6)
+        first = len(self.metrics) + curve_panels
         for ax, m in zip(axes[0][first:], swept):
             temps = [row["temp"] for row in self.sweep]
             ax.plot(temps, [row[m] for row in self.sweep], marker="o", ms=3, color="tab:blue", label="pullback")
