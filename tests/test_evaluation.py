@@ -1,8 +1,9 @@
 """excitation.evaluation: Quantus wrappers against hand-computed values, the 0.6.0 defects, the bootstrap,
-the explainers, the CLI end to end on a generated image folder."""
+ROAD per image, the explainers, the CLI end to end on a generated image folder."""
 
 from __future__ import annotations
 
+import copy
 import json
 import tomllib
 from pathlib import Path
@@ -16,9 +17,10 @@ pytest.importorskip("quantus")
 pytest.importorskip("captum")
 
 import excitation
-from excitation.evaluation import (METRICS, bootstrap_mean, evaluate, make_explainer, mprt, paired_difference,
-                                   run_metric)
+from excitation.evaluation import (DEFAULT_METRICS, HIGHER_IS_BETTER, METRICS, Evaluation, bootstrap_mean, evaluate,
+                                   make_explainer, mprt, paired_difference, run_metric)
 from excitation.evaluation.metrics import numpy_trapz_shim, per_sample_normalise
+from excitation.evaluation.road import road
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,14 +185,114 @@ def test_normalisation_is_per_sample_not_over_the_batch():
     assert np.abs(normalise_by_max(a)[0]).max() == pytest.approx(0.01)  # the defect: batch-wide max
 
 
-def test_road_is_not_offered_and_extras_depend_on_plain_quantus():
-    assert "ROAD" not in METRICS
-    with pytest.raises(ValueError, match="unknown metric 'ROAD'"):
-        run_metric("ROAD", Linear(), *_data(), torch.zeros(4, 1, 8, 8), make_explainer("gradient"), classes=3)
+def test_extras_depend_on_plain_quantus():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for group in ("eval", "dev"):
         deps = " ".join(extras[group])
         assert "quantus>=0.6" in deps and "quantus[" not in deps and "captum>=0.7" in deps
+
+
+def test_mprt_curve_is_the_spearman_correlation_per_cascading_randomised_layer():
+    # Independent reference: randomise the layers top-down, cumulatively, as Adebayo et al. (and Quantus:
+    # reset_parameters() under the seed + 1), explain each copy, and rank-correlate |a| per image with scipy.
+    from scipy.stats import spearmanr
+
+    model, (x, y) = Tiny(), _data()
+    explain = make_explainer("pullback")
+    a = explain(model, x, y)
+    result = mprt(model, x, y, a, explain, seed=42)
+    randomised = copy.deepcopy(model)
+    for layer in ("fc", "conv"):
+        torch.manual_seed(43)
+        getattr(randomised, layer).reset_parameters()
+        b = explain(randomised, x, y)
+        hand = [spearmanr(a[i].abs().flatten().numpy(), b[i].abs().flatten().numpy())[0] for i in range(len(x))]
+        np.testing.assert_allclose(result.curve[layer], hand, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(result.curve["fc"], result.curve["conv"])  # each layer's own value, not one repeated
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), Tiny().parameters()))  # user model untouched
+
+
+# ------------------------------------------------------------------ ROAD
+def _zero_pixels(arr, indices):
+    """A deterministic stand-in for the noisy linear imputation: removed pixels become 0 in every channel."""
+    out = arr.reshape(arr.shape[0], -1).copy()
+    out[:, indices] = 0.0
+    return out.reshape(arr.shape)
+
+
+def test_road_by_hand_on_a_linear_model_with_a_deterministic_imputation():
+    model, (x, _) = Linear(), _data(n=6)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    a = input_x_gradient(model, x, y)
+    percentages = [0, 25, 50, 100]
+    scores = run_metric("ROAD", model, x, y, a, input_x_gradient, classes=3, percentages=percentages,
+                        perturb_func=_zero_pixels)
+    w, b = model.fc.weight.detach().double().numpy(), model.fc.bias.detach().double().numpy()
+    hand_auc, curves = [], []
+    for xi, ai, yi in zip(x.flatten(1).double().numpy(), a.flatten(1).double().numpy(), y.tolist()):
+        ranked = sorted(range(64), key=lambda i: -ai[i])  # most relevant first
+        curve = []
+        for k in (0, 16, 32, 64):  # int(64 * p / 100)
+            kept = xi.copy()
+            kept[ranked[:k]] = 0.0
+            curve.append(float(np.argmax(w @ kept + b) == yi))
+        curves.append(curve)
+        c0, c1, c2, c3 = curve  # trapezoids over the fractions 0, .25, .5, 1, divided by the span 1
+        hand_auc.append(0.25 * (c0 + c1) / 2 + 0.25 * (c1 + c2) / 2 + 0.5 * (c2 + c3) / 2)
+    np.testing.assert_allclose(scores, hand_auc)
+    assert 0 < np.mean(curves) < 1 and len(set(hand_auc)) > 1  # the curves do break: the test can fail
+    assert HIGHER_IS_BETTER["ROAD"] is False and "ROAD" in METRICS and "ROAD" in DEFAULT_METRICS
+
+
+def test_quantus_road_keeps_only_the_first_batch_ours_keeps_every_image_and_handles_rgb():
+    import quantus
+
+    model, (x, _) = Tiny().eval(), _data(n=6)  # Quantus insists on eval mode
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    a = make_explainer("pullback")(model, x, y)
+    percentages = [10, 30, 50, 70, 90]
+    np.random.seed(0)
+    with numpy_trapz_shim():
+        theirs = quantus.ROAD(percentages=percentages, normalise_func=per_sample_normalise, disable_warnings=True)(
+            model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.numpy(), softmax=False, device="cpu",
+            batch_size=3)
+    ours = road(model, x, y, a, percentages=percentages, batch_size=3, seed=0)
+    # Same imputation, same noise stream: Quantus' per-percentage accuracy is the mean of OUR first batch only.
+    np.testing.assert_allclose(list(theirs.values()), ours.curves[:3].mean(0))
+    assert not np.allclose(ours.curves[:3].mean(0), ours.curves.mean(0))  # the other batch differs
+    assert ours.curves.shape == (6, 5)
+    np.testing.assert_allclose(ours.auc, [np.trapezoid(c, [.1, .3, .5, .7, .9]) / 0.8 for c in ours.curves])
+    # RGB: Quantus ranks C*H*W entries but imputes H*W pixels and fails; ours ranks pixels (channel sum).
+    rgb = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64, 3)).eval()
+    x3 = x.repeat(1, 3, 1, 1)
+    with pytest.raises(IndexError):
+        quantus.ROAD(percentages=percentages, disable_warnings=True)(
+            model=rgb, x_batch=x3.numpy(), y_batch=y.numpy(), a_batch=x3.numpy(), softmax=False, device="cpu")
+    assert road(rgb, x3, y, x3, percentages=percentages).curves.shape == (6, 5)
+    with pytest.raises(ValueError, match="percentages must be increasing"):
+        road(model, x, y, a, percentages=[50, 10])
+
+
+def test_evaluate_records_the_road_curve_and_the_table_reads_lower_as_better(tmp_path):
+    model, (x, _) = Linear(), _data(n=6)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    options = {"ROAD": {"percentages": [0, 25, 50, 100], "perturb_func": _zero_pixels}}
+    result = evaluate(model, x, y, explainers={"ixg": input_x_gradient}, metrics=["ROAD"], progress=False,
+                      metric_options=options)
+    direct = road(model, x, y, input_x_gradient(model, x, y), **options["ROAD"])
+    np.testing.assert_allclose(result.scores["ixg"]["ROAD"], direct.auc)
+    assert result.road_curves["ixg"] == pytest.approx(dict(zip(["0", "25", "50", "100"], direct.curves.mean(0))))
+    assert "ROAD curve" in result.table() and result.to_dict()["road_curves"] == result.road_curves
+    assert result.figure(tmp_path / "road.png").stat().st_size > 1000  # bars and the curve panel draw
+    # Direction: an explainer whose ROAD area is lower on every image is marked better (✓), higher worse (✗).
+    base = np.linspace(0.5, 0.9, 20)
+    made = Evaluation(scores={"low": {"ROAD": base - 0.2}, "high": {"ROAD": base + 0.1}, "gradient": {"ROAD": base}},
+                      metrics=["ROAD"], explainers=["low", "high", "gradient"], n=20)
+    rows = {line.split(" | ")[0]: line for line in made.table().splitlines() if line.startswith("| ")}
+    assert "ROAD ↓" in rows["| explainer"] and rows["| low"].endswith("✓ |") and rows["| high"].endswith("✗ |")
 
 
 # ------------------------------------------------------------------ bootstrap
@@ -321,7 +423,7 @@ def test_demo_headline_evaluation_matches_a_direct_evaluate_call():
 
 def test_readme_evidence_tables_are_the_committed_runs():
     readme = (ROOT / "README.md").read_text()
-    for name in ("digits", "digits_sweep", "digits_peers"):
+    for name in ("digits", "digits_sweep", "digits_peers", "digits_road"):
         text = (ROOT / "docs" / "evidence" / f"{name}.md").read_text()
         table = text.split("# Evaluation\n\n", 1)[1].split("\n\n![metrics]", 1)[0]
         if name == "digits_sweep":
@@ -333,3 +435,7 @@ def test_readme_evidence_tables_are_the_committed_runs():
     gini = np.mean(data["results"]["gradient"]["Sparseness"]["per_image"])
     assert f"| gradient | {data['results']['gradient']['Infidelity']['mean']:.3g} [" in readme
     assert f"{gini:.3g} [" in readme
+    road = json.loads((ROOT / "docs" / "evidence" / "digits_road.json").read_text())
+    delta = paired_difference(road["results"]["pullback"]["ROAD"]["per_image"],
+                              road["results"]["gradient"]["ROAD"]["per_image"])
+    assert road["n"] == 449 and f"Δ {delta.mean:+.3g} [{delta.low:+.3g}, {delta.high:+.3g}] ✗" in readme

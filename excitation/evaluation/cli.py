@@ -30,7 +30,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--explainers", nargs="+", default=DEFAULT_EXPLAINERS, choices=list(EXPLAINERS),
                    help=f"default: {' '.join(DEFAULT_EXPLAINERS)} (gradient is always added)")
     p.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS, choices=METRICS,
-                   help=f"default: {' '.join(DEFAULT_METRICS)}")
+                   help=f"default: {' '.join(DEFAULT_METRICS)}. ROAD (Remove And Debias, most relevant pixels "
+                        "first, area under 'still the explained class', lower is better) solves one sparse system per "
+                        "image and percentage on the CPU: cheap on 8x8 digits, ~0.5 s per image and percentage at "
+                        "224x224 (9 percentages)")
     p.add_argument("--temps", nargs="+", type=float, help="also sweep the pullback's ReLU temperature")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of Quantus' random subsets and perturbations")

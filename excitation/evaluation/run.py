@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .explainers import Explainer, resolve_explainers
 from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, METRICS, in_eval_mode, mprt, run_metric
+from .road import road
 from .stats import Interval, bootstrap_mean, paired_difference
 
 __all__ = ["evaluate", "Evaluation", "load_inputs"]
@@ -26,7 +27,11 @@ __all__ = ["evaluate", "Evaluation", "load_inputs"]
 
 @dataclass
 class Evaluation:
-    """Per-image scores ``scores[explainer][metric]`` [N], intervals, the MPRT curves and the cost."""
+    """Per-image scores ``scores[explainer][metric]`` [N], intervals, the MPRT and ROAD curves and the cost.
+
+    ``road_curves[explainer]`` maps each removal percentage to the fraction of images still
+    predicted as the explained class (ROAD, most relevant pixels removed first).
+    """
 
     scores: Dict[str, Dict[str, np.ndarray]]
     metrics: List[str]
@@ -34,6 +39,7 @@ class Evaluation:
     n: int
     description: str = ""
     mprt_curves: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    road_curves: Dict[str, Dict[str, float]] = field(default_factory=dict)
     sweep: List[Dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     seconds_by_explainer: Dict[str, float] = field(default_factory=dict)
@@ -77,6 +83,16 @@ class Evaluation:
             lines.append("|---" * (len(layers) + 1) + "|")
             for e, curve in self.mprt_curves.items():
                 lines.append(f"| {e} | " + " | ".join(f"{curve[k]:.3f}" for k in layers) + " |")
+        if self.road_curves:
+            lines.append("")
+            percents = list(next(iter(self.road_curves.values())))
+            lines.append("ROAD curve (fraction of images still predicted as the explained class after the most "
+                         "relevant pixels, in %, are replaced by noisy linear imputation; lower = more faithful):")
+            lines.append("")
+            lines.append("| explainer | " + " | ".join(f"{p} %" for p in percents) + " |")
+            lines.append("|---" * (len(percents) + 1) + "|")
+            for e, curve in self.road_curves.items():
+                lines.append(f"| {e} | " + " | ".join(f"{curve[p]:.3f}" for p in percents) + " |")
         if self.sweep:
             lines.append("")
             lines.append("Temperature sweep (pullback, preset 'paper', mean per metric):")
@@ -95,7 +111,8 @@ class Evaluation:
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"n": self.n, "description": self.description, "seconds": self.seconds,
                                "seconds_by_explainer": self.seconds_by_explainer, "metrics": self.metrics,
-                               "explainers": self.explainers, "mprt_curves": self.mprt_curves, "sweep": self.sweep,
+                               "explainers": self.explainers, "mprt_curves": self.mprt_curves,
+                               "road_curves": self.road_curves, "sweep": self.sweep,
                                "calibrated": self.calibrated, "results": {}}
         for e in self.explainers:
             out["results"][e] = {}
@@ -120,7 +137,8 @@ class Evaluation:
         import matplotlib.pyplot as plt
 
         swept = [m for m in self.metrics if m != "MPRT"] if self.sweep else []
-        panels = len(self.metrics) + (1 if self.mprt_curves else 0) + len(swept)
+        curve_panels = (1 if self.mprt_curves else 0) + (1 if self.road_curves else 0)
+        panels = len(self.metrics) + curve_panels + len(swept)
         cols = min(4, panels)
         rows = -(-panels // cols)
         fig, grid = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
@@ -147,7 +165,17 @@ class Evaluation:
             ax.set_xticklabels(layers, rotation=60, fontsize=6)
             ax.set_title("MPRT (ρ, top-down) ↓", fontsize=9)
             ax.legend(fontsize=6)
-        first = len(self.metrics) + (1 if self.mprt_curves else 0)
+        if self.road_curves:
+            ax = axes[0][len(self.metrics) + (1 if self.mprt_curves else 0)]
+            for e, curve in self.road_curves.items():
+                ax.plot([float(p) for p in curve], list(curve.values()), marker="o", ms=3, label=e,
+                        color="tab:gray" if e == "gradient" else None, ls="--" if e == "gradient" else "-")
+            ax.set_xlabel("most relevant pixels imputed (%)", fontsize=7)
+            ax.set_ylabel("still the explained class", fontsize=7)
+            ax.set_title("ROAD curve ↓", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=6)
+        first = len(self.metrics) + curve_panels
         for ax, m in zip(axes[0][first:], swept):
             temps = [row["temp"] for row in self.sweep]
             ax.plot(temps, [row[m] for row in self.sweep], marker="o", ms=3, color="tab:blue", label="pullback")
@@ -193,7 +221,8 @@ def evaluate(
         under each preset and the gradient); the gradient is always added as the reference.
     metrics : names
         From :data:`excitation.evaluation.METRICS` (default: Infidelity, FaithfulnessCorrelation,
-        MaxSensitivity, Sparseness).  ``"MPRT"`` also records the per-layer curve.
+        MaxSensitivity, Sparseness, ROAD).  ``"MPRT"`` also records the per-layer curve, ``"ROAD"``
+        the mean "still correct" curve per removal percentage.
     temps : floats, optional
         Also sweep the pullback's ReLU temperature: metric means per temperature.
     seed : int
@@ -216,6 +245,7 @@ def evaluate(
 
     scores: Dict[str, Dict[str, np.ndarray]] = {}
     curves: Dict[str, Dict[str, float]] = {}
+    road_curves: Dict[str, Dict[str, float]] = {}
     seconds: Dict[str, float] = {}
     bar = tqdm(total=len(names) * len(metrics), desc="evaluate", disable=not progress)
     for name in names:
@@ -230,6 +260,10 @@ def evaluate(
                 result = mprt(model, x, target, a, explainer, batch_size=batch_size, **metric_options.get(m, {}))
                 scores[name][m] = result.average
                 curves[name] = {k: float(np.nanmean(v)) for k, v in result.curve.items()}
+            elif m == "ROAD":
+                found = road(model, x, target, a, batch_size=batch_size, seed=seed, **metric_options.get(m, {}))
+                scores[name][m] = found.auc
+                road_curves[name] = {f"{p:g}": float(c) for p, c in zip(found.percentages, found.curves.mean(0))}
             else:
                 scores[name][m] = run_metric(m, model, x, target, a, explainer, classes=classes,
                                              batch_size=batch_size, seed=seed, **metric_options.get(m, {}))
@@ -251,7 +285,7 @@ def evaluate(
                 row.setdefault(m, float("nan"))
             sweep.append(row)
     return Evaluation(scores=scores, metrics=metrics, explainers=names, n=int(len(x)), description=description,
-                      mprt_curves=curves, sweep=sweep, seconds=time.perf_counter() - start,
+                      mprt_curves=curves, road_curves=road_curves, sweep=sweep, seconds=time.perf_counter() - start,
                       seconds_by_explainer=seconds)
 
 
