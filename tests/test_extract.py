@@ -92,7 +92,8 @@ def _torchrun(images: Path, out: Path, env: dict) -> subprocess.CompletedProcess
     except subprocess.TimeoutExpired:
         os.killpg(job.pid, signal.SIGKILL)
         stdout, stderr = job.communicate()
-        pytest.fail(f"torchrun still running after {TORCHRUN_TIMEOUT_S} s: a rank hangs (at a barrier?)\n{stderr[-2000:]}")
+        pytest.fail(f"torchrun still running after {TORCHRUN_TIMEOUT_S} s: a rank hangs (at a barrier?)\n"
+                    f"{stderr[-2000:]}")
     return subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
 
 

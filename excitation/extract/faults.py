@@ -40,8 +40,10 @@ class DieHook:
         if not text:
             return cls()
         parts = text.split(":")
-        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2]) or parts[2:] not in ([], ["after-others"]):
-            raise ValueError(f"{TEST_DIE_ENV}={text!r}: use RANK:K or RANK:K:after-others (a test-only hook; unset it).")
+        well_formed = len(parts) in (2, 3) and all(p.isdigit() for p in parts[:2]) and parts[2:] in ([], ["after-others"])
+        if not well_formed:
+            raise ValueError(f"{TEST_DIE_ENV}={text!r}: use RANK:K or RANK:K:after-others (a test-only hook; "
+                             f"unset it).")
         return cls(int(parts[0]), int(parts[1]), len(parts) == 3)
 
     def maybe_die(self, out: Path, rank: int, computed: int, others: AbstractSet[int]) -> None:
