@@ -13,3 +13,14 @@ def tiny() -> nn.Module:
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return net.eval()
+
+
+def micro() -> nn.Module:
+    """Conv -> ReLU -> mean -> linear (5 classes): the fewest kernels for inductor to compile (``--compile`` test)."""
+    gen = torch.Generator().manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 5))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return net.eval()

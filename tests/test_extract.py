@@ -1,13 +1,16 @@
 """excitation extract: sharding, the store, resume after a kill, torchrun with 2 processes, refusals, bad images.
 
-Tiny model (``tests.extract_tiny:tiny``, 16x16 inputs) and 24 generated images, so the
-whole file runs in well under a minute on two CPU cores.
+Tiny model (``tests.extract_tiny:tiny``, 16x16 inputs) and 24 generated images (6 chunks of 4).
+The time goes to the 4 subprocess jobs (3 ``torchrun`` with 2 ranks, 1 plain process), each
+paying ``import torch`` per process, and to inductor in the ``--compile`` test; every test that
+needs an uninterrupted one-process store shares the module-scoped ``reference``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +28,10 @@ from excitation.errors import ExcitationError  # noqa: E402
 from excitation.extract import ExtractStoreError, chunk_bounds, chunk_count, extract, load_extract, rank_chunks  # noqa: E402
 from excitation.images import list_images, load_image  # noqa: E402
 from excitation.models import pixel_transform  # noqa: E402
+from excitation.extract.dist import PeerLostError, World  # noqa: E402
+from excitation.extract.faults import DieHook  # noqa: E402
 from excitation.extract.run import TEST_DIE_ENV  # noqa: E402
-from tests.extract_tiny import tiny  # noqa: E402
+from tests.extract_tiny import micro, tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tests.extract_tiny:tiny"
@@ -67,11 +72,40 @@ def _cli_env() -> dict:
     return env
 
 
+#: Far above a normal 2-rank run here (~10 s); a rank stuck at a barrier would wait for gloo's 30 minutes.
+TORCHRUN_TIMEOUT_S = 180
+
+
 def _torchrun(images: Path, out: Path, env: dict) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc-per-node 2 -m excitation extract ...``.
+
+    Fails the test, naming a hang, if the job is not over in ``TORCHRUN_TIMEOUT_S``; the job
+    runs in its own session, so its whole process group (torchrun and both ranks) is killed then.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "excitation", "extract", "--model", MODEL, "--images", str(images), "--out", str(out),
                "--size", str(SIZE), "--batch", str(BATCH), "--gradient", "--no-progress"]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        stdout, stderr = job.communicate(timeout=TORCHRUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        stdout, stderr = job.communicate()
+        pytest.fail(f"torchrun still running after {TORCHRUN_TIMEOUT_S} s: a rank hangs (at a barrier?)\n"
+                    f"{stderr[-2000:]}")
+    return subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
+
+
+def _chunk_files(out: Path) -> dict:
+    """``{chunk: {file: mtime_ns}}``: every array's zarr chunk file and the commit marker of each chunk."""
+    files: dict = {}
+    for path in out.glob("*/c/*"):  # <array>/c/<chunk>[/0/0/0]: the first index is the chunk along the images
+        for leaf in ([path] if path.is_file() else [q for q in path.rglob("*") if q.is_file()]):
+            files.setdefault(int(path.name), {})[str(leaf.relative_to(out))] = leaf.stat().st_mtime_ns
+    for marker in (out / "_commits").glob("*.json"):
+        files.setdefault(int(marker.stem), {})[str(marker.relative_to(out))] = marker.stat().st_mtime_ns
+    return files
 
 
 def _assert_same(a: Path, b: Path) -> None:
@@ -167,6 +201,97 @@ def test_a_killed_run_resumes_to_a_bit_identical_store(images, reference, tmp_pa
     _assert_same(out, reference)
     runs = load_extract(out).metadata["runs"]
     assert len(runs) == 1 and runs[0]["chunks_computed"] == 4  # the killed run never wrote metadata
+
+
+def test_a_rank_killed_under_torchrun_resumes_to_a_bit_identical_store(images, reference, tmp_path):
+    """Rank 1 of 2 dies like ``kill -9`` while rank 0 waits at the final barrier; the same command resumes.
+
+    Rank 0 owns chunks 0, 2, 4 and rank 1 owns 1, 3, 5.  Rank 1 commits chunk 1, writes chunk 3's
+    arrays, waits until rank 0 has committed all its chunks (rank 0 is then at, or entering, the
+    barrier where it could hang), and dies before committing chunk 3; chunk 5 is never started.
+    """
+    out = tmp_path / "killed2"
+    env = _cli_env()
+    env[TEST_DIE_ENV] = "1:1:after-others"
+    killed = _torchrun(images, out, env)  # fails the test if the survivor hangs
+    assert killed.returncode != 0, killed.stderr[-2000:]
+    with pytest.raises(ExtractStoreError, match="incomplete .* rerun the same excitation extract command"):
+        load_extract(out)
+    assert sorted(int(p.stem) for p in (out / "_commits").glob("*.json")) == [0, 1, 2, 4]
+    group = zarr.open_group(str(out), mode="r+")
+    assert group["pullback"][12:16].any() and not group["pullback"][20:24].any()  # 3 written, 5 never started
+    group["pullback"][12:16] = np.float16(7.0)  # what a torn write could leave: garbage, uncommitted
+    before = _chunk_files(out)
+
+    resumed = _torchrun(images, out, _cli_env())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same(out, reference)  # byte for byte, every array (the garbage in chunk 3 is gone)
+    after = _chunk_files(out)
+    recomputed = sorted(c for c in after if after[c] != before.get(c))
+    assert recomputed == [3, 5]  # only the missing chunks; chunks 0, 1, 2, 4 were not touched
+    commits = {c: json.loads((out / "_commits" / f"{c:08d}.json").read_text())["rank"] for c in range(6)}
+    assert commits == {c: c % 2 for c in range(6)}  # every chunk, hence every image, committed once, by its owner
+    runs = load_extract(out).metadata["runs"]
+    assert len(runs) == 1 and runs[0]["world_size"] == 2  # the killed run never wrote metadata
+    assert [r["chunks"] for r in runs[0]["ranks"]] == [0, 2] and runs[0]["images_computed"] == 8
+
+
+def test_a_lost_peer_at_a_collective_is_a_clear_error(monkeypatch):
+    """What the survivor says when gloo finds the other rank gone (gloo raises a bare RuntimeError)."""
+    import torch.distributed as torch_dist
+
+    def closed(*args, **kwargs):
+        raise RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:4242")
+
+    monkeypatch.setattr(torch_dist, "all_gather_object", closed)
+    monkeypatch.setattr(torch_dist, "barrier", closed)
+    world = World(rank=0, world=2)
+    for collective in (lambda: world.gather({"chunks": 3}), world.barrier):
+        with pytest.raises(PeerLostError, match=r"rank 0/2: .*another process of the job stopped \(.*Connection "
+                                                r"closed by peer.*\)\. The committed chunks are kept: rerun the same"):
+            collective()
+
+
+@pytest.mark.parametrize("value", ["1", "a:2", "1:2:later", "1:2:after-others:x"])
+def test_a_malformed_die_hook_is_refused(monkeypatch, value):
+    monkeypatch.setenv(TEST_DIE_ENV, value)
+    with pytest.raises(ValueError, match=f"{TEST_DIE_ENV}=.*RANK:K or RANK:K:after-others"):
+        DieHook.from_env()
+    monkeypatch.setenv(TEST_DIE_ENV, "1:2:after-others")
+    assert DieHook.from_env() == DieHook(1, 2, True)
+
+
+# ------------------------------------------------------------------------- --compile
+def test_compile_gives_the_eager_store_within_float16_rounding(images, tmp_path, monkeypatch):
+    """``--compile`` (torch.compile, excitation backend, inductor) against the eager path, on ``micro``.
+
+    ``micro`` is the smallest model that still has a ReLU site, so inductor builds few kernels; one
+    compile thread, because on two cores a pool of compile workers costs more than it saves.
+    """
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    extract("tests.extract_tiny:micro", images, eager, size=SIZE, batch=8, progress=False)
+    code = main(["extract", "--model", "tests.extract_tiny:micro", "--images", str(images), "--out", str(compiled),
+                 "--size", str(SIZE), "--batch", "8", "--compile", "--no-progress"])  # 3 chunks, one shape
+    assert code == 0
+    e, c = load_extract(eager), load_extract(compiled)
+    assert c.metadata["options"]["compile"] is True and e.metadata["options"]["compile"] is False
+    assert c["path"] == e["path"] and np.array_equal(c["target"][:], e["target"][:])
+    assert c["valid"][:].all() and np.array_equal(c["label"][:], e["label"][:])
+    # Inductor fuses and reorders the float32 arithmetic; the stored float16 may then round the other way.
+    pb_e, pb_c = e["pullback"][:].astype(np.float32), c["pullback"][:].astype(np.float32)
+    scale = float(np.abs(pb_e).max())
+    np.testing.assert_allclose(pb_c, pb_e, rtol=0, atol=1e-3 * scale)
+    np.testing.assert_allclose(c["logits"][:], e["logits"][:], rtol=1e-5, atol=1e-5)
+    # The tolerance is far below what a vanilla gradient (a compile that lost the rewrite) would differ by.
+    model = Normalized(micro(), *IMAGENET_NORMALIZE).eval()
+    x = torch.stack([load_image(p, pixel_transform(int(round(SIZE * 256 / 224)), SIZE)) for p in e["path"][:8]])
+    vanilla = excitation.gradient(model, x, torch.from_numpy(e["target"][:8])).numpy()
+    assert np.abs(vanilla - pb_e[:8]).max() > 20 * 1e-3 * scale
+    with pytest.raises(ExtractStoreError, match=r"compile: True -> False"):
+        extract("tests.extract_tiny:micro", images, compiled, size=SIZE, batch=8, progress=False)
 
 
 # ------------------------------------------------------------------------ refusals

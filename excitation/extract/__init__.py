@@ -1,7 +1,8 @@
 """Dataset scale: ``excitation extract`` / :func:`extract` over a whole image collection, and :func:`load_extract`.
 
 Rooms: :mod:`.sharding` (who computes which chunk), :mod:`.dist` (torchrun / torch.distributed),
-:mod:`.store` (the zarr v3 store, commits, the reader), :mod:`.run` (the loop), :mod:`.cli`.
+:mod:`.store` (the zarr v3 store, commits, the reader), :mod:`.run` (the loop), :mod:`.cli`,
+:mod:`.faults` (the test-only kill hook).
 """
 
 from .run import ExtractResult, extract, parse_targets

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, Callable, List, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["World", "init_world"]
+from ..errors import ExcitationError
+
+__all__ = ["World", "init_world", "PeerLostError"]
+
+T = TypeVar("T")
+
+
+class PeerLostError(ExcitationError):
+    """A collective failed because another rank of the job stopped (it was killed, or it failed)."""
 
 
 @dataclass
@@ -29,16 +37,26 @@ class World:
     def distributed(self) -> bool:
         return self.world > 1
 
+    def _collective(self, what: str, call: Callable[[], T]) -> T:
+        """Run ``call``; if a peer is gone, say so and what to do (gloo / nccl only name a socket)."""
+        try:
+            return call()
+        except RuntimeError as exc:  # gloo raises a plain RuntimeError, nccl a DistError (a RuntimeError too)
+            raise PeerLostError(
+                f"rank {self.rank}/{self.world}: {what} failed, most likely because another process of the job "
+                f"stopped ({exc}). The committed chunks are kept: rerun the same command to resume."
+            ) from exc
+
     def barrier(self) -> None:
         if self.distributed:
-            torch_dist.barrier()
+            self._collective("the barrier", torch_dist.barrier)
 
     def gather(self, value: Any) -> List[Any]:
         """Every rank's ``value``, in rank order (on every rank)."""
         if not self.distributed:
             return [value]
         out: List[Any] = [None] * self.world
-        torch_dist.all_gather_object(out, value)
+        self._collective("gathering every rank's results", lambda: torch_dist.all_gather_object(out, value))
         return out
 
     def close(self) -> None:

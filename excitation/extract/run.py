@@ -25,12 +25,10 @@ from ..images import ImageList
 from .data import collect, load
 from . import store as _store
 from .dist import World, init_world
+from .faults import TEST_DIE_ENV, DieHook
 from .sharding import chunk_bounds, chunk_count, rank_chunks
 
 __all__ = ["extract", "ExtractResult", "parse_targets", "TEST_DIE_ENV"]
-
-#: Test hook: ``"RANK:K"`` makes that rank write its (K+1)-th chunk's arrays, then ``os._exit(9)`` before committing.
-TEST_DIE_ENV = "EXCITATION_EXTRACT_TEST_DIE"
 
 TargetSpec = Union[str, int, Sequence[int]]
 
@@ -274,6 +272,7 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
     from ..fxpass import excite
     from ..fxpass.backend import backend
 
+    die = DieHook.from_env()  # test-only (see .faults); read first, so a bad value fails before any work
     pixel_model = (Normalized(net, *norm, device=dev) if norm is not None else net).to(dev).eval()
     # Copy first: .to(dev) on a CPU model returns the same object, and the caller's model is never touched.
     excited = excite(pixel_model, preset=preset, temp=temp, rules=list(rules) if rules else None).to(dev).eval()
@@ -325,8 +324,7 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
     done = _store.committed_chunks(out)
     mine = [c for c in rank_chunks(n_chunks, world.rank, world.world) if c not in done]
     group = _store.open_for_writing(out)
-    die = os.environ.get(TEST_DIE_ENV)
-    die_rank, die_after = (int(v) for v in die.split(":")) if die else (-1, -1)
+    others = set(range(n_chunks)) - set(rank_chunks(n_chunks, world.rank, world.world))
     np_dtype = np.float16 if dtype == "float16" else np.float32
 
     loader = torch.utils.data.DataLoader(
@@ -408,8 +406,7 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
         t0 = time.perf_counter()
         _store.write_rows(group, start, {"pullback": pb, "logits": logits, "target": target, "label": labels,
                                          "valid": valid, **extra})
-        if world.rank == die_rank and computed == die_after:
-            os._exit(9)  # test hook: a kill after the arrays, before the commit
+        die.maybe_die(out, world.rank, computed, others)  # test hook: a kill after the arrays, before the commit
         _store.commit_chunk(out, chunk, {"chunk": chunk, "rank": world.rank, "errors": chunk_errors})
         store_seconds += time.perf_counter() - t0
         computed += 1
