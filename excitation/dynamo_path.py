@@ -76,9 +76,10 @@ def _collect(names: Sequence[str]) -> frozenset:
 #: Callables counted as one activation call each by :func:`count_activation_calls`.
 ACTIVATION_FUNCTIONS = _collect(_ACTIVATION_NAMES)
 # The sites and unhandled ops of a report that are element-wise activations or max-pools.
+# (hard_mish is no torch call but an expression, so neither side counts it.)
 _COUNTED_KINDS = frozenset(
-    "relu hardtanh leaky_relu silu gelu hardswish hardsigmoid max_pool1d max_pool2d max_pool3d "
-    "adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d".split()
+    "relu hardtanh leaky_relu prelu elu celu selu silu mish gelu hardswish hardsigmoid max_pool1d max_pool2d "
+    "max_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d".split()
 )
 
 

@@ -58,8 +58,51 @@ def soft_hardswish_standin(z: Tensor, t: float) -> Tensor:
     return 3 * t * (F.relu(w) ** 2 - F.relu(w - 1) ** 2)
 
 
+def soft_mish_standin(z: Tensor, t: float) -> Tensor:
+    """Derivative ``tanh(softplus(z / t))``: ``t * (log(e^{2u} + 2 e^u + 2) / 2 + atan(e^u + 1))``, ``u = z / t``.
+
+    (Partial fractions of ``1 - 2 / ((1 + e^u)^2 + 1)``; written with ``logsumexp`` and
+    ``atan(e^u + 1) = pi/2 - atan(sigmoid(-u))`` so that it stays finite at any ``u``.)
+    """
+    u = z / t
+    log2 = torch.full_like(u, math.log(2.0))
+    return t * (0.5 * torch.logsumexp(torch.stack([2 * u, u + log2, log2]), 0) - torch.atan(torch.sigmoid(-u)))
+
+
+def soft_hard_mish_standin(z: Tensor, t: float) -> Tensor:
+    """Derivative ``clamp(z / (2 t) + 1, 0, 1)``."""
+    w = z / (2 * t) + 1
+    return t * (F.relu(w) ** 2 - F.relu(w - 1) ** 2)
+
+
+def hard_mish(x: Tensor) -> Tensor:
+    """timm.layers.hard_mish, as timm writes it (the tests that need no timm use this copy)."""
+    return 0.5 * x * (x + 2).clamp(min=0, max=2)
+
+
+def elu_switch_gradient(op, z: Tensor, t: float) -> Tensor:
+    """``s * op'(z>0 branch) + (1 - s) * op'(z<0 branch)``, ``s = sigmoid(z / t)``, from torch's own derivative of ``op``.
+
+    Each branch's slope is torch's vanilla derivative of ``op`` (ELU, CELU, SELU) on that branch:
+    at ``max(z, 1)`` (the constant positive slope) and at ``min(z, -tiny)`` (the exponential
+    branch, held at its value at 0 for ``z > 0``).  No constant of the unit is written here.
+    """
+    def slope(at: Tensor) -> Tensor:
+        leaf = at.detach().clone().requires_grad_()
+        (grad,) = torch.autograd.grad(op(leaf).sum(), leaf)
+        return grad
+
+    s = torch.sigmoid(z.detach() / t)
+    return s * slope(z.clamp_min(1.0)) + (1 - s) * slope(z.clamp_max(-1e-300))
+
+
+def elu_switch_standin(op, z: Tensor, t: float) -> Tensor:
+    """A function of ``z`` with gradient :func:`elu_switch_gradient` (the gate, detached, times ``z``)."""
+    return z * elu_switch_gradient(op, z, t)
+
+
 # Published / documented default temperatures of the non-ReLU rules.
-RULE_TEMPS = {"silu": 1.6, "gelu": 1.0, "hardswish": 1.6}
+RULE_TEMPS = {"silu": 1.6, "gelu": 1.0, "hardswish": 1.6, "mish": 1.6, "hard_mish": 1.6}
 
 
 def _arg(args, kwargs, index, name, default):
@@ -138,6 +181,22 @@ class ExcitationReference(TorchFunctionMode):
         elif func is F.leaky_relu:
             z, a = args[0], _arg(args, kwargs, 1, "negative_slope", 0.01)
             kind, exact, smooth = "leaky_relu", F.leaky_relu(z, a), a * z + (1 - a) * t * softplus(z / t)
+        elif func in (F.elu, F.celu, F.selu):
+            z = args[0]
+            exact = func(z, _arg(args, kwargs, 1, "alpha", 1.0)) if func is not F.selu else func(z)
+            kind = {F.elu: "elu", F.celu: "celu", F.selu: "selu"}[func]
+            alpha = _arg(args, kwargs, 1, "alpha", 1.0)
+            op = (lambda v: func(v, alpha)) if func is not F.selu else func  # noqa: E731
+            smooth = elu_switch_standin(op, z, t)
+        elif func is F.prelu:
+            z, a = args[0], _arg(args, kwargs, 1, "weight", None)
+            slope = a.detach().reshape(-1, *[1] * (z.dim() - 2)) if a.numel() > 1 else a.detach().reshape(())
+            # input: the LeakyReLU stand-in with slope a; the slope itself: torch's exact gradient.
+            kind, exact = "prelu", F.prelu(z, a)
+            smooth = slope * z + (1 - slope) * t * softplus(z / t) + F.prelu(z.detach(), a)
+        elif func is F.mish:
+            z, ts = args[0], RULE_TEMPS["mish"]
+            kind, exact, smooth = "mish", F.mish(z), soft_mish_standin(z, ts)
         elif func is F.silu:
             z, ts = args[0], RULE_TEMPS["silu"]
             kind, exact, smooth = "silu", F.silu(z), ts * softplus(z / ts)

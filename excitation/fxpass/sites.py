@@ -22,7 +22,10 @@ from ..kernels import (
     ExcitedMultiheadAttention,
     freeze_attention,
     surrogate_adaptive_max_pool,
+    surrogate_celu,
+    surrogate_elu,
     surrogate_gelu,
+    surrogate_hard_mish,
     surrogate_hardsigmoid,
     surrogate_hardswish,
     surrogate_hardtanh,
@@ -31,8 +34,11 @@ from ..kernels import (
     surrogate_native_layer_norm,
     surrogate_max_pool,
     surrogate_max_pool2d,
+    surrogate_mish,
+    surrogate_prelu,
     surrogate_relu,
     surrogate_scaled_dot_product_attention,
+    surrogate_selu,
     surrogate_silu,
     surrogate_softmax,
 )
@@ -115,6 +121,8 @@ def _table(entries) -> Dict[Any, Tuple[str, Tuple[Tuple[str, Any], ...], Optiona
 _HARDTANH = (("input", None), ("min_val", -1.0), ("max_val", 1.0), ("inplace", False))
 _LEAKY = (("input", None), ("negative_slope", 0.01), ("inplace", False))
 _UNARY = (("input", None), ("inplace", False))
+_ALPHA = (("input", None), ("alpha", 1.0), ("inplace", False))
+_PRELU = (("input", None), ("weight", None))
 _ADAPTIVE = (("input", None), ("output_size", None), ("return_indices", False))
 _LAYER_NORM = (("input", None), ("normalized_shape", None), ("weight", None), ("bias", None), ("eps", 1e-5))
 _SOFTMAX = (("input", None), ("dim", None), ("_stacklevel", 3), ("dtype", None))
@@ -139,6 +147,24 @@ _FUNCTIONS = _table([
     ("gelu", (F.gelu,), (("input", None), ("approximate", "none")), False, {}),
     ("gelu", _aten("gelu"), None, False, {}),
     ("gelu", _aten("gelu_"), None, True, {}),
+    ("prelu", (F.prelu, torch.prelu, *_aten("prelu")), _PRELU, False, {}),
+    ("elu", (F.elu,), _ALPHA, None, {}),
+    ("elu", (F.elu_,), _ALPHA[:2], True, {}),
+    ("elu", _aten("elu"), None, False, {}),
+    ("elu", _aten("elu_"), None, True, {}),
+    ("celu", (F.celu,), _ALPHA, None, {}),
+    ("celu", (torch.celu,), _ALPHA[:2], False, {}),
+    ("celu", (F.celu_,), _ALPHA[:2], True, {}),  # F.celu_ is torch.celu_
+    ("celu", _aten("celu"), None, False, {}),
+    ("celu", _aten("celu_"), None, True, {}),
+    ("selu", (F.selu,), _UNARY, None, {}),
+    ("selu", (torch.selu,), _UNARY[:1], False, {}),
+    ("selu", (F.selu_,), _UNARY[:1], True, {}),  # F.selu_ is torch.selu_
+    ("selu", _aten("selu"), None, False, {}),
+    ("selu", _aten("selu_"), None, True, {}),
+    ("mish", (F.mish,), _UNARY, None, {}),
+    ("mish", _aten("mish"), None, False, {}),
+    ("mish", _aten("mish_"), None, True, {}),
     ("hardswish", (F.hardswish,), _UNARY, None, {}),
     ("hardswish", _aten("hardswish"), None, False, {}),
     ("hardswish", _aten("hardswish_"), None, True, {}),
@@ -180,7 +206,12 @@ _MODULES: Dict[type, Tuple[str, Tuple[str, ...]]] = {
     nn.Hardtanh: ("hardtanh", ("min_val", "max_val")),
     nn.ReLU6: ("hardtanh", ("min_val", "max_val")),
     nn.LeakyReLU: ("leaky_relu", ("negative_slope",)),
+    nn.PReLU: ("prelu", ()),
+    nn.ELU: ("elu", ("alpha",)),
+    nn.CELU: ("celu", ("alpha",)),
+    nn.SELU: ("selu", ()),
     nn.SiLU: ("silu", ()),
+    nn.Mish: ("mish", ()),
     nn.GELU: ("gelu", ("approximate",)),
     nn.Hardswish: ("hardswish", ()),
     nn.Hardsigmoid: ("hardsigmoid", ()),
@@ -211,6 +242,12 @@ _SURROGATE_KINDS: Dict[Callable, str] = {
     surrogate_gelu: "gelu",
     surrogate_hardswish: "hardswish",
     surrogate_hardsigmoid: "hardsigmoid",
+    surrogate_prelu: "prelu",
+    surrogate_elu: "elu",
+    surrogate_celu: "celu",
+    surrogate_selu: "selu",
+    surrogate_mish: "mish",
+    surrogate_hard_mish: "hard_mish",
     surrogate_layer_norm: "layer_norm",
     surrogate_native_layer_norm: "layer_norm",
     surrogate_softmax: "softmax",
@@ -267,6 +304,8 @@ class SiteMatch:
     returns_tuple: bool = False
     # Every other kind: the arguments of its surrogate besides the input and temp.
     params: Dict[str, Any] = field(default_factory=dict)
+    # Nodes that only this site reads (hard_mish's 0.5 * x, clamp and add): erased with it.
+    absorbed: Tuple[Node, ...] = ()
 
     @property
     def rule(self) -> str:
@@ -385,6 +424,8 @@ def _match_module(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         return SiteMatch(node, kind, form, node.args[0] if node.args else node.kwargs.get("query"))
     bound = {name: getattr(module, name) for name in attributes}
     bound["input"] = node.args[0] if node.args else node.kwargs.get("input")
+    if kind == "prelu":
+        bound["weight"] = f"{node.target}.weight"  # read with a get_attr at the rewrite
     if kind == "layer_norm":
         bound["weight"] = f"{node.target}.weight" if module.weight is not None else None
         bound["bias"] = f"{node.target}.bias" if module.bias is not None else None
@@ -402,7 +443,9 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         if node.target == "softmax":
             bound = _bind(_SOFTMAX, node.args, node.kwargs)
             return _general_site(node, "softmax", "method", bound, False)
-        return None
+        if node.target == "prelu":
+            return _general_site(node, "prelu", "method", _bind(_PRELU, node.args, node.kwargs), False)
+        return _hard_mish_site(node, "method")
     if node.op != "call_function":
         return None
     target = node.target
@@ -456,6 +499,73 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         original = getattr(target, "__wrapped_original__", target)
         return SiteMatch(node, "attention_function", form, node.args[0] if node.args else None,
                          params={"function": original})
+    return _hard_mish_site(node, form)
+
+
+# ------------------------------------------------------------ timm's hard_mish
+# timm.layers.hard_mish is no op but an expression, ``0.5 * x * (x + 2).clamp(min=0, max=2)``; fx and
+# dynamo record it as ``mul(mul(0.5, x), clamp(add(x, 2), 0, 2))`` (torch-level or ATen ops).
+# Only that exact shape is a site (its surrogate recomputes it op for op: the same bits); any
+# other use of a clamp stays a reported unhandled ``clamp``.
+_MUL = {operator.mul, torch.mul, aten.mul, aten.mul.Tensor}
+_ADD = {operator.add, torch.add, aten.add, aten.add.Tensor}
+_CLAMP = {torch.clamp, torch.clip, aten.clamp, aten.clamp.default}
+
+
+def _is_call(node: Any, functions: set, method: str) -> bool:
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_method":
+        return node.target == method
+    try:
+        return node.op == "call_function" and node.target in functions
+    except TypeError:  # unhashable target
+        return False
+
+
+def _operands(node: Node) -> Optional[Tuple[Any, Any]]:
+    """The two operands of a binary call (positional, or ``other=``), else ``None``."""
+    args = list(node.args) + [node.kwargs[k] for k in ("other",) if k in node.kwargs]
+    return (args[0], args[1]) if len(args) == 2 and set(node.kwargs) <= {"other"} else None
+
+
+def _half_of(node: Any) -> Optional[Node]:
+    """``x`` if ``node`` is ``0.5 * x`` / ``x * 0.5`` with one user, else ``None``."""
+    if not _is_call(node, _MUL, "mul") or len(node.users) != 1 or (pair := _operands(node)) is None:
+        return None
+    a, b = pair
+    if isinstance(b, Node) and a == 0.5 and not isinstance(a, bool):
+        return b
+    if isinstance(a, Node) and b == 0.5 and not isinstance(b, bool):
+        return a
+    return None
+
+
+def _clamp_0_2_of(node: Any) -> Optional[Node]:
+    """``x`` if ``node`` is ``(x + 2).clamp(0, 2)`` (positional or keyword bounds) with one user, else ``None``."""
+    if not _is_call(node, _CLAMP, "clamp") or len(node.users) != 1 or not node.args:
+        return None
+    low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    source = node.args[0]
+    if low != 0 or high != 2 or isinstance(low, bool) or isinstance(high, bool):
+        return None
+    if not _is_call(source, _ADD, "add") or len(source.users) != 1 or (pair := _operands(source)) is None:
+        return None
+    a, b = pair
+    if isinstance(a, Node) and b == 2 and not isinstance(b, bool):
+        return a
+    return None
+
+
+def _hard_mish_site(node: Node, form: str) -> Optional[SiteMatch]:
+    """A :class:`SiteMatch` if ``node`` is the final ``mul`` of timm's hard_mish, else ``None``."""
+    if not _is_call(node, _MUL, "mul") or (pair := _operands(node)) is None:
+        return None
+    for half, clamp in (pair, pair[::-1]):
+        x = _half_of(half)
+        if x is not None and _clamp_0_2_of(clamp) is x:
+            return SiteMatch(node, "hard_mish", form, x, absorbed=(half, clamp, clamp.args[0]))
     return None
 
 
@@ -478,6 +588,12 @@ def surrogate_call(match: SiteMatch, temp: Optional[float], pool_backward: str =
         "gelu": surrogate_gelu,
         "hardswish": surrogate_hardswish,
         "hardsigmoid": surrogate_hardsigmoid,
+        "prelu": surrogate_prelu,
+        "elu": surrogate_elu,
+        "celu": surrogate_celu,
+        "selu": surrogate_selu,
+        "mish": surrogate_mish,
+        "hard_mish": surrogate_hard_mish,
         "layer_norm": surrogate_layer_norm,
         "softmax": surrogate_softmax,
         "scaled_dot_product_attention": surrogate_scaled_dot_product_attention,
@@ -554,7 +670,7 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
     if name in _UNHANDLED_NAMES:
         return name, "no rule"
     if name in ("clamp", "clip") and (node.op == "call_method" or node.target in (torch.clamp, torch.clip)) \
-            and _is_zero_floor_clamp(node):
+            and _is_zero_floor_clamp(node) and not any(_hard_mish_site(user, "") for user in node.users):
         return "clamp", "no rule"  # a hard gate 1[lo < x < hi], e.g. timm's hard_mish: x/2 * (x + 2).clamp(0, 2)
     if name in _SMOOTH_NAMES:
         if any(_is_decomposed_silu(user) for user in node.users):
