@@ -70,9 +70,10 @@ def soft_mish_standin(z: Tensor, t: float) -> Tensor:
 
 
 def soft_hard_mish_standin(z: Tensor, t: float) -> Tensor:
-    """Derivative ``clamp(z / (2 t) + 1, 0, 1)``."""
+    """Derivative ``clamp(z / (2 t) + 1, 0, 1)``.  (``clamp_min``, not ``F.relu``: it runs inside the
+    interception reference too, which would soften a ReLU.)"""
     w = z / (2 * t) + 1
-    return t * (F.relu(w) ** 2 - F.relu(w - 1) ** 2)
+    return t * (w.clamp_min(0) ** 2 - (w - 1).clamp_min(0) ** 2)
 
 
 def hard_mish(x: Tensor) -> Tensor:
@@ -181,12 +182,12 @@ class ExcitationReference(TorchFunctionMode):
         elif func is F.leaky_relu:
             z, a = args[0], _arg(args, kwargs, 1, "negative_slope", 0.01)
             kind, exact, smooth = "leaky_relu", F.leaky_relu(z, a), a * z + (1 - a) * t * softplus(z / t)
-        elif func in (F.elu, F.celu, F.selu):
+        elif func in (F.elu, F.celu, F.selu, torch.celu, torch.selu):
             z = args[0]
-            exact = func(z, _arg(args, kwargs, 1, "alpha", 1.0)) if func is not F.selu else func(z)
-            kind = {F.elu: "elu", F.celu: "celu", F.selu: "selu"}[func]
+            exact = func(z) if func in (F.selu, torch.selu) else func(z, _arg(args, kwargs, 1, "alpha", 1.0))
+            kind = {F.elu: "elu", F.celu: "celu", torch.celu: "celu", F.selu: "selu", torch.selu: "selu"}[func]
             alpha = _arg(args, kwargs, 1, "alpha", 1.0)
-            op = (lambda v: func(v, alpha)) if func is not F.selu else func  # noqa: E731
+            op = func if func in (F.selu, torch.selu) else (lambda v: func(v, alpha))  # noqa: E731
             smooth = elu_switch_standin(op, z, t)
         elif func is F.prelu:
             z, a = args[0], _arg(args, kwargs, 1, "weight", None)
@@ -456,3 +457,57 @@ def compiled_gradient_and_saved_bytes(fn, x: Tensor, backend) -> Tuple[Tensor, i
 
 # ------------------------------------------------------------------ subnormals
 from excitation.subnormals import SubnormalCounter  # noqa: E402,F401  (re-exported for the tests)
+
+
+class HardMish(nn.Module):
+    """timm's ``HardMish`` (out of place), without timm: ``0.5 * x * (x + 2).clamp(0, 2)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return hard_mish(x)
+
+
+class ReferenceHardMish(nn.Module):
+    """The module swapped in for :class:`HardMish` by the references: its value, the stand-in's gradient."""
+
+    def __init__(self, temp: float = RULE_TEMPS["hard_mish"]) -> None:
+        super().__init__()
+        self.temp = temp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _straight_through(hard_mish(x), soft_hard_mish_standin(x, self.temp))
+
+
+class MoreForms(nn.Module):
+    """One site of each rule timm brought in: PReLU (per channel, and a scalar slope through ``F.prelu``),
+    ELU, CELU, SELU, Mish and hard_mish, in module, functional and ``torch.`` forms."""
+
+    def __init__(self, classes: int = 10, dim: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, dim, 3, padding=1)
+        self.prelu = nn.PReLU(dim, init=0.2)
+        self.celu = nn.CELU(0.5)  # a power of 2: torch's own CELU backward rounds 1 / alpha to float32
+        self.mish = nn.Mish()
+        self.hmish = HardMish()
+        self.slope = nn.Parameter(torch.tensor([-0.1]))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.celu(F.elu(self.prelu(self.conv(x)), 0.5))
+        h = self.hmish(self.mish(torch.selu(h)))
+        return self.head(F.prelu(h, self.slope).mean((2, 3)))
+
+
+# Sites per kind in MoreForms.
+MORE_FORMS_KINDS = {"relu": 0, "max_pool2d": 0, "prelu": 2, "elu": 1, "celu": 1, "selu": 1, "mish": 1, "hard_mish": 1}
+
+
+def more_forms_reference(model: nn.Module, x: Tensor, target: int) -> Tensor:
+    """:func:`reference_pullback` of a :class:`MoreForms` (or any model with :class:`HardMish` modules)."""
+    import copy
+
+    swapped = copy.deepcopy(model)
+    for name, module in list(swapped.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, HardMish):
+                setattr(module, child_name, ReferenceHardMish())
+    return reference_pullback(swapped, x, target, rules=True)

@@ -11,10 +11,13 @@ import excitation
 from excitation.kernels import ExcitedMultiheadAttention
 
 from .helpers import (
+    MORE_FORMS_KINDS,
     ZOO_FORMS_KINDS,
     ExcitationReference,
+    MoreForms,
     ZooForms,
     fingerprint,
+    more_forms_reference,
     reference_pullback,
     rel_err,
 )
@@ -46,7 +49,10 @@ def test_every_rule_is_found_and_reported(excited):
     report = excitation.report(excited)
     assert report.counts() == ZOO_FORMS_KINDS
     assert report.unhandled == [] and report.smooth == []
-    assert set(report.rule_counts()) == set(excitation.RULES) - {"relu"}
+    # ZooForms and MoreForms together hold every rule but ReLU (AllForms has those).
+    more = excitation.report(excitation.excite(MoreForms())).rule_counts()
+    assert set(report.rule_counts()) | set(more) == set(excitation.RULES) - {"relu"}
+    assert not set(report.rule_counts()) & set(more)
     temps = {s.kind: s.temp for s in report.sites}
     assert temps["silu"] == 1.6 and temps["gelu"] == 1.0 and temps["hardswish"] == 1.6
     assert temps["hardtanh"] == temps["leaky_relu"] == temps["hardsigmoid"] == temps["max_pool2d"] == 0.3
@@ -224,3 +230,95 @@ def test_decomposed_graph_keeps_what_it_can_and_says_what_it_cannot(zoo_forms, x
     # What it did rewrite is the excitation backward: equal to the fx pass with those three rules off.
     partial = excitation.excite(zoo_forms, rules={"silu": False, "hardswish": False, "hardsigmoid": False})
     assert rel_err(_grad(excited, x), excitation.pullback(partial, x, TARGET)) < 1e-8
+
+
+# ------------------------------------------- the rules timm brought: PReLU, ELU/CELU/SELU, Mish, hard_mish
+@pytest.fixture(scope="module")
+def more_forms():
+    torch.manual_seed(0)
+    return MoreForms().double().eval()
+
+
+@pytest.fixture(scope="module")
+def more_excited(more_forms):
+    return excitation.excite(more_forms)
+
+
+def test_more_forms_sites_are_found_and_reported(more_excited):
+    report = excitation.report(more_excited)
+    assert report.counts() == MORE_FORMS_KINDS
+    assert report.unhandled == [] and report.smooth == []
+    assert report.rule_counts() == {"prelu": 2, "elu": 3, "mish": 1, "hard_mish": 1}
+    temps = {s.kind: s.temp for s in report.sites}
+    assert temps == {"prelu": 0.3, "elu": 0.3, "celu": 0.3, "selu": 0.3, "mish": 1.6, "hard_mish": 1.6}
+    # hard_mish's 0.5 * x, add and clamp are gone with it: no dead ops left in the forward.
+    assert not [n for n in more_excited.graph.nodes if n.target == "clamp" or n.target is torch.clamp]
+
+
+def test_more_forms_pullback_matches_reference_and_forward_is_bit_identical(more_forms, more_excited, x):
+    ours = excitation.pullback(more_excited, x, TARGET)
+    assert rel_err(ours, more_forms_reference(more_forms, x, TARGET)) < 1e-10
+    assert rel_err(ours, excitation.gradient(more_forms, x, TARGET)) > 0.05
+    with torch.no_grad():
+        assert torch.equal(more_excited(x), more_forms(x))
+
+
+def test_more_forms_original_is_untouched_and_slopes_are_shared(x):
+    model = MoreForms().double().eval()
+    before = fingerprint(model)
+    gm = excitation.excite(model)
+    excitation.pullback(gm, x, TARGET)
+    assert fingerprint(model) == before
+    assert gm.prelu.weight is model.prelu.weight and gm.slope is model.slope
+
+
+def test_more_forms_rules_switch_off_to_vanilla(more_forms, x):
+    with pytest.warns(UserWarning, match="found no site"):
+        gm = excitation.excite(more_forms, rules={"prelu": False, "elu": False, "mish": False, "hard_mish": False})
+    report = excitation.report(gm)
+    assert {u.op: 0 for u in report.unhandled} == {k: 0 for k in ("prelu", "elu", "celu", "selu", "mish", "hard_mish")}
+    assert rel_err(excitation.pullback(gm, x, TARGET), excitation.gradient(more_forms, x, TARGET)) < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_more_forms_runtimes_agree_with_eager(more_excited, x):
+    eager = excitation.pullback(more_excited, x, TARGET)
+    check = lambda result: rel_err(result, eager) <= 1e-10  # noqa: E731
+    assert check(torch.func.grad(lambda t: more_excited(t)[:, TARGET].sum())(x))
+    torch._dynamo.reset()
+    assert check(_grad(torch.compile(more_excited, backend="aot_eager", fullgraph=True), x))
+    exported = torch.export.export(more_excited, (x,))
+    names = {str(n.target) for n in exported.graph.nodes}
+    assert {"excitation.surrogate_activation.default", "excitation.surrogate_prelu.default"} <= names
+    assert check(_grad(exported.run_decompositions().module(), x))
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    buffer.seek(0)
+    assert check(_grad(torch.export.load(buffer).module(), x))
+    assert check(_grad(torch.jit.trace(copy.deepcopy(more_excited), (x,), check_trace=False), x))
+    assert check(_grad(torch.jit.script(more_excited), x))
+
+
+def test_more_forms_through_the_backend(more_forms, x):
+    torch._dynamo.reset()
+    compiler = excitation.backend(inner="aot_eager")
+    result = _grad(torch.compile(more_forms, backend=compiler), x)
+    kinds = [s.kind for report in compiler.reports for s in report.sites]
+    assert sorted(kinds) == sorted(k for k, n in MORE_FORMS_KINDS.items() for _ in range(n))
+    assert not [u for report in compiler.reports for u in report.unhandled]
+    assert rel_err(result, more_forms_reference(more_forms, x, TARGET)) < 1e-10
+
+
+def test_more_forms_decomposed_graph_reports_what_it_cannot_rewrite(more_forms, x):
+    # Core ATen keeps elu (SELU becomes elu too) and hard_mish's ops; PReLU, CELU and Mish become
+    # where / expm1 / tanh(softplus) primitives: reported as decomposed, never silently vanilla.
+    decomposed = torch.export.export(more_forms, (x,)).run_decompositions()
+    with pytest.warns(UserWarning, match="Excite before decomposing"):
+        excited = excitation.excite(decomposed)
+    report = excitation.report(excited)
+    assert report.counts()["elu"] == 2 and report.counts()["hard_mish"] == 1
+    assert report.unhandled_counts() == {"prelu (decomposed)": 2, "celu (decomposed)": 1, "mish (decomposed)": 1}
+    assert report.smooth == []
+    with torch.no_grad():
+        assert torch.equal(excited(x), decomposed.module()(x))

@@ -635,6 +635,44 @@ def _is_decomposed_hardsigmoid(node: Node) -> bool:
     return isinstance(source, Node) and source.target in (aten.add.Tensor, aten.add) and 3 in source.args[1:]
 
 
+def _positive_switch(node: Node) -> Optional[Tuple[Node, Any]]:
+    """``(x, other)`` if ``node`` is ``aten.where(x > 0, x, other)``, the shape decomposed PReLU / CELU take."""
+    if node.target not in (aten.where.self, aten.where) or len(node.args) != 3:
+        return None
+    cond, x, other = node.args
+    if isinstance(cond, Node) and cond.target in (aten.gt.Scalar, aten.gt) and cond.args == (x, 0):
+        return x, other
+    return None
+
+
+def _decomposed_switch(node: Node) -> Optional[str]:
+    """``"prelu"`` for ``where(x > 0, x, a * x)``, ``"celu"`` for ``where(x > 0, x, expm1(x / a) * a)``, else ``None``."""
+    found = _positive_switch(node)
+    if found is None:
+        return None
+    x, other = found
+    if not (isinstance(other, Node) and other.target in (aten.mul.Tensor, aten.mul)):
+        return None
+    if x in other.args:
+        return "prelu"
+    if any(isinstance(a, Node) and a.target in (aten.expm1.default, aten.expm1) for a in other.args):
+        return "celu"
+    return None
+
+
+def _is_decomposed_mish(node: Node) -> bool:
+    """``aten.mul(x, tanh(where(x > 20, x, log1p(exp(x)))))``: Mish in a core-ATen (decomposed) graph."""
+    if node.target not in (aten.mul.Tensor, aten.mul) or len(node.args) != 2:
+        return False
+    a, b = node.args
+    for gate, other in ((a, b), (b, a)):
+        if isinstance(gate, Node) and gate.target in (aten.tanh.default, aten.tanh):
+            inner = gate.args[0]
+            if isinstance(inner, Node) and inner.target in (aten.where.self, aten.where) and other in inner.args[1:2]:
+                return True
+    return False
+
+
 def _is_zero_floor_clamp(node: Node) -> bool:
     """``x.clamp(0, hi)`` / ``clamp(x, min=0, ...)`` with constant bounds: a ReLU-like gate no rule covers."""
     low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
@@ -660,6 +698,11 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
         return "silu (decomposed)", "decomposed"
     if node.op == "call_function" and _is_decomposed_hardsigmoid(node):
         return "hardsigmoid/hardswish (decomposed)", "decomposed"
+    if node.op == "call_function" and _is_decomposed_mish(node):
+        return "mish (decomposed)", "decomposed"
+    switch = _decomposed_switch(node) if node.op == "call_function" else None
+    if switch is not None:
+        return f"{switch} (decomposed)", "decomposed"
     if node.op == "call_method":
         name = str(node.target)
     elif node.op == "call_function" and node.target is not operator.getitem:
@@ -673,7 +716,7 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
             and _is_zero_floor_clamp(node) and not any(_hard_mish_site(user, "") for user in node.users):
         return "clamp", "no rule"  # a hard gate 1[lo < x < hi], e.g. timm's hard_mish: x/2 * (x + 2).clamp(0, 2)
     if name in _SMOOTH_NAMES:
-        if any(_is_decomposed_silu(user) for user in node.users):
+        if any(_is_decomposed_silu(user) or _is_decomposed_mish(user) for user in node.users):
             return None  # reported once, by the multiplication
         return name, "smooth"
     return None
