@@ -501,13 +501,15 @@ class MoreForms(nn.Module):
 MORE_FORMS_KINDS = {"relu": 0, "max_pool2d": 0, "prelu": 2, "elu": 1, "celu": 1, "selu": 1, "mish": 1, "hard_mish": 1}
 
 
-def more_forms_reference(model: nn.Module, x: Tensor, target: int) -> Tensor:
-    """:func:`reference_pullback` of a :class:`MoreForms` (or any model with :class:`HardMish` modules)."""
+def more_forms_reference(model: nn.Module, x: Tensor, target: int, hard_mish_types: Tuple[type, ...] = (HardMish,)
+                         ) -> Tensor:
+    """:func:`reference_pullback` (``rules=True``) of a copy of ``model`` whose hard_mish modules
+    (``hard_mish_types``: ours, or timm's ``HardMish``) are swapped for :class:`ReferenceHardMish`."""
     import copy
 
     swapped = copy.deepcopy(model)
-    for name, module in list(swapped.named_modules()):
+    for module in list(swapped.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, HardMish):
+            if isinstance(child, hard_mish_types):
                 setattr(module, child_name, ReferenceHardMish())
     return reference_pullback(swapped, x, target, rules=True)

@@ -680,6 +680,32 @@ def _is_zero_floor_clamp(node: Node) -> bool:
     return isinstance(low, (int, float)) and low == 0 and (high is None or isinstance(high, (int, float)))
 
 
+def _autograd_function_activations(gm: GraphModule, node: Node) -> Optional[str]:
+    """The activation kinds inside a dynamo ``autograd_function_apply`` (a user ``autograd.Function``), if any.
+
+    dynamo keeps such a Function whole, forward and backward subgraphs: its activations are not
+    sites of this graph (the Function's own backward runs), so they must be reported.  timm's
+    default ``hard_mish`` is one (``HardMishMe``).
+    """
+    apply = getattr(torch.ops.higher_order, "autograd_function_apply", None)
+    if apply is None or node.target is not apply or not node.args or not isinstance(node.args[0], Node):
+        return None
+    body = node.args[0]
+    if body.op != "get_attr":
+        return None
+    sub = gm.get_submodule(str(body.target))
+    if not isinstance(sub, GraphModule):
+        return None
+    kinds = []
+    for inner in sub.graph.nodes:
+        found = match_site(sub, inner)
+        if found is not None:
+            kinds.append(found.kind)
+        elif (other := match_unhandled(sub, inner)) is not None and other[1] != "smooth":
+            kinds.append(other[0])
+    return f"{'/'.join(sorted(set(kinds)))} in an autograd.Function" if kinds else None
+
+
 def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
     """``(op name, reason)`` for an activation-like op no rule covers at ``node``, or ``None``.
 
@@ -698,6 +724,8 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
         return "silu (decomposed)", "decomposed"
     if node.op == "call_function" and _is_decomposed_hardsigmoid(node):
         return "hardsigmoid/hardswish (decomposed)", "decomposed"
+    if node.op == "call_function" and (inside := _autograd_function_activations(gm, node)) is not None:
+        return inside, "no rule"
     if node.op == "call_function" and _is_decomposed_mish(node):
         return "mish (decomposed)", "decomposed"
     switch = _decomposed_switch(node) if node.op == "call_function" else None
