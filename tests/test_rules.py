@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import excitation
 from excitation.kernels import ExcitedMultiheadAttention
@@ -322,3 +323,60 @@ def test_more_forms_decomposed_graph_reports_what_it_cannot_rewrite(more_forms, 
     assert report.smooth == []
     with torch.no_grad():
         assert torch.equal(excited(x), decomposed.module()(x))
+
+
+class InplaceTimmForms(nn.Module):
+    """The in-place forms of the new rules, each followed by a read of its (overwritten) input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.elu = nn.ELU(0.5, inplace=True)
+        self.mish = nn.Mish(inplace=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        a = self.lin(x)
+        b = self.elu(a) + a              # module, in place: a is elu(a) afterwards
+        c = F.celu(b, 0.5, inplace=True) + b
+        d = F.selu_(c * 1.0) + torch.selu_(c)
+        e = F.elu_(d * 1.0, 0.3) + self.mish(d) + F.mish(d, inplace=True) + d
+        return self.head(e + d.prelu(torch.tensor([0.2], dtype=d.dtype)))
+
+
+class OutOfPlaceTimmForms(InplaceTimmForms):
+    """What :class:`InplaceTimmForms` computes, written out of place."""
+
+    def forward(self, x):
+        a = F.elu(self.lin(x), 0.5)
+        b = a + a
+        b = F.celu(b, 0.5)
+        c = b + b
+        c2 = F.selu(c)
+        d = F.selu(c * 1.0) + c2
+        m1 = F.mish(d)
+        m2 = F.mish(m1)
+        e = F.elu(d * 1.0, 0.3) + m1 + m2 + m2
+        return self.head(e + F.prelu(m2, torch.tensor([0.2], dtype=d.dtype)))
+
+
+def test_inplace_forms_of_the_new_rules_keep_the_forward_and_get_the_rule():
+    torch.manual_seed(0)
+    model = InplaceTimmForms().double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    excited = excitation.excite(model)
+    report = excitation.report(excited)
+    assert report.counts() == {"relu": 0, "max_pool2d": 0, "elu": 2, "celu": 1, "selu": 2, "mish": 2, "prelu": 1}
+    assert sum(s.inplace for s in report.sites) == 7 and {s.form for s in report.sites} == {"module", "function", "method"}
+    with torch.no_grad():
+        assert torch.equal(excited(x), model(x))
+    reference = OutOfPlaceTimmForms().double().eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(reference(x), model(x))  # the rewrite above is what the model computes
+    assert rel_err(excitation.pullback(excited, x, 1), reference_pullback(reference, x, 1, rules=True)) < 1e-10
+    # The ATen forms (torch.export) are sites too, with the same pullback.
+    aten = excitation.excite(torch.export.export(model, (x,)))
+    assert {s.form for s in excitation.report(aten).sites} == {"aten"}
+    assert excitation.report(aten).counts() == report.counts()
+    assert rel_err(excitation.pullback(aten, x, 1), excitation.pullback(excited, x, 1)) < 1e-12
