@@ -2,6 +2,7 @@
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -380,3 +381,40 @@ def test_inplace_forms_of_the_new_rules_keep_the_forward_and_get_the_rule():
     assert {s.form for s in excitation.report(aten).sites} == {"aten"}
     assert excitation.report(aten).counts() == report.counts()
     assert rel_err(excitation.pullback(aten, x, 1), excitation.pullback(excited, x, 1)) < 1e-12
+
+
+def test_more_forms_reexcite_keeps_sites_and_retempers(more_excited, x):
+    again = excitation.excite(more_excited, rules={"mish": 3.0, "hard_mish": 2.0, "elu": 0.5})
+    report = excitation.report(again)
+    assert report.counts() == MORE_FORMS_KINDS and {s.form for s in report.sites} == {"excited"}
+    assert {s.kind: s.temp for s in report.sites} == {"prelu": 0.3, "elu": 0.5, "celu": 0.5, "selu": 0.5, "mish": 3.0,
+                                                      "hard_mish": 2.0}
+    with torch.no_grad():
+        assert torch.equal(again(x), more_excited(x))
+    assert rel_err(excitation.pullback(again, x, TARGET), excitation.pullback(more_excited, x, TARGET)) > 1e-3
+
+
+@pytest.mark.parametrize("expression, is_site", [
+    (lambda x: 0.5 * x * (x + 2).clamp(min=0, max=2), True),     # timm's hard_mish
+    (lambda x: (x + 2).clamp(0, 2) * (x * 0.5), True),           # same ops, operands swapped
+    (lambda x: 0.5 * x * (x + 2).clamp(min=0, max=3), False),    # another bound: a clamp, reported
+    (lambda x: 0.5 * x * (x + 1).clamp(min=0, max=2), False),
+    (lambda x: 0.4 * x * (x + 2).clamp(min=0, max=2), False),
+    (lambda x: 0.5 * x * (x.detach() + 2).clamp(min=0, max=2), False),  # not the same x
+    (lambda x: 0.5 * x * (x + torch.tensor(2.0)).clamp(min=0, max=2), False),
+])
+def test_hard_mish_is_recognised_only_in_its_exact_shape(expression, is_site):
+    class Expression(nn.Module):
+        def forward(self, x):
+            return expression(x)
+
+    model = nn.Sequential(nn.Linear(4, 4), Expression(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "found no site" for the negatives
+        excited = excitation.excite(model)
+    report = excitation.report(excited)
+    assert report.counts().get("hard_mish", 0) == int(is_site)
+    assert report.unhandled_counts() == ({} if is_site else {"clamp": 1})
+    with torch.no_grad():
+        assert torch.equal(excited(x), model(x))

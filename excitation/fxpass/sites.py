@@ -512,7 +512,8 @@ _ADD = {operator.add, torch.add, aten.add, aten.add.Tensor}
 _CLAMP = {torch.clamp, torch.clip, aten.clamp, aten.clamp.default}
 
 
-def _is_call(node: Any, functions: set, method: str) -> bool:
+def _is_call(node: Any, functions: "set[Any]", method: str) -> bool:
+    """``node`` calls one of ``functions`` or the tensor method ``method``."""
     if not isinstance(node, Node):
         return False
     if node.op == "call_method":
@@ -521,6 +522,11 @@ def _is_call(node: Any, functions: set, method: str) -> bool:
         return node.op == "call_function" and node.target in functions
     except TypeError:  # unhashable target
         return False
+
+
+def _is_number(value: Any, expected: float) -> bool:
+    """``value`` is the Python number ``expected`` (not a bool, a tensor or a node)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == expected
 
 
 def _operands(node: Node) -> Optional[Tuple[Any, Any]]:
@@ -534,9 +540,9 @@ def _half_of(node: Any) -> Optional[Node]:
     if not _is_call(node, _MUL, "mul") or len(node.users) != 1 or (pair := _operands(node)) is None:
         return None
     a, b = pair
-    if isinstance(b, Node) and a == 0.5 and not isinstance(a, bool):
+    if isinstance(b, Node) and _is_number(a, 0.5):
         return b
-    if isinstance(a, Node) and b == 0.5 and not isinstance(b, bool):
+    if isinstance(a, Node) and _is_number(b, 0.5):
         return a
     return None
 
@@ -548,14 +554,12 @@ def _clamp_0_2_of(node: Any) -> Optional[Node]:
     low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
     high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
     source = node.args[0]
-    if low != 0 or high != 2 or isinstance(low, bool) or isinstance(high, bool):
+    if not (_is_number(low, 0) and _is_number(high, 2)):
         return None
     if not _is_call(source, _ADD, "add") or len(source.users) != 1 or (pair := _operands(source)) is None:
         return None
     a, b = pair
-    if isinstance(a, Node) and b == 2 and not isinstance(b, bool):
-        return a
-    return None
+    return a if isinstance(a, Node) and _is_number(b, 2) else None
 
 
 def _hard_mish_site(node: Node, form: str) -> Optional[SiteMatch]:
