@@ -80,8 +80,8 @@ def test_timm_inplace_hard_mish_is_reported_as_clamp():
     assert found.unhandled_counts() == {"clamp": 1} and not found.sites
 
 
-# act_layer -> the rule its sites get; no timm model uses these by default (dpn's fc_act_layer="elu"
-# is unused by its configs), so timm's test_resnet is built with each.
+# act_layer -> the rule its sites get; no timm model uses these by default (dpn declares fc_act_layer="elu",
+# but dpn48b and dpn68 as built have no ELU site), so timm's test_resnet is built with each.
 ACT_LAYER_RULES = {"mish": "mish", "hard_mish": "hard_mish", "prelu": "prelu", "selu": "elu"}  # ELU, CELU: as SELU
 
 
