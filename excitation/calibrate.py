@@ -7,8 +7,8 @@ where ``robust_std = 1.4826 * median(|z - median(z)|)`` (equal to the standard
 deviation for Gaussian data).  A BatchNorm'd layer with unit-variance
 pre-activations thus lands on the published 0.3.  Max-pool sites use the
 scale of their positive inputs (see ``_Recorder``).  Rules with their own
-published temperature scale it instead of ``scale_factor``: SiLU and Hardswish
-get ``1.6 * robust_std``, GELU ``1.0 * robust_std``, so unit-variance inputs keep
+published temperature scale it instead of ``scale_factor``: SiLU, Mish, Hardswish and
+hard_mish get ``1.6 * robust_std``, GELU ``1.0 * robust_std``, so unit-variance inputs keep
 the published defaults.  LayerNorm and attention sites have no temperature.
 """
 
@@ -91,9 +91,9 @@ def calibrate(
         Input batches (a single batch is fine).
     scale_factor : float
         ``temp = scale_factor * robust_std(site input)`` at ReLU, ReLU6/Hardtanh,
-        LeakyReLU, Hardsigmoid and max-pool sites; 0.3 puts unit-variance
-        (BatchNorm'd) pre-activations at the published temperature.  SiLU,
-        Hardswish (1.6) and GELU (1.0) sites use their published default instead.
+        LeakyReLU, PReLU, ELU/CELU/SELU, Hardsigmoid and max-pool sites; 0.3 puts unit-variance
+        (BatchNorm'd) pre-activations at the published temperature.  SiLU, Mish,
+        Hardswish, hard_mish (1.6) and GELU (1.0) sites use their rule's default instead.
     max_samples : int
         Values kept per site and batch (a random subsample) to bound memory.
     min_temp : float

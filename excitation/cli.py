@@ -87,7 +87,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------- zoo
+_TIMM_ONLY = ("modules", "all", "size", "budget")
+
+
 def _cmd_zoo(args: argparse.Namespace) -> int:
+    if args.source == "timm":
+        from . import zoo_timm
+
+        if args.models:
+            raise ValueError("--models names torchvision models; with --source timm choose timm model modules "
+                             "with --modules (e.g. --modules resnet vgg), or every model of them with --all.")
+        args.repeats = 1 if args.repeats is None else args.repeats
+        return zoo_timm.run(args)
+    given = [f"--{name}" for name in _TIMM_ONLY if getattr(args, name) not in (None, False)]
+    if given:
+        raise ValueError(f"{' '.join(given)} apply to the timm zoo only; add --source timm, or leave them out.")
+    args.repeats = 3 if args.repeats is None else args.repeats
     from .zoo import format_zoo_table, rows_to_json, run_zoo
 
     def show(row) -> None:
@@ -159,12 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="also write the result as JSON")
     bench.set_defaults(func=_cmd_bench)
 
-    zoo = sub.add_parser("zoo", help="excite every torchvision classifier and tabulate the checks",
+    zoo = sub.add_parser("zoo", help="excite every torchvision (or timm) classifier and tabulate the checks",
                          description="For each torchvision classification model (random weights, small input): "
                                      "traced?, sites by kind, unhandled sites, forward bit-identical?, finite?, "
-                                     "relative difference from the gradient, time ratio. Prints a Markdown table.")
+                                     "relative difference from the gradient, time ratio. Prints a Markdown table. "
+                                     "--source timm: one row per timm model module instead (as `zoo-timm`).")
+    zoo.add_argument("--source", choices=["torchvision", "timm"], default="torchvision",
+                     help="whose models (default torchvision); timm takes --modules / --all / --size / --budget")
     zoo.add_argument("--models", nargs="+", help="model names (default: all of list_models(module=torchvision.models))")
-    zoo.add_argument("--repeats", type=int, default=3, help="timed rounds per model (interleaved with vanilla)")
+    zoo.add_argument("--repeats", type=int, help="timed rounds per model, interleaved with vanilla (default: "
+                                                 "3 torchvision, 1 timm)")
+    from .zoo_timm import add_timm_options  # timm itself is imported only when it runs
+
+    add_timm_options(zoo, repeats_default=None)
     zoo.add_argument("--out", help="also write the table as a Markdown page, e.g. docs/zoo.md")
     zoo.add_argument("--json", help="also write the rows as JSON")
     zoo.add_argument("--no-progress", action="store_true")

@@ -76,10 +76,24 @@ def _collect(names: Sequence[str]) -> frozenset:
 #: Callables counted as one activation call each by :func:`count_activation_calls`.
 ACTIVATION_FUNCTIONS = _collect(_ACTIVATION_NAMES)
 # The sites and unhandled ops of a report that are element-wise activations or max-pools.
+# timm's hard_mish is no torch call but an expression around one ``clamp(0, 2)``: the eager count
+# counts clamps with a constant floor 0 (each such clamp in a graph is a hard_mish site or an
+# unhandled ``clamp``, so both sides count it once).
 _COUNTED_KINDS = frozenset(
-    "relu hardtanh leaky_relu silu gelu hardswish hardsigmoid max_pool1d max_pool2d max_pool3d "
-    "adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d".split()
+    "relu hardtanh leaky_relu prelu elu celu selu silu mish gelu hardswish hard_mish hardsigmoid max_pool1d "
+    "max_pool2d max_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d".split()
 )
+_CLAMPS = frozenset({torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip, torch.Tensor.clamp_,
+                     torch.Tensor.clip_})
+
+
+def _is_zero_floor_clamp_call(args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
+    """``clamp(x, 0, hi)`` / ``x.clamp(min=0, ...)`` with constant bounds, as ``fxpass.sites`` matches it in graphs."""
+    low = args[1] if len(args) > 1 else kwargs.get("min")
+    high = args[2] if len(args) > 2 else kwargs.get("max")
+    constant = (int, float)
+    return isinstance(low, constant) and not isinstance(low, bool) and low == 0 and \
+        (high is None or isinstance(high, constant))
 
 
 class _ActivationCounter(TorchFunctionMode):
@@ -90,7 +104,7 @@ class _ActivationCounter(TorchFunctionMode):
         self.count = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in ACTIVATION_FUNCTIONS:
+        if func in ACTIVATION_FUNCTIONS or (func in _CLAMPS and _is_zero_floor_clamp_call(args, kwargs or {})):
             self.count += 1
         return func(*args, **(kwargs or {}))
 

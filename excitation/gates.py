@@ -30,6 +30,11 @@ __all__ = [
     "leaky_relu_gate",
     "hard_sigmoid_gate",
     "hardsigmoid_unit_gate",
+    "elu_gate",
+    "mish_gate",
+    "hard_mish_gate",
+    "SELU_ALPHA",
+    "SELU_SCALE",
     "check_gate",
     "check_saved",
     "check_temp",
@@ -124,6 +129,63 @@ def hardsigmoid_unit_gate(z: Tensor, temp: float) -> Tensor:
     return hardtanh_gate(z + 3.0, temp, 0.0, 6.0) / 6.0
 
 
+def _floored_exp(w: Tensor) -> Tensor:
+    """``exp(w)``, exactly 0 for ``w < -64`` (far below :data:`GATE_FLOOR`): no subnormal exponential."""
+    return torch.where(w < -64.0, 0.0, torch.exp(w.clamp_min(-64.0)))
+
+
+def elu_gate(z: Tensor, temp: float, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0) -> Tensor:
+    """``scale * (s + (1 - s) * alpha * input_scale * exp(input_scale * min(z, 0)))``, ``s = sigmoid(z / temp)``.
+
+    ELU's derivative is ``scale * (1[z > 0] + 1[z <= 0] * alpha * input_scale * exp(input_scale * z))``
+    (``aten.elu(z, alpha, scale, input_scale)``; CELU is ``(alpha, 1, 1 / alpha)``, SELU
+    ``(1.6733, 1.0507, 1)``).  The hard switch between its two slopes is softened with the
+    sigmoid gate of the ReLU (and LeakyReLU) rule, so ``temp -> 0`` gives the vanilla gradient.
+    The negative branch's slope is held at its value at 0 for ``z > 0`` (``exp(min(z, 0))``):
+    continued as ``exp(z)`` it would grow without bound and, for ``temp >= 1``, outweigh the
+    vanishing ``1 - s``.  So the gate always lies between the two slopes of the unit.
+    """
+    s = _sigmoid(z / temp)
+    negative = alpha * input_scale * _floored_exp(input_scale * z.clamp_max(0.0))
+    return scale * (s + (1.0 - s) * negative)
+
+
+def mish_gate(z: Tensor, temp: float) -> Tensor:
+    """``tanh(softplus(z / temp))``, the gate of Mish ``z * tanh(softplus(z))`` (0 where below 2^-64).
+
+    As for SiLU (``z * sigmoid(z)``, backward ``sigmoid(z / temp)``), the backward is the
+    unit's own gate, softened by ``temp``; ``temp = 1`` is Mish's gate.  For very negative
+    ``u = z / temp`` the gate is ``e^u`` to first order, so it crosses the floor where the
+    sigmoid does.
+    """
+    u = z / temp
+    return torch.where(u < sigmoid_floor_logit(), 0.0, torch.tanh(torch.nn.functional.softplus(u.clamp_min(-64.0))))
+
+
+def hard_mish_gate(z: Tensor, temp: float) -> Tensor:
+    """``clamp(z / (2 temp) + 1, 0, 1)``, the gate of timm's hard_mish ``z * clamp(z + 2, 0, 2) / 2``.
+
+    Hard Mish is ``z * clamp(z / 2 + 1, 0, 1)``, a gated unit like Hardswish
+    (``z * clamp(z / 6 + 1/2, 0, 1)``, backward ``hardsigmoid(z / temp)``); ``temp = 1`` is its own gate.
+    """
+    return torch.clamp(z / (2.0 * temp) + 1.0, 0.0, 1.0)
+
+
+#: SELU's constants (``F.selu``, Klambauer et al. 2017): ``selu(z) = SELU_SCALE * elu(z, SELU_ALPHA)``.
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def _celu_gate(z: Tensor, temp: float, alpha: float = 1.0) -> Tensor:
+    return elu_gate(z, temp, alpha, 1.0, 1.0 / alpha)
+
+
+def _selu_gate(z: Tensor, temp: float) -> Tensor:
+    # Literals, not SELU_ALPHA / SELU_SCALE: this runs in a backward, where dynamo (dynamic=True)
+    # would make module-level floats symbolic inputs (see traced_constant).
+    return elu_gate(z, temp, 1.6732632423543772848170429916717, 1.0507009873554804934193349852946, 1.0)
+
+
 #: The gate of every elementwise activation rule other than ReLU, by op kind.
 #: ``params`` are the op's own constants (``min_val, max_val`` / ``negative_slope``).
 ACTIVATION_GATES: Dict[str, Callable[..., Tensor]] = {
@@ -134,6 +196,11 @@ ACTIVATION_GATES: Dict[str, Callable[..., Tensor]] = {
     "gelu_tanh": normal_cdf_gate,
     "hardswish": hard_sigmoid_gate,
     "hardsigmoid": hardsigmoid_unit_gate,
+    "elu": elu_gate,
+    "celu": _celu_gate,
+    "selu": _selu_gate,
+    "mish": mish_gate,
+    "hard_mish": hard_mish_gate,
 }
 
 

@@ -266,15 +266,22 @@ def format_timm_table(rows: List[TimmRow]) -> str:
     return "\n".join(lines)
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``excitation zoo-timm`` on the CLI's subparsers."""
-    p = sub.add_parser("zoo-timm", help="every timm model module through excitation.pullback (fx or dynamo path)",
-                       description=__doc__.splitlines()[0])
+def add_timm_options(p: argparse.ArgumentParser, *, repeats_default: Optional[int] = 1) -> None:
+    """The timm zoo's options, shared by ``zoo-timm`` and ``zoo --source timm``."""
     p.add_argument("--modules", nargs="+", help="timm model modules (default: all of timm.list_modules())")
     p.add_argument("--all", action="store_true", help="every model of each module, not only the smallest")
     p.add_argument("--size", type=int, help="input side for models that accept img_size (default: each model's own)")
     p.add_argument("--budget", type=float, help="seconds after which no new model is started (rows say so)")
-    p.add_argument("--repeats", type=int, default=1, help="timed rounds per model (interleaved with vanilla)")
+    if repeats_default is not None:
+        p.add_argument("--repeats", type=int, default=repeats_default,
+                       help="timed rounds per model (interleaved with vanilla)")
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``excitation zoo-timm`` on the CLI's subparsers (``excitation zoo --source timm`` runs the same)."""
+    p = sub.add_parser("zoo-timm", help="every timm model module through excitation.pullback (fx or dynamo path)",
+                       description=__doc__.splitlines()[0] + " Same as `excitation zoo --source timm`.")
+    add_timm_options(p)
     p.add_argument("--out", help="also write the table as a Markdown page, e.g. docs/zoo-timm.md")
     p.add_argument("--json", help="also write the rows as JSON")
     p.add_argument("--no-progress", action="store_true")
@@ -296,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
 
     def write(rows: List[TimmRow]) -> None:
         if args.out:
-            Path(args.out).write_text("# The timm zoo\n\nMade by `excitation zoo-timm`"
+            Path(args.out).write_text("# The timm zoo\n\nMade by `excitation zoo --source timm`"
                                       + (f" --size {args.size}" if args.size else "") + ".\n\n"
                                       + format_timm_table(rows) + "\n")
         if args.json:

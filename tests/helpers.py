@@ -58,8 +58,52 @@ def soft_hardswish_standin(z: Tensor, t: float) -> Tensor:
     return 3 * t * (F.relu(w) ** 2 - F.relu(w - 1) ** 2)
 
 
+def soft_mish_standin(z: Tensor, t: float) -> Tensor:
+    """Derivative ``tanh(softplus(z / t))``: ``t * (log(e^{2u} + 2 e^u + 2) / 2 + atan(e^u + 1))``, ``u = z / t``.
+
+    (Partial fractions of ``1 - 2 / ((1 + e^u)^2 + 1)``; written with ``logsumexp`` and
+    ``atan(e^u + 1) = pi/2 - atan(sigmoid(-u))`` so that it stays finite at any ``u``.)
+    """
+    u = z / t
+    log2 = torch.full_like(u, math.log(2.0))
+    return t * (0.5 * torch.logsumexp(torch.stack([2 * u, u + log2, log2]), 0) - torch.atan(torch.sigmoid(-u)))
+
+
+def soft_hard_mish_standin(z: Tensor, t: float) -> Tensor:
+    """Derivative ``clamp(z / (2 t) + 1, 0, 1)``.  (``clamp_min``, not ``F.relu``: it runs inside the
+    interception reference too, which would soften a ReLU.)"""
+    w = z / (2 * t) + 1
+    return t * (w.clamp_min(0) ** 2 - (w - 1).clamp_min(0) ** 2)
+
+
+def hard_mish(x: Tensor) -> Tensor:
+    """timm.layers.hard_mish, as timm writes it (the tests that need no timm use this copy)."""
+    return 0.5 * x * (x + 2).clamp(min=0, max=2)
+
+
+def elu_switch_gradient(op, z: Tensor, t: float) -> Tensor:
+    """``s * op'(z>0 branch) + (1 - s) * op'(z<0 branch)``, ``s = sigmoid(z / t)``, from torch's own derivative of ``op``.
+
+    Each branch's slope is torch's vanilla derivative of ``op`` (ELU, CELU, SELU) on that branch:
+    at ``max(z, 1)`` (the constant positive slope) and at ``min(z, -tiny)`` (the exponential
+    branch, held at its value at 0 for ``z > 0``).  No constant of the unit is written here.
+    """
+    def slope(at: Tensor) -> Tensor:
+        leaf = at.detach().clone().requires_grad_()
+        (grad,) = torch.autograd.grad(op(leaf).sum(), leaf)
+        return grad
+
+    s = torch.sigmoid(z.detach() / t)
+    return s * slope(z.clamp_min(1.0)) + (1 - s) * slope(z.clamp_max(-1e-300))
+
+
+def elu_switch_standin(op, z: Tensor, t: float) -> Tensor:
+    """A function of ``z`` with gradient :func:`elu_switch_gradient` (the gate, detached, times ``z``)."""
+    return z * elu_switch_gradient(op, z, t)
+
+
 # Published / documented default temperatures of the non-ReLU rules.
-RULE_TEMPS = {"silu": 1.6, "gelu": 1.0, "hardswish": 1.6}
+RULE_TEMPS = {"silu": 1.6, "gelu": 1.0, "hardswish": 1.6, "mish": 1.6, "hard_mish": 1.6}
 
 
 def _arg(args, kwargs, index, name, default):
@@ -138,6 +182,22 @@ class ExcitationReference(TorchFunctionMode):
         elif func is F.leaky_relu:
             z, a = args[0], _arg(args, kwargs, 1, "negative_slope", 0.01)
             kind, exact, smooth = "leaky_relu", F.leaky_relu(z, a), a * z + (1 - a) * t * softplus(z / t)
+        elif func in (F.elu, F.celu, F.selu, torch.celu, torch.selu):
+            z = args[0]
+            exact = func(z) if func in (F.selu, torch.selu) else func(z, _arg(args, kwargs, 1, "alpha", 1.0))
+            kind = {F.elu: "elu", F.celu: "celu", torch.celu: "celu", F.selu: "selu", torch.selu: "selu"}[func]
+            alpha = _arg(args, kwargs, 1, "alpha", 1.0)
+            op = func if func in (F.selu, torch.selu) else (lambda v: func(v, alpha))  # noqa: E731
+            smooth = elu_switch_standin(op, z, t)
+        elif func is F.prelu:
+            z, a = args[0], _arg(args, kwargs, 1, "weight", None)
+            slope = a.detach().reshape(-1, *[1] * (z.dim() - 2)) if a.numel() > 1 else a.detach().reshape(())
+            # input: the LeakyReLU stand-in with slope a; the slope itself: torch's exact gradient.
+            kind, exact = "prelu", F.prelu(z, a)
+            smooth = slope * z + (1 - slope) * t * softplus(z / t) + F.prelu(z.detach(), a)
+        elif func is F.mish:
+            z, ts = args[0], RULE_TEMPS["mish"]
+            kind, exact, smooth = "mish", F.mish(z), soft_mish_standin(z, ts)
         elif func is F.silu:
             z, ts = args[0], RULE_TEMPS["silu"]
             kind, exact, smooth = "silu", F.silu(z), ts * softplus(z / ts)
@@ -397,3 +457,59 @@ def compiled_gradient_and_saved_bytes(fn, x: Tensor, backend) -> Tuple[Tensor, i
 
 # ------------------------------------------------------------------ subnormals
 from excitation.subnormals import SubnormalCounter  # noqa: E402,F401  (re-exported for the tests)
+
+
+class HardMish(nn.Module):
+    """timm's ``HardMish`` (out of place), without timm: ``0.5 * x * (x + 2).clamp(0, 2)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return hard_mish(x)
+
+
+class ReferenceHardMish(nn.Module):
+    """The module swapped in for :class:`HardMish` by the references: its value, the stand-in's gradient."""
+
+    def __init__(self, temp: float = RULE_TEMPS["hard_mish"]) -> None:
+        super().__init__()
+        self.temp = temp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _straight_through(hard_mish(x), soft_hard_mish_standin(x, self.temp))
+
+
+class MoreForms(nn.Module):
+    """One site of each rule timm brought in: PReLU (per channel, and a scalar slope through ``F.prelu``),
+    ELU, CELU, SELU, Mish and hard_mish, in module, functional and ``torch.`` forms."""
+
+    def __init__(self, classes: int = 10, dim: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, dim, 3, padding=1)
+        self.prelu = nn.PReLU(dim, init=0.2)
+        self.celu = nn.CELU(0.5)  # a power of 2: torch's own CELU backward rounds 1 / alpha to float32
+        self.mish = nn.Mish()
+        self.hmish = HardMish()
+        self.slope = nn.Parameter(torch.tensor([-0.1]))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.celu(F.elu(self.prelu(self.conv(x)), 0.5))
+        h = self.hmish(self.mish(torch.selu(h)))
+        return self.head(F.prelu(h, self.slope).mean((2, 3)))
+
+
+# Sites per kind in MoreForms.
+MORE_FORMS_KINDS = {"relu": 0, "max_pool2d": 0, "prelu": 2, "elu": 1, "celu": 1, "selu": 1, "mish": 1, "hard_mish": 1}
+
+
+def more_forms_reference(model: nn.Module, x: Tensor, target: int, hard_mish_types: Tuple[type, ...] = (HardMish,)
+                         ) -> Tensor:
+    """:func:`reference_pullback` (``rules=True``) of a copy of ``model`` whose hard_mish modules
+    (``hard_mish_types``: ours, or timm's ``HardMish``) are swapped for :class:`ReferenceHardMish`."""
+    import copy
+
+    swapped = copy.deepcopy(model)
+    for module in list(swapped.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, hard_mish_types):
+                setattr(module, child_name, ReferenceHardMish())
+    return reference_pullback(swapped, x, target, rules=True)

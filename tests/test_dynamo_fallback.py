@@ -11,7 +11,7 @@ import excitation
 from excitation import api
 from excitation.dynamo_path import CompiledExcited, count_activation_calls
 
-from .helpers import fingerprint, reference_pullback, rel_err, vanilla_gradient
+from .helpers import HardMish, fingerprint, hard_mish, more_forms_reference, reference_pullback, rel_err, vanilla_gradient
 
 
 class Branchy(nn.Module):
@@ -152,3 +152,58 @@ def test_activation_outside_the_graphs_is_refused():
     assert count_activation_calls(model, torch.randn(1, 4))[0] == 1
     with pytest.raises(excitation.ExcitationError, match="ran outside them"):
         excitation.pullback(model, torch.randn(1, 4), 0)
+
+
+class BranchyTimmActivations(nn.Module):
+    """The rules timm brought (PReLU, ELU, CELU, SELU, Mish, hard_mish) on both sides of a data-dependent branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pos = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.PReLU(6), nn.Mish(), HardMish())
+        self.neg = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.ELU(0.5), nn.CELU(0.5), nn.SELU())
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h = self.pos(h) if x.mean() > 0 else self.neg(h)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_timm_rules_on_the_dynamo_path_match_the_reference_on_both_branches():
+    torch.manual_seed(0)
+    model = BranchyTimmActivations().eval()
+    for x in _inputs():
+        got = excitation.pullback(model, x, 2)
+        assert rel_err(got, more_forms_reference(model, x, 2)) < 1e-5
+        assert rel_err(got, vanilla_gradient(model, x, 2)) > 1e-3
+    prepared = api.prepare(model)
+    assert api.path_of(prepared) == "dynamo" and not prepared.report().unhandled
+    assert {s.kind for s in prepared.report().sites} == {"prelu", "mish", "hard_mish", "elu", "celu", "selu"}
+
+
+class HiddenTimmActivation(nn.Module):
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.act = torch._dynamo.disable(act)  # runs eagerly, outside every graph
+
+    def forward(self, x):
+        return self.act(x) + x.sum() * 0 if x.sum() > -1e9 else x
+
+
+@pytest.mark.parametrize("act", [F.elu, F.selu, F.mish, hard_mish, lambda x: F.prelu(x, torch.tensor([0.2]))],
+                         ids=["elu", "selu", "mish", "hard_mish", "prelu"])
+def test_timm_activation_outside_the_graphs_is_refused(act):
+    model = nn.Sequential(nn.Linear(4, 4), HiddenTimmActivation(act), nn.Linear(4, 2))
+    assert count_activation_calls(model, torch.randn(1, 4))[0] == 1
+    with pytest.raises(excitation.ExcitationError, match="ran outside them"):
+        excitation.pullback(model, torch.randn(1, 4), 0)
+
+
+def test_census_counts_zero_floor_clamps_only():
+    # hard_mish's clamp(0, 2) counts (it is one activation); other clamps do not.
+    x = torch.randn(3)
+    counted = [count_activation_calls(lambda t, f=f: f(t), x)[0] for f in (
+        lambda t: t.clamp(0, 2), lambda t: torch.clamp(t, min=0), lambda t: t.clamp(-1, 1), lambda t: t.clamp(max=0),
+        lambda t: t.clamp_min(0))]
+    assert counted == [1, 1, 0, 0, 0]

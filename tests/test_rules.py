@@ -2,19 +2,24 @@
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import excitation
 from excitation.kernels import ExcitedMultiheadAttention
 
 from .helpers import (
+    MORE_FORMS_KINDS,
     ZOO_FORMS_KINDS,
     ExcitationReference,
+    MoreForms,
     ZooForms,
     fingerprint,
+    more_forms_reference,
     reference_pullback,
     rel_err,
 )
@@ -46,7 +51,10 @@ def test_every_rule_is_found_and_reported(excited):
     report = excitation.report(excited)
     assert report.counts() == ZOO_FORMS_KINDS
     assert report.unhandled == [] and report.smooth == []
-    assert set(report.rule_counts()) == set(excitation.RULES) - {"relu"}
+    # ZooForms and MoreForms together hold every rule but ReLU (AllForms has those).
+    more = excitation.report(excitation.excite(MoreForms())).rule_counts()
+    assert set(report.rule_counts()) | set(more) == set(excitation.RULES) - {"relu"}
+    assert not set(report.rule_counts()) & set(more)
     temps = {s.kind: s.temp for s in report.sites}
     assert temps["silu"] == 1.6 and temps["gelu"] == 1.0 and temps["hardswish"] == 1.6
     assert temps["hardtanh"] == temps["leaky_relu"] == temps["hardsigmoid"] == temps["max_pool2d"] == 0.3
@@ -224,3 +232,189 @@ def test_decomposed_graph_keeps_what_it_can_and_says_what_it_cannot(zoo_forms, x
     # What it did rewrite is the excitation backward: equal to the fx pass with those three rules off.
     partial = excitation.excite(zoo_forms, rules={"silu": False, "hardswish": False, "hardsigmoid": False})
     assert rel_err(_grad(excited, x), excitation.pullback(partial, x, TARGET)) < 1e-8
+
+
+# ------------------------------------------- the rules timm brought: PReLU, ELU/CELU/SELU, Mish, hard_mish
+@pytest.fixture(scope="module")
+def more_forms():
+    torch.manual_seed(0)
+    return MoreForms().double().eval()
+
+
+@pytest.fixture(scope="module")
+def more_excited(more_forms):
+    return excitation.excite(more_forms)
+
+
+def test_more_forms_sites_are_found_and_reported(more_excited):
+    report = excitation.report(more_excited)
+    assert report.counts() == MORE_FORMS_KINDS
+    assert report.unhandled == [] and report.smooth == []
+    assert report.rule_counts() == {"prelu": 2, "elu": 3, "mish": 1, "hard_mish": 1}
+    temps = {s.kind: s.temp for s in report.sites}
+    assert temps == {"prelu": 0.3, "elu": 0.3, "celu": 0.3, "selu": 0.3, "mish": 1.6, "hard_mish": 1.6}
+    # hard_mish's 0.5 * x, add and clamp are gone with it: no dead ops left in the forward.
+    assert not [n for n in more_excited.graph.nodes if n.target == "clamp" or n.target is torch.clamp]
+
+
+def test_more_forms_pullback_matches_reference_and_forward_is_bit_identical(more_forms, more_excited, x):
+    ours = excitation.pullback(more_excited, x, TARGET)
+    assert rel_err(ours, more_forms_reference(more_forms, x, TARGET)) < 1e-10
+    assert rel_err(ours, excitation.gradient(more_forms, x, TARGET)) > 0.05
+    with torch.no_grad():
+        assert torch.equal(more_excited(x), more_forms(x))
+
+
+def test_more_forms_original_is_untouched_and_slopes_are_shared(x):
+    model = MoreForms().double().eval()
+    before = fingerprint(model)
+    gm = excitation.excite(model)
+    excitation.pullback(gm, x, TARGET)
+    assert fingerprint(model) == before
+    assert gm.prelu.weight is model.prelu.weight and gm.slope is model.slope
+
+
+def test_more_forms_rules_switch_off_to_vanilla(more_forms, x):
+    with pytest.warns(UserWarning, match="found no site"):
+        gm = excitation.excite(more_forms, rules={"prelu": False, "elu": False, "mish": False, "hard_mish": False})
+    report = excitation.report(gm)
+    assert {u.op: 0 for u in report.unhandled} == {k: 0 for k in ("prelu", "elu", "celu", "selu", "mish", "hard_mish")}
+    assert rel_err(excitation.pullback(gm, x, TARGET), excitation.gradient(more_forms, x, TARGET)) < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_more_forms_runtimes_agree_with_eager(more_excited, x):
+    eager = excitation.pullback(more_excited, x, TARGET)
+    check = lambda result: rel_err(result, eager) <= 1e-10  # noqa: E731
+    assert check(torch.func.grad(lambda t: more_excited(t)[:, TARGET].sum())(x))
+    torch._dynamo.reset()
+    assert check(_grad(torch.compile(more_excited, backend="aot_eager", fullgraph=True), x))
+    exported = torch.export.export(more_excited, (x,))
+    names = {str(n.target) for n in exported.graph.nodes}
+    assert {"excitation.surrogate_activation.default", "excitation.surrogate_prelu.default"} <= names
+    assert check(_grad(exported.run_decompositions().module(), x))
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    buffer.seek(0)
+    assert check(_grad(torch.export.load(buffer).module(), x))
+    assert check(_grad(torch.jit.trace(copy.deepcopy(more_excited), (x,), check_trace=False), x))
+    assert check(_grad(torch.jit.script(more_excited), x))
+
+
+def test_more_forms_through_the_backend(more_forms, x):
+    torch._dynamo.reset()
+    compiler = excitation.backend(inner="aot_eager")
+    result = _grad(torch.compile(more_forms, backend=compiler), x)
+    kinds = [s.kind for report in compiler.reports for s in report.sites]
+    assert sorted(kinds) == sorted(k for k, n in MORE_FORMS_KINDS.items() for _ in range(n))
+    assert not [u for report in compiler.reports for u in report.unhandled]
+    assert rel_err(result, more_forms_reference(more_forms, x, TARGET)) < 1e-10
+
+
+def test_more_forms_decomposed_graph_reports_what_it_cannot_rewrite(more_forms, x):
+    # Core ATen keeps elu (SELU becomes elu too) and hard_mish's ops; PReLU, CELU and Mish become
+    # where / expm1 / tanh(softplus) primitives: reported as decomposed, never silently vanilla.
+    decomposed = torch.export.export(more_forms, (x,)).run_decompositions()
+    with pytest.warns(UserWarning, match="Excite before decomposing"):
+        excited = excitation.excite(decomposed)
+    report = excitation.report(excited)
+    assert report.counts()["elu"] == 2 and report.counts()["hard_mish"] == 1
+    assert report.unhandled_counts() == {"prelu (decomposed)": 2, "celu (decomposed)": 1, "mish (decomposed)": 1}
+    assert report.smooth == []
+    with torch.no_grad():
+        assert torch.equal(excited(x), decomposed.module()(x))
+
+
+class InplaceTimmForms(nn.Module):
+    """The in-place forms of the new rules, each followed by a read of its (overwritten) input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.elu = nn.ELU(0.5, inplace=True)
+        self.mish = nn.Mish(inplace=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        a = self.lin(x)
+        b = self.elu(a) + a              # module, in place: a is elu(a) afterwards
+        c = F.celu(b, 0.5, inplace=True) + b
+        d = F.selu_(c * 1.0) + torch.selu_(c)
+        e = F.elu_(d * 1.0, 0.3) + self.mish(d) + F.mish(d, inplace=True) + d
+        return self.head(e + d.prelu(torch.tensor([0.2], dtype=d.dtype)))
+
+
+class OutOfPlaceTimmForms(InplaceTimmForms):
+    """What :class:`InplaceTimmForms` computes, written out of place."""
+
+    def forward(self, x):
+        a = F.elu(self.lin(x), 0.5)
+        b = a + a
+        b = F.celu(b, 0.5)
+        c = b + b
+        c2 = F.selu(c)
+        d = F.selu(c * 1.0) + c2
+        m1 = F.mish(d)
+        m2 = F.mish(m1)
+        e = F.elu(d * 1.0, 0.3) + m1 + m2 + m2
+        return self.head(e + F.prelu(m2, torch.tensor([0.2], dtype=d.dtype)))
+
+
+def test_inplace_forms_of_the_new_rules_keep_the_forward_and_get_the_rule():
+    torch.manual_seed(0)
+    model = InplaceTimmForms().double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    excited = excitation.excite(model)
+    report = excitation.report(excited)
+    assert report.counts() == {"relu": 0, "max_pool2d": 0, "elu": 2, "celu": 1, "selu": 2, "mish": 2, "prelu": 1}
+    assert sum(s.inplace for s in report.sites) == 7 and {s.form for s in report.sites} == {"module", "function", "method"}
+    with torch.no_grad():
+        assert torch.equal(excited(x), model(x))
+    reference = OutOfPlaceTimmForms().double().eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(reference(x), model(x))  # the rewrite above is what the model computes
+    assert rel_err(excitation.pullback(excited, x, 1), reference_pullback(reference, x, 1, rules=True)) < 1e-10
+    # The ATen forms (torch.export) are sites too, with the same pullback.
+    aten = excitation.excite(torch.export.export(model, (x,)))
+    assert {s.form for s in excitation.report(aten).sites} == {"aten"}
+    assert excitation.report(aten).counts() == report.counts()
+    assert rel_err(excitation.pullback(aten, x, 1), excitation.pullback(excited, x, 1)) < 1e-12
+
+
+def test_more_forms_reexcite_keeps_sites_and_retempers(more_excited, x):
+    again = excitation.excite(more_excited, rules={"mish": 3.0, "hard_mish": 2.0, "elu": 0.5})
+    report = excitation.report(again)
+    assert report.counts() == MORE_FORMS_KINDS and {s.form for s in report.sites} == {"excited"}
+    assert {s.kind: s.temp for s in report.sites} == {"prelu": 0.3, "elu": 0.5, "celu": 0.5, "selu": 0.5, "mish": 3.0,
+                                                      "hard_mish": 2.0}
+    with torch.no_grad():
+        assert torch.equal(again(x), more_excited(x))
+    assert rel_err(excitation.pullback(again, x, TARGET), excitation.pullback(more_excited, x, TARGET)) > 1e-3
+
+
+@pytest.mark.parametrize("expression, is_site", [
+    (lambda x: 0.5 * x * (x + 2).clamp(min=0, max=2), True),     # timm's hard_mish
+    (lambda x: (x + 2).clamp(0, 2) * (x * 0.5), True),           # same ops, operands swapped
+    (lambda x: 0.5 * x * (x + 2).clamp(min=0, max=3), False),    # another bound: a clamp, reported
+    (lambda x: 0.5 * x * (x + 1).clamp(min=0, max=2), False),
+    (lambda x: 0.4 * x * (x + 2).clamp(min=0, max=2), False),
+    (lambda x: 0.5 * x * (x.detach() + 2).clamp(min=0, max=2), False),  # not the same x
+    (lambda x: 0.5 * x * (x + torch.tensor(2.0)).clamp(min=0, max=2), False),
+])
+def test_hard_mish_is_recognised_only_in_its_exact_shape(expression, is_site):
+    class Expression(nn.Module):
+        def forward(self, x):
+            return expression(x)
+
+    model = nn.Sequential(nn.Linear(4, 4), Expression(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "found no site" for the negatives
+        excited = excitation.excite(model)
+    report = excitation.report(excited)
+    assert report.counts().get("hard_mish", 0) == int(is_site)
+    assert report.unhandled_counts() == ({} if is_site else {"clamp": 1})
+    with torch.no_grad():
+        assert torch.equal(excited(x), model(x))

@@ -2,6 +2,7 @@
 
 import argparse
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -76,3 +77,37 @@ def test_a_model_that_breaks_at_the_requested_size_is_rebuilt_at_its_own(monkeyp
     monkeypatch.setattr(zoo_timm, "_timm", lambda: FakeTimm)
     (row,) = zoo_timm.run_timm_zoo({"picky": ["picky_tiny"]}, size=64, progress=False)
     assert row.error == "" and row.size == 12 and row.finite and row.forward_identical
+
+
+def test_zoo_source_timm_runs_the_timm_zoo_with_its_options(monkeypatch, capsys):
+    from excitation.cli import main
+
+    seen = {}
+    monkeypatch.setattr(zoo_timm, "run", lambda args: seen.update(vars(args)) or 0)  # the real run is long
+    assert main(["zoo", "--source", "timm", "--modules", "vgg", "resnet", "--size", "32", "--budget", "5",
+                 "--out", "t.md", "--no-progress"]) == 0
+    assert seen["modules"] == ["vgg", "resnet"] and seen["size"] == 32 and seen["budget"] == 5.0
+    assert seen["repeats"] == 1 and seen["out"] == "t.md" and seen["no_progress"] and not seen["all"]
+    seen.clear()
+    assert main(["zoo", "--source", "timm", "--all", "--repeats", "2"]) == 0
+    assert seen["all"] and seen["repeats"] == 2 and seen["modules"] is None
+    # zoo-timm still works and takes the same options.
+    seen.clear()
+    assert main(["zoo-timm", "--modules", "vgg", "--all"]) == 0 and seen["modules"] == ["vgg"] and seen["all"]
+
+
+def test_zoo_source_options_that_do_not_apply_are_refused(monkeypatch, capsys):
+    from excitation import zoo as tv_zoo
+    from excitation.cli import main
+
+    monkeypatch.setattr(zoo_timm, "run", lambda args: 0)
+    monkeypatch.setattr(tv_zoo, "run_zoo", lambda *a, **k: (_ for _ in ()).throw(AssertionError("must not run")))
+    assert main(["zoo", "--modules", "vgg"]) == 2
+    assert "--modules apply to the timm zoo only; add --source timm" in capsys.readouterr().err
+    assert main(["zoo", "--all", "--budget", "3"]) == 2
+    assert "--all --budget apply to the timm zoo only" in capsys.readouterr().err
+    assert main(["zoo", "--source", "timm", "--models", "resnet18"]) == 2
+    assert "with --source timm choose timm model modules with --modules" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["zoo", "--source", "caffe"])
+    assert "invalid choice: 'caffe'" in capsys.readouterr().err

@@ -30,7 +30,8 @@ class Site:
         re-exciting.  ``temps`` accepts it.
     kind : str
         The op kind: ``"relu"``, ``"hardtanh"`` (ReLU6 too), ``"leaky_relu"``,
-        ``"silu"``, ``"gelu"``, ``"hardswish"``, ``"hardsigmoid"``,
+        ``"prelu"``, ``"elu"``, ``"celu"``, ``"selu"``, ``"silu"``, ``"mish"``, ``"gelu"``,
+        ``"hardswish"``, ``"hard_mish"`` (timm's), ``"hardsigmoid"``,
         ``"max_pool1d/2d/3d"``, ``"adaptive_max_pool1d/2d/3d"``, ``"layer_norm"``,
         ``"softmax"``, ``"scaled_dot_product_attention"``, ``"multihead_attention"``
         or ``"attention_function"`` (e.g. Swin's ``shifted_window_attention``).

@@ -181,7 +181,7 @@ def _surrogate_node(graph: fx.Graph, match: SiteMatch, site: Site, saved: str) -
     if match.kind == "attention_function":
         return graph.call_function(target, match.node.args, match.node.kwargs)
     for key in ("weight", "bias"):
-        if match.kind == "layer_norm" and match.form == "module" and isinstance(kwargs.get(key), str):
+        if match.kind in ("layer_norm", "prelu") and match.form == "module" and isinstance(kwargs.get(key), str):
             with graph.inserting_before(match.node):  # defined before the surrogate that reads it
                 kwargs[key] = graph.get_attr(kwargs[key])
     return graph.call_function(target, (match.input,), kwargs)
@@ -211,6 +211,9 @@ def _rewrite_site(
                 user.replace_input_with(match.input, new)
     module = node.args[1] if node.target is batch_norm_relu else None
     graph.erase_node(node)
+    for dead in match.absorbed:  # in use order: hard_mish's 0.5 * x and clamp, then the clamp's add
+        if not dead.users:
+            graph.erase_node(dead)
     if isinstance(module, fx.Node) and not module.users:
         graph.erase_node(module)  # the fused site's get_attr of its BatchNorm
     return new
@@ -301,8 +304,8 @@ def excite(
     ATen ``relu``/``relu_``) gets the backward ``grad * gate(z / temp)``, and every
     max-pool site (``nn.MaxPool1d/2d/3d``, adaptive max-pools, their functional,
     ``torch`` and ATen forms) the gradient of soft pooling at ``pool_temp``.  The
-    other rules (ReLU6/Hardtanh, LeakyReLU, SiLU, GELU, Hardswish, Hardsigmoid,
-    LayerNorm, attention) are listed in :data:`excitation.RULES`; all apply by default.
+    other rules (ReLU6/Hardtanh, LeakyReLU, PReLU, ELU/CELU/SELU, SiLU, Mish, GELU,
+    Hardswish, timm's hard_mish, Hardsigmoid, LayerNorm, attention) are listed in :data:`excitation.RULES`; all apply by default.
 
     Parameters
     ----------

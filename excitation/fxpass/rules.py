@@ -49,9 +49,14 @@ RULES: Dict[str, Rule] = {
         Rule("hardtanh", ("hardtanh",), "temp",
              "grad * (sigmoid((z - lo) / temp) - sigmoid((z - hi) / temp))"),
         Rule("leaky_relu", ("leaky_relu",), "temp", "grad * (a + (1 - a) * sigmoid(z / temp))"),
+        Rule("prelu", ("prelu",), "temp", "grad * (a + (1 - a) * sigmoid(z / temp)), a the learned slope"),
+        Rule("elu", ("elu", "celu", "selu"), "temp",
+             "grad * scale * (s + (1 - s) * alpha * k * exp(k * min(z, 0))), s = sigmoid(z / temp)"),
         Rule("silu", ("silu",), 1.6, "grad * sigmoid(z / temp)"),
+        Rule("mish", ("mish",), 1.6, "grad * tanh(softplus(z / temp))"),
         Rule("gelu", ("gelu",), 1.0, "grad * Phi(z / temp)"),
         Rule("hardswish", ("hardswish",), 1.6, "grad * hardsigmoid(z / temp)"),
+        Rule("hard_mish", ("hard_mish",), 1.6, "grad * clamp(z / (2 temp) + 1, 0, 1)"),
         Rule("hardsigmoid", ("hardsigmoid",), "temp",
              "grad * (sigmoid((z + 3) / temp) - sigmoid((z - 3) / temp)) / 6"),
         Rule("max_pool", _POOL_KINDS, "pool_temp", "gradient of sum_w softmax(x_w / temp) x_w per window"),
@@ -119,9 +124,17 @@ _SITES_TEXT = {
             "`normal_cdf` (`gate=`)",
     "hardtanh": "`nn.ReLU6` (= `Hardtanh(0, 6)`), `nn.Hardtanh`, `F.relu6`, `F.hardtanh(_)`, ATen `hardtanh(_)`, `relu6`",
     "leaky_relu": "`nn.LeakyReLU`, `F.leaky_relu(_)`, ATen `leaky_relu(_)`",
+    "prelu": "`nn.PReLU` (one slope or one per channel; timm's `PReLU`), `F.prelu`, `torch.prelu`, ATen `prelu`; "
+             "the slope's own gradient stays exact",
+    "elu": "`nn.ELU` / `nn.CELU` / `nn.SELU`, `F.elu(_)` / `F.celu(_)` / `F.selu(_)`, `torch.selu(_)` / "
+           "`torch.celu(_)`, ATen `elu(_)` / `celu(_)` / `selu(_)`; `scale, alpha, k` = `1, alpha, 1` (ELU), "
+           "`1, alpha, 1/alpha` (CELU), `1.0507, 1.6733, 1` (SELU)",
     "silu": "`nn.SiLU`, `F.silu`, ATen `silu(_)`",
+    "mish": "`nn.Mish`, `F.mish(_)`, ATen `mish(_)` (what timm's `get_act_layer('mish')` gives)",
     "gelu": "`nn.GELU` (both approximations), `F.gelu`, ATen `gelu(_)`",
     "hardswish": "`nn.Hardswish`, `F.hardswish`, ATen `hardswish(_)`",
+    "hard_mish": "timm's `hard_mish` / `HardMish`: the traced `0.5 * x * (x + 2).clamp(0, 2)` (out of place; "
+                 "timm's in-place form is reported as `clamp`)",
     "hardsigmoid": "`nn.Hardsigmoid`, `F.hardsigmoid`, ATen `hardsigmoid(_)`",
     "max_pool": "`nn.MaxPool1d/2d/3d`, `nn.AdaptiveMaxPool1d/2d/3d`, their `F.` / `torch.` / ATen forms",
     "layer_norm": "`nn.LayerNorm`, `F.layer_norm` (so ConvNeXt's `LayerNorm2d`), ATen `layer_norm`",

@@ -31,7 +31,15 @@ from .sites import (
     match_site,
 )
 
-_ACTIVATION_PARAMS = {"hardtanh": ("min_val", "max_val"), "leaky_relu": ("negative_slope",)}
+# The op's own constants, in surrogate_activation's order, with their defaults.
+_ACTIVATION_PARAMS = {
+    "hardtanh": (("min_val", -1.0), ("max_val", 1.0)),
+    "leaky_relu": (("negative_slope", 0.01),),
+    "elu": (("alpha", 1.0), ("scale", 1.0), ("input_scale", 1.0)),
+    "celu": (("alpha", 1.0),),
+}
+_ACTIVATION_KINDS = ("hardtanh", "leaky_relu", "silu", "gelu", "hardswish", "hardsigmoid", "elu", "celu", "selu",
+                     "mish", "hard_mish")
 
 
 def _constant(match: SiteMatch, value: Any, name: str) -> Any:
@@ -60,10 +68,13 @@ def _lower(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> Any:
     bound.apply_defaults()
     temp = float(bound.arguments.get("temp") or 0.0)  # rules without a temperature ignore it
     pool_backward = bound.arguments.get("pool_backward", "soft")
-    if match.kind in ("hardtanh", "leaky_relu", "silu", "gelu", "hardswish", "hardsigmoid"):
+    if match.kind in _ACTIVATION_KINDS:
         kind = "gelu_tanh" if match.kind == "gelu" and p.get("approximate") == "tanh" else match.kind
-        params = [float(_constant(match, p[name], name)) for name in _ACTIVATION_PARAMS.get(match.kind, ())]
+        params = [float(_constant(match, p.get(name, default), name))
+                  for name, default in _ACTIVATION_PARAMS.get(match.kind, ())]
         return graph.call_function(ops.surrogate_activation, (match.input, kind, temp, params))
+    if match.kind == "prelu":
+        return graph.call_function(ops.surrogate_prelu, (match.input, p["weight"], temp))
     if match.kind == "layer_norm":
         shape = [int(v) for v in _constant(match, p["normalized_shape"], "normalized_shape")]
         normed = graph.call_function(ops.surrogate_layer_norm, (match.input, shape, p["weight"], p["bias"], float(p["eps"])))

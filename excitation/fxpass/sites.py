@@ -22,7 +22,10 @@ from ..kernels import (
     ExcitedMultiheadAttention,
     freeze_attention,
     surrogate_adaptive_max_pool,
+    surrogate_celu,
+    surrogate_elu,
     surrogate_gelu,
+    surrogate_hard_mish,
     surrogate_hardsigmoid,
     surrogate_hardswish,
     surrogate_hardtanh,
@@ -31,8 +34,11 @@ from ..kernels import (
     surrogate_native_layer_norm,
     surrogate_max_pool,
     surrogate_max_pool2d,
+    surrogate_mish,
+    surrogate_prelu,
     surrogate_relu,
     surrogate_scaled_dot_product_attention,
+    surrogate_selu,
     surrogate_silu,
     surrogate_softmax,
 )
@@ -115,6 +121,8 @@ def _table(entries) -> Dict[Any, Tuple[str, Tuple[Tuple[str, Any], ...], Optiona
 _HARDTANH = (("input", None), ("min_val", -1.0), ("max_val", 1.0), ("inplace", False))
 _LEAKY = (("input", None), ("negative_slope", 0.01), ("inplace", False))
 _UNARY = (("input", None), ("inplace", False))
+_ALPHA = (("input", None), ("alpha", 1.0), ("inplace", False))
+_PRELU = (("input", None), ("weight", None))
 _ADAPTIVE = (("input", None), ("output_size", None), ("return_indices", False))
 _LAYER_NORM = (("input", None), ("normalized_shape", None), ("weight", None), ("bias", None), ("eps", 1e-5))
 _SOFTMAX = (("input", None), ("dim", None), ("_stacklevel", 3), ("dtype", None))
@@ -139,6 +147,24 @@ _FUNCTIONS = _table([
     ("gelu", (F.gelu,), (("input", None), ("approximate", "none")), False, {}),
     ("gelu", _aten("gelu"), None, False, {}),
     ("gelu", _aten("gelu_"), None, True, {}),
+    ("prelu", (F.prelu, torch.prelu, *_aten("prelu")), _PRELU, False, {}),
+    ("elu", (F.elu,), _ALPHA, None, {}),
+    ("elu", (F.elu_,), _ALPHA[:2], True, {}),
+    ("elu", _aten("elu"), None, False, {}),
+    ("elu", _aten("elu_"), None, True, {}),
+    ("celu", (F.celu,), _ALPHA, None, {}),
+    ("celu", (torch.celu,), _ALPHA[:2], False, {}),
+    ("celu", (F.celu_,), _ALPHA[:2], True, {}),  # F.celu_ is torch.celu_
+    ("celu", _aten("celu"), None, False, {}),
+    ("celu", _aten("celu_"), None, True, {}),
+    ("selu", (F.selu,), _UNARY, None, {}),
+    ("selu", (torch.selu,), _UNARY[:1], False, {}),
+    ("selu", (F.selu_,), _UNARY[:1], True, {}),  # F.selu_ is torch.selu_
+    ("selu", _aten("selu"), None, False, {}),
+    ("selu", _aten("selu_"), None, True, {}),
+    ("mish", (F.mish,), _UNARY, None, {}),
+    ("mish", _aten("mish"), None, False, {}),
+    ("mish", _aten("mish_"), None, True, {}),
     ("hardswish", (F.hardswish,), _UNARY, None, {}),
     ("hardswish", _aten("hardswish"), None, False, {}),
     ("hardswish", _aten("hardswish_"), None, True, {}),
@@ -180,7 +206,12 @@ _MODULES: Dict[type, Tuple[str, Tuple[str, ...]]] = {
     nn.Hardtanh: ("hardtanh", ("min_val", "max_val")),
     nn.ReLU6: ("hardtanh", ("min_val", "max_val")),
     nn.LeakyReLU: ("leaky_relu", ("negative_slope",)),
+    nn.PReLU: ("prelu", ()),
+    nn.ELU: ("elu", ("alpha",)),
+    nn.CELU: ("celu", ("alpha",)),
+    nn.SELU: ("selu", ()),
     nn.SiLU: ("silu", ()),
+    nn.Mish: ("mish", ()),
     nn.GELU: ("gelu", ("approximate",)),
     nn.Hardswish: ("hardswish", ()),
     nn.Hardsigmoid: ("hardsigmoid", ()),
@@ -211,6 +242,12 @@ _SURROGATE_KINDS: Dict[Callable, str] = {
     surrogate_gelu: "gelu",
     surrogate_hardswish: "hardswish",
     surrogate_hardsigmoid: "hardsigmoid",
+    surrogate_prelu: "prelu",
+    surrogate_elu: "elu",
+    surrogate_celu: "celu",
+    surrogate_selu: "selu",
+    surrogate_mish: "mish",
+    surrogate_hard_mish: "hard_mish",
     surrogate_layer_norm: "layer_norm",
     surrogate_native_layer_norm: "layer_norm",
     surrogate_softmax: "softmax",
@@ -267,6 +304,8 @@ class SiteMatch:
     returns_tuple: bool = False
     # Every other kind: the arguments of its surrogate besides the input and temp.
     params: Dict[str, Any] = field(default_factory=dict)
+    # Nodes that only this site reads (hard_mish's 0.5 * x, clamp and add): erased with it.
+    absorbed: Tuple[Node, ...] = ()
 
     @property
     def rule(self) -> str:
@@ -385,6 +424,8 @@ def _match_module(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         return SiteMatch(node, kind, form, node.args[0] if node.args else node.kwargs.get("query"))
     bound = {name: getattr(module, name) for name in attributes}
     bound["input"] = node.args[0] if node.args else node.kwargs.get("input")
+    if kind == "prelu":
+        bound["weight"] = f"{node.target}.weight"  # read with a get_attr at the rewrite
     if kind == "layer_norm":
         bound["weight"] = f"{node.target}.weight" if module.weight is not None else None
         bound["bias"] = f"{node.target}.bias" if module.bias is not None else None
@@ -402,7 +443,9 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         if node.target == "softmax":
             bound = _bind(_SOFTMAX, node.args, node.kwargs)
             return _general_site(node, "softmax", "method", bound, False)
-        return None
+        if node.target == "prelu":
+            return _general_site(node, "prelu", "method", _bind(_PRELU, node.args, node.kwargs), False)
+        return _hard_mish_site(node, "method")
     if node.op != "call_function":
         return None
     target = node.target
@@ -456,6 +499,77 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         original = getattr(target, "__wrapped_original__", target)
         return SiteMatch(node, "attention_function", form, node.args[0] if node.args else None,
                          params={"function": original})
+    return _hard_mish_site(node, form)
+
+
+# ------------------------------------------------------------ timm's hard_mish
+# timm.layers.hard_mish is no op but an expression, ``0.5 * x * (x + 2).clamp(min=0, max=2)``; fx and
+# dynamo record it as ``mul(mul(0.5, x), clamp(add(x, 2), 0, 2))`` (torch-level or ATen ops).
+# Only that exact shape is a site (its surrogate recomputes it op for op: the same bits); any
+# other use of a clamp stays a reported unhandled ``clamp``.
+_MUL = {operator.mul, torch.mul, aten.mul, aten.mul.Tensor}
+_ADD = {operator.add, torch.add, aten.add, aten.add.Tensor}
+_CLAMP = {torch.clamp, torch.clip, aten.clamp, aten.clamp.default}
+
+
+def _is_call(node: Any, functions: "set[Any]", method: str) -> bool:
+    """``node`` calls one of ``functions`` or the tensor method ``method``."""
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_method":
+        return node.target == method
+    try:
+        return node.op == "call_function" and node.target in functions
+    except TypeError:  # unhashable target
+        return False
+
+
+def _is_number(value: Any, expected: float) -> bool:
+    """``value`` is the Python number ``expected`` (not a bool, a tensor or a node)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == expected
+
+
+def _operands(node: Node) -> Optional[Tuple[Any, Any]]:
+    """The two operands of a binary call (positional, or ``other=``), else ``None``."""
+    args = list(node.args) + [node.kwargs[k] for k in ("other",) if k in node.kwargs]
+    return (args[0], args[1]) if len(args) == 2 and set(node.kwargs) <= {"other"} else None
+
+
+def _half_of(node: Any) -> Optional[Node]:
+    """``x`` if ``node`` is ``0.5 * x`` / ``x * 0.5`` with one user, else ``None``."""
+    if not _is_call(node, _MUL, "mul") or len(node.users) != 1 or (pair := _operands(node)) is None:
+        return None
+    a, b = pair
+    if isinstance(b, Node) and _is_number(a, 0.5):
+        return b
+    if isinstance(a, Node) and _is_number(b, 0.5):
+        return a
+    return None
+
+
+def _clamp_0_2_of(node: Any) -> Optional[Node]:
+    """``x`` if ``node`` is ``(x + 2).clamp(0, 2)`` (positional or keyword bounds) with one user, else ``None``."""
+    if not _is_call(node, _CLAMP, "clamp") or len(node.users) != 1 or not node.args:
+        return None
+    low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    source = node.args[0]
+    if not (_is_number(low, 0) and _is_number(high, 2)):
+        return None
+    if not _is_call(source, _ADD, "add") or len(source.users) != 1 or (pair := _operands(source)) is None:
+        return None
+    a, b = pair
+    return a if isinstance(a, Node) and _is_number(b, 2) else None
+
+
+def _hard_mish_site(node: Node, form: str) -> Optional[SiteMatch]:
+    """A :class:`SiteMatch` if ``node`` is the final ``mul`` of timm's hard_mish, else ``None``."""
+    if not _is_call(node, _MUL, "mul") or (pair := _operands(node)) is None:
+        return None
+    for half, clamp in (pair, pair[::-1]):
+        x = _half_of(half)
+        if x is not None and _clamp_0_2_of(clamp) is x:
+            return SiteMatch(node, "hard_mish", form, x, absorbed=(half, clamp, clamp.args[0]))
     return None
 
 
@@ -478,6 +592,12 @@ def surrogate_call(match: SiteMatch, temp: Optional[float], pool_backward: str =
         "gelu": surrogate_gelu,
         "hardswish": surrogate_hardswish,
         "hardsigmoid": surrogate_hardsigmoid,
+        "prelu": surrogate_prelu,
+        "elu": surrogate_elu,
+        "celu": surrogate_celu,
+        "selu": surrogate_selu,
+        "mish": surrogate_mish,
+        "hard_mish": surrogate_hard_mish,
         "layer_norm": surrogate_layer_norm,
         "softmax": surrogate_softmax,
         "scaled_dot_product_attention": surrogate_scaled_dot_product_attention,
@@ -519,11 +639,75 @@ def _is_decomposed_hardsigmoid(node: Node) -> bool:
     return isinstance(source, Node) and source.target in (aten.add.Tensor, aten.add) and 3 in source.args[1:]
 
 
+def _positive_switch(node: Node) -> Optional[Tuple[Node, Any]]:
+    """``(x, other)`` if ``node`` is ``aten.where(x > 0, x, other)``, the shape decomposed PReLU / CELU take."""
+    if node.target not in (aten.where.self, aten.where) or len(node.args) != 3:
+        return None
+    cond, x, other = node.args
+    if isinstance(cond, Node) and cond.target in (aten.gt.Scalar, aten.gt) and cond.args == (x, 0):
+        return x, other
+    return None
+
+
+def _decomposed_switch(node: Node) -> Optional[str]:
+    """``"prelu"`` for ``where(x > 0, x, a * x)``, ``"celu"`` for ``where(x > 0, x, expm1(x / a) * a)``, else ``None``."""
+    found = _positive_switch(node)
+    if found is None:
+        return None
+    x, other = found
+    if not (isinstance(other, Node) and other.target in (aten.mul.Tensor, aten.mul)):
+        return None
+    if x in other.args:
+        return "prelu"
+    if any(isinstance(a, Node) and a.target in (aten.expm1.default, aten.expm1) for a in other.args):
+        return "celu"
+    return None
+
+
+def _is_decomposed_mish(node: Node) -> bool:
+    """``aten.mul(x, tanh(where(x > 20, x, log1p(exp(x)))))``: Mish in a core-ATen (decomposed) graph."""
+    if node.target not in (aten.mul.Tensor, aten.mul) or len(node.args) != 2:
+        return False
+    a, b = node.args
+    for gate, other in ((a, b), (b, a)):
+        if isinstance(gate, Node) and gate.target in (aten.tanh.default, aten.tanh):
+            inner = gate.args[0]
+            if isinstance(inner, Node) and inner.target in (aten.where.self, aten.where) and other in inner.args[1:2]:
+                return True
+    return False
+
+
 def _is_zero_floor_clamp(node: Node) -> bool:
     """``x.clamp(0, hi)`` / ``clamp(x, min=0, ...)`` with constant bounds: a ReLU-like gate no rule covers."""
     low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
     high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
     return isinstance(low, (int, float)) and low == 0 and (high is None or isinstance(high, (int, float)))
+
+
+def _autograd_function_activations(gm: GraphModule, node: Node) -> Optional[str]:
+    """The activation kinds inside a dynamo ``autograd_function_apply`` (a user ``autograd.Function``), if any.
+
+    dynamo keeps such a Function whole, forward and backward subgraphs: its activations are not
+    sites of this graph (the Function's own backward runs), so they must be reported.  timm's
+    default ``hard_mish`` is one (``HardMishMe``).
+    """
+    apply = getattr(torch.ops.higher_order, "autograd_function_apply", None)
+    if apply is None or node.target is not apply or not node.args or not isinstance(node.args[0], Node):
+        return None
+    body = node.args[0]
+    if body.op != "get_attr":
+        return None
+    sub = gm.get_submodule(str(body.target))
+    if not isinstance(sub, GraphModule):
+        return None
+    kinds = []
+    for inner in sub.graph.nodes:
+        found = match_site(sub, inner)
+        if found is not None:
+            kinds.append(found.kind)
+        elif (other := match_unhandled(sub, inner)) is not None and other[1] != "smooth":
+            kinds.append(other[0])
+    return f"{'/'.join(sorted(set(kinds)))} in an autograd.Function" if kinds else None
 
 
 def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
@@ -544,6 +728,13 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
         return "silu (decomposed)", "decomposed"
     if node.op == "call_function" and _is_decomposed_hardsigmoid(node):
         return "hardsigmoid/hardswish (decomposed)", "decomposed"
+    if node.op == "call_function" and (inside := _autograd_function_activations(gm, node)) is not None:
+        return inside, "no rule"
+    if node.op == "call_function" and _is_decomposed_mish(node):
+        return "mish (decomposed)", "decomposed"
+    switch = _decomposed_switch(node) if node.op == "call_function" else None
+    if switch is not None:
+        return f"{switch} (decomposed)", "decomposed"
     if node.op == "call_method":
         name = str(node.target)
     elif node.op == "call_function" and node.target is not operator.getitem:
@@ -554,10 +745,10 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
     if name in _UNHANDLED_NAMES:
         return name, "no rule"
     if name in ("clamp", "clip") and (node.op == "call_method" or node.target in (torch.clamp, torch.clip)) \
-            and _is_zero_floor_clamp(node):
+            and _is_zero_floor_clamp(node) and not any(_hard_mish_site(user, "") for user in node.users):
         return "clamp", "no rule"  # a hard gate 1[lo < x < hi], e.g. timm's hard_mish: x/2 * (x + 2).clamp(0, 2)
     if name in _SMOOTH_NAMES:
-        if any(_is_decomposed_silu(user) for user in node.users):
+        if any(_is_decomposed_silu(user) or _is_decomposed_mish(user) for user in node.users):
             return None  # reported once, by the multiplication
         return name, "smooth"
     return None

@@ -6,11 +6,17 @@ Importing this package registers the ``excitation::`` ops with ``torch.library``
 """
 
 from .activations import (
+    surrogate_celu,
+    surrogate_elu,
     surrogate_gelu,
+    surrogate_hard_mish,
     surrogate_hardsigmoid,
     surrogate_hardswish,
     surrogate_hardtanh,
     surrogate_leaky_relu,
+    surrogate_mish,
+    surrogate_prelu,
+    surrogate_selu,
     surrogate_silu,
 )
 from .attention import (
@@ -39,6 +45,12 @@ SURROGATE_FUNCTIONS = (
     surrogate_gelu,
     surrogate_hardswish,
     surrogate_hardsigmoid,
+    surrogate_prelu,
+    surrogate_elu,
+    surrogate_celu,
+    surrogate_selu,
+    surrogate_mish,
+    surrogate_hard_mish,
     surrogate_layer_norm,
     surrogate_native_layer_norm,
     surrogate_softmax,
@@ -57,6 +69,12 @@ __all__ = [
     "surrogate_gelu",
     "surrogate_hardswish",
     "surrogate_hardsigmoid",
+    "surrogate_prelu",
+    "surrogate_elu",
+    "surrogate_celu",
+    "surrogate_selu",
+    "surrogate_mish",
+    "surrogate_hard_mish",
     "surrogate_layer_norm",
     "surrogate_native_layer_norm",
     "surrogate_softmax",
