@@ -89,6 +89,8 @@ _CLAMPS = frozenset({torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.c
 
 def _is_zero_floor_clamp_call(args: Sequence[Any], kwargs: Dict[str, Any]) -> bool:
     """``clamp(x, 0, hi)`` / ``x.clamp(min=0, ...)`` with constant bounds, as ``fxpass.sites`` matches it in graphs."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+        return False  # an index clamp (gemma4's position_ids.clamp(min=0)), as fxpass.sites skips it
     low = args[1] if len(args) > 1 else kwargs.get("min")
     high = args[2] if len(args) > 2 else kwargs.get("max")
     constant = (int, float)

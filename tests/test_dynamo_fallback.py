@@ -207,3 +207,29 @@ def test_census_counts_zero_floor_clamps_only():
         lambda t: t.clamp(0, 2), lambda t: torch.clamp(t, min=0), lambda t: t.clamp(-1, 1), lambda t: t.clamp(max=0),
         lambda t: t.clamp_min(0))]
     assert counted == [1, 1, 0, 0, 0]
+
+
+def test_an_integer_clamp_is_an_index_not_an_activation():
+    # gemma4_vit clamps its integer position ids with clamp(min=0): no gradient flows through an
+    # index, so it is neither counted by the census nor reported as an unhandled site.
+    assert count_activation_calls(lambda t: t.clamp(min=0), torch.arange(-2, 3))[0] == 0
+
+    class IndexedRelu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(5, 4)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            ids = (x.sum(-1) * 10).long().clamp(min=0, max=4)
+            h = torch.relu(x + self.table(ids)) if x.mean() > -100 else x  # data-dependent: no fx trace
+            return self.head(h)
+
+    torch.manual_seed(0)
+    model, x = IndexedRelu().eval(), torch.randn(2, 4)
+    torch._dynamo.reset()
+    ours = excitation.pullback(model, x, 1)
+    prepared = api.prepare(model)
+    assert api.path_of(prepared) == "dynamo" and not prepared.report().unhandled
+    assert [s.kind for s in prepared.report().sites] == ["relu"]
+    assert rel_err(ours, reference_pullback(model, x, 1)) < 1e-5

@@ -681,7 +681,20 @@ def _is_zero_floor_clamp(node: Node) -> bool:
     """``x.clamp(0, hi)`` / ``clamp(x, min=0, ...)`` with constant bounds: a ReLU-like gate no rule covers."""
     low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
     high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    if _known_integer(node.args[0] if node.args else None):
+        return False  # e.g. gemma4's position_ids.clamp(min=0): an index, no gradient flows through it
     return isinstance(low, (int, float)) and low == 0 and (high is None or isinstance(high, (int, float)))
+
+
+def _known_integer(value: Any) -> bool:
+    """Whether a graph value is known (from dynamo's / export's example metadata) to be a non-float tensor."""
+    if not isinstance(value, Node):
+        return False
+    example = value.meta.get("example_value", value.meta.get("val"))
+    dtype = getattr(example, "dtype", None)
+    if dtype is None and value.meta.get("tensor_meta") is not None:
+        dtype = getattr(value.meta["tensor_meta"], "dtype", None)
+    return isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex)
 
 
 def _autograd_function_activations(gm: GraphModule, node: Node) -> Optional[str]:
