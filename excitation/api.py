@@ -69,7 +69,7 @@ def prepare(
     A model that ``torch.fx.symbolic_trace`` cannot trace (data-dependent control
     flow) is excited through dynamo instead: the result is a
     :class:`~excitation.dynamo_path.CompiledExcited` (``excitation_path == "dynamo"``,
-    compiled with ``excitation.backend(..., inner="aot_eager")``), and one ``INFO``
+    compiled with ``excitation.backend(..., inner="eager")``), and one ``INFO``
     line on the ``"excitation"`` logger says so.  :func:`path_of` tells which path a
     prepared module took.  ``excite(model)`` still raises the fx error.
     """
