@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .api import gradient, pullback
+from .bench import cpu_model
 from .errors import ExcitationTraceError
 from .fxpass.backend import backend
 from .fxpass.rewrite import excite, report
@@ -223,7 +224,7 @@ def format_zoo_table(rows: List[ZooRow], *, title: bool = True) -> str:
         ratios = [r.time_ratio for r in rows if r.time_ratio is not None]
         lines += [
             f"{len(rows)} models, {date.today().isoformat()}, torch {torch.__version__}, "
-            f"{platform.machine()} CPU ({torch.get_num_threads()} threads), batch 1, random weights, eval mode.",
+            f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads), batch 1, random weights, eval mode.",
             "",
             f"**traced {traced}/{len(rows)} · forward bit-identical {identical}/{len(rows)} · "
             f"pullback finite {finite}/{len(rows)} · unhandled activation sites {unhandled}**"

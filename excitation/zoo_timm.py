@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from .bench import cpu_model
+
 __all__ = ["TimmRow", "smallest_per_module", "reinit_zero_weights", "check_timm_model", "run_timm_zoo",
            "format_timm_table", "add_parser", "run"]
 
@@ -240,7 +242,7 @@ def format_timm_table(rows: List[TimmRow]) -> str:
     ratios = [r.time_ratio for r in ran if r.time_ratio is not None]
     lines = [
         f"{len(rows)} models, {date.today().isoformat()}, torch {torch.__version__}, timm {_timm().__version__}, "
-        f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads), batch 1, random "
+        f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads), batch 1, random "
         f"weights, eval mode.",
         "",
         f"**ran {len(ran)}/{len(rows)} · pullback finite {finite}/{len(rows)} · forward bit-identical "
