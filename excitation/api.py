@@ -359,8 +359,8 @@ def pullbacks(
 def _pullbacks_by_loop(module: nn.Module, x: Tensor, index: Tensor) -> Tensor:
     """:func:`pullbacks` for a dynamo-excited module: [N, K, ...] from K pullback calls.
 
-    AOTAutograd's compiled backward donates its buffers, so it runs once per forward
-    (no ``retain_graph``): each of the K targets gets its own forward and backward,
+    The inner backend may be AOTAutograd's (``aot_eager``, ``inductor``), whose compiled backward
+    donates its buffers and runs once per forward (no ``retain_graph``): each of the K targets gets its own forward and backward,
     all through the same compiled graphs (and in grad mode, so no new guards fail).
     """
     grads = [_input_gradient(module, x, index[:, k].contiguous(), False) for k in range(index.shape[1])]
