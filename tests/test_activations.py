@@ -216,3 +216,26 @@ def test_torch_func_and_compile_use_the_same_backward():
     x = z.clone().requires_grad_()
     (compiled,) = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(x), x)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])
+def test_float32_silu_and_gelu_take_the_relu_fast_paths_and_keep_the_contract(name, layout):
+    # In float32 these gates run the ReLU rule's fast paths (C kernel when contiguous, fused
+    # softplus_backward otherwise); the contract (float64, plain torch) must still hold.
+    from excitation.gates import ACTIVATION_GATES
+    from excitation.kernels.activations import surrogate_activation_backward
+    from excitation.kernels.reference import flush_subnormal, gated_backward
+
+    z = torch.randn(6, 40, 9) * 30
+    g = torch.randn(6, 40, 9) * 1e-30  # products that underflow unless flushed
+    if layout == "strided":
+        z, g = z.transpose(0, 2), g.transpose(0, 2)
+    ours = surrogate_activation_backward(g, z, name, 0.7, [])
+    # The contract in float64, rounded to float32 and flushed at float32's smallest normal.
+    ref = flush_subnormal(gated_backward(g.double(), ACTIVATION_GATES[name](z.double(), 0.7)).float())
+    # Values within a few smallest normals of the flush line may land on either side of it
+    # (the C kernel floors the gate on its logit, the contract on its value).
+    torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-37)
+    assert (ours == 0).sum() > 0 and (ours != 0).sum() > 0  # both regimes are exercised
+    assert int(((ours != 0) & (ours.abs() < torch.finfo(torch.float32).tiny)).sum()) == 0
