@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,14 @@ from .stats import Interval, bootstrap_mean, paired_difference
 
 __all__ = ["evaluate", "Evaluation", "load_inputs"]
 
+
+
+def _curve_table(title: str, curves: Dict[str, Dict[Any, float]], column: Callable[[Any], str]) -> List[str]:
+    """Markdown lines: a blank line, ``title``, then one row per explainer of its curve (same columns for all)."""
+    points = list(next(iter(curves.values())))
+    lines = ["", title, "", "| explainer | " + " | ".join(column(p) for p in points) + " |", "|---" * (len(points) + 1) + "|"]
+    lines += [f"| {e} | " + " | ".join(f"{curve[p]:.3f}" for p in points) + " |" for e, curve in curves.items()]
+    return lines
 
 @dataclass
 class Evaluation:
@@ -74,25 +82,12 @@ class Evaluation:
         lines.append(f"Cost: {self.seconds:.1f} s in all (" + ", ".join(
             f"{k} {v:.1f} s" for k, v in self.seconds_by_explainer.items()) + ").")
         if self.mprt_curves:
-            lines.append("")
-            layers = list(next(iter(self.mprt_curves.values())))
-            lines.append("MPRT curve (mean Spearman ρ with the original explanation, layers randomised top-down, "
-                         "cumulative):")
-            lines.append("")
-            lines.append("| explainer | " + " | ".join(layers) + " |")
-            lines.append("|---" * (len(layers) + 1) + "|")
-            for e, curve in self.mprt_curves.items():
-                lines.append(f"| {e} | " + " | ".join(f"{curve[k]:.3f}" for k in layers) + " |")
+            lines += _curve_table("MPRT curve (mean Spearman ρ with the original explanation, layers randomised "
+                                  "top-down, cumulative):", self.mprt_curves, str)
         if self.road_curves:
-            lines.append("")
-            percents = list(next(iter(self.road_curves.values())))
-            lines.append("ROAD curve (fraction of images still predicted as the explained class after the most "
-                         "relevant pixels, in %, are replaced by noisy linear imputation; lower = more faithful):")
-            lines.append("")
-            lines.append("| explainer | " + " | ".join(f"{p} %" for p in percents) + " |")
-            lines.append("|---" * (len(percents) + 1) + "|")
-            for e, curve in self.road_curves.items():
-                lines.append(f"| {e} | " + " | ".join(f"{curve[p]:.3f}" for p in percents) + " |")
+            lines += _curve_table("ROAD curve (fraction of images still predicted as the explained class after the "
+                                  "most relevant pixels, in %, are replaced by noisy linear imputation; lower = more "
+                                  "faithful):", self.road_curves, lambda p: f"{p} %")
         if self.sweep:
             lines.append("")
             lines.append("Temperature sweep (pullback, preset 'paper', mean per metric):")
