@@ -10,18 +10,24 @@ scale of their positive inputs (see ``_Recorder``).  Rules with their own
 published temperature scale it instead of ``scale_factor``: SiLU, Mish, Hardswish and
 hard_mish get ``1.6 * robust_std``, GELU ``1.0 * robust_std``, so unit-variance inputs keep
 the published defaults.  LayerNorm and attention sites have no temperature.
+
+Models that ``symbolic_trace`` cannot trace are calibrated on the dynamo path, like
+:func:`~excitation.pullback` runs them: a clone is compiled with the excitation backend and
+each excited graph runs under the recorder instead of as compiled code.  The keys are then
+the stable dynamo site keys (:mod:`~excitation.fxpass.dynamo_names`), which ``pullback(...,
+temps=...)`` on the same model applies; sites of a branch no batch took get no key (and keep
+the default temperature).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor, fx
 
 from .api import check_input, prepare
-from .errors import ExcitationError
 from .fxpass.rules import RULES
 from .kernels.fused import batch_norm_relu, batch_norm_relu_pre_activation
 from .fxpass.sites import SITE_NODE_META, surrogate_rule
@@ -42,12 +48,14 @@ def robust_std(values: Tensor) -> Tensor:
 class _Recorder(fx.Interpreter):
     """Runs the excited graph and keeps a bounded sample of every site's input."""
 
-    def __init__(self, gm: fx.GraphModule, max_samples: int, generator: torch.Generator) -> None:
+    def __init__(self, gm: fx.GraphModule, max_samples: int, generator: torch.Generator,
+                 samples: Optional[Dict[str, List[Tensor]]] = None, rules: Optional[Dict[str, str]] = None) -> None:
         super().__init__(gm)
         self.max_samples = max_samples
         self.generator = generator
-        self.samples: Dict[str, list] = {}
-        self.rules: Dict[str, str] = {}
+        # Shared between the recorders of several graphs (the dynamo path: one per graph).
+        self.samples: Dict[str, List[Tensor]] = {} if samples is None else samples
+        self.rules: Dict[str, str] = {} if rules is None else rules
 
     def call_function(self, target, args, kwargs):
         rule = surrogate_rule(target)
@@ -70,6 +78,29 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n):
         self.current_node = n
         return super().run_node(n)
+
+
+class _DynamoRecorder:
+    """The recorder for the dynamo path: every graph dynamo captures is excited, then run by a :class:`_Recorder`.
+
+    Its own compiled clone (the backend's inner step is the recorder, not the graph's code), so
+    the cached :func:`~excitation.prepare` module keeps its compiled graphs.
+    """
+
+    def __init__(self, model: nn.Module, trace_error: str, max_samples: int, generator: torch.Generator) -> None:
+        from .dynamo_path import CompiledExcited
+
+        self.samples: Dict[str, List[Tensor]] = {}
+        self.rules: Dict[str, str] = {}
+        self.max_samples, self.generator = max_samples, generator
+        self.compiled = CompiledExcited(model, trace_error=trace_error, inner=self._record)
+
+    def _record(self, gm: fx.GraphModule, example_inputs: Sequence[Tensor]) -> Callable:
+        recorder = _Recorder(gm, self.max_samples, self.generator, self.samples, self.rules)
+        return lambda *args: recorder.run(*args)
+
+    def run(self, batch: Tensor) -> None:
+        self.compiled(batch)
 
 
 def calibrate(
@@ -102,20 +133,21 @@ def calibrate(
     Returns
     -------
     dict
-        ``{site node name: temp}``, the keys of ``excitation.report(...).sites[i].node``.
+        ``{site key: temp}``, the keys of ``excitation.report(...).sites[i].node``: fx node
+        names, or on the dynamo path (models fx cannot trace) the stable dynamo site keys,
+        as ``prepare(model).report().sites[i].node`` shows them.
     """
     scale_factor = check_temp(scale_factor, argument="scale_factor")
     min_temp = check_temp(min_temp, argument="min_temp")
     excited = prepare(model, excited=True)
-    if getattr(excited, "excitation_path", None) == "dynamo":
-        raise ExcitationError(
-            f"calibrate() reads each site's input from the fx graph, but {type(model).__name__} does not trace "
-            f"with torch.fx ({excited.trace_error}); pullback() runs it through dynamo with the preset's "
-            f"temperatures.  Pass temp=... to pullback(), or make the model fx-traceable to calibrate it."
-        )
     if isinstance(batches, Tensor):
         batches = [batches]
-    recorder = _Recorder(excited, max_samples, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    if getattr(excited, "excitation_path", None) == "dynamo":
+        recorder: Union[_Recorder, _DynamoRecorder] = _DynamoRecorder(model, excited.trace_error, max_samples,
+                                                                       generator)
+    else:
+        recorder = _Recorder(excited, max_samples, generator)
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -127,8 +159,12 @@ def calibrate(
     try:
         with torch.no_grad():
             for batch in iterator:
-                with TRACE_GATE.running():
-                    recorder.run(check_input(excited, batch, argument="batch"))
+                batch = check_input(excited, batch, argument="batch")
+                if isinstance(recorder, _DynamoRecorder):
+                    recorder.run(batch)
+                else:
+                    with TRACE_GATE.running():
+                        recorder.run(batch)
                 seen += 1
     finally:
         excited.train(training)

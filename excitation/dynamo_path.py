@@ -20,6 +20,12 @@ Guarantees of this path (each checked at run time, not only promised):
   mismatch is logged as a warning.
 * **the original model is untouched.**  The compiled module is a clone of the module
   tree (own module objects and flags, shared tensors); nothing writes to the tensors.
+* **temps land where they are meant to.**  Sites are named stably across graphs and
+  compiles (:mod:`excitation.fxpass.dynamo_names`), so ``calibrate(model, ...)`` on this path
+  returns keys that ``pullback(model, ..., temps=...)`` applies.  A ``temps`` mapping none of
+  whose keys any graph holds raises ``ValueError``; keys still unused after a call (sites of
+  branches this input did not take, or typos) are logged once (a warning for keys that are
+  not dynamo site keys, which may be typos).
 * **compiled once per shape.**  :func:`excitation.api.prepare` caches the wrapper per
   model and options; dynamo's guards reuse its graphs, so repeated calls at a fixed
   shape do not recompile (:attr:`CompiledExcited.compiles` counts the graphs).
@@ -38,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 from torch.overrides import TorchFunctionMode
 
-from .errors import ExcitationError
+from .errors import ExcitationError, with_suggestions
 from .fxpass.backend import ExcitationBackend
 from .fxpass.report import Report
 from .fxpass.rewrite import TempsSpec
@@ -194,6 +200,7 @@ class CompiledExcited(nn.Module):
         self.__dict__["_check_lock"] = threading.Lock()
         self.forward_max_diff = 0.0
         self._checked_compiles = 0
+        self._warned_unused = False
 
     @property
     def compiles(self) -> int:
@@ -232,7 +239,32 @@ class CompiledExcited(nn.Module):
         executed = counting.executed - before
         if self.compiles != before_compiles or self._checked_compiles == 0:
             self._check(args, out, executed)
+            self._check_temps()
         return out
+
+    def _check_temps(self) -> None:
+        """A ``temps`` mapping must name sites of these graphs: none at all is an error, some unused a warning."""
+        unused = self.backend.unused_temps
+        if not unused:
+            return
+        known = sorted({key for part in self.backend.reports for site in part.sites if site.temp is not None
+                        for key in (site.node, site.name)})
+        if len(unused) == len(self.backend.temps):
+            raise ValueError(
+                f"temps names no site of {type(self.model).__name__}'s compiled graphs: "
+                f"{with_suggestions(unused, known)}.  On the dynamo path sites are keyed like "
+                f"'blocks.3.act:relu@57/144' (excitation.calibrate returns such keys) or by module path; "
+                f"see prepare(model).report().sites."
+            )
+        if not self._warned_unused:
+            self._warned_unused = True
+            # Keys in the dynamo format come from calibrate() or a report of this model: unused ones are most
+            # likely sites of a branch these inputs did not take (INFO).  Other keys may be typos (WARNING).
+            typed = [key for key in unused if "@" not in key]
+            level = logging.WARNING if typed else logging.INFO
+            log.log(level, "excitation: %d temps keys name no site compiled so far for %s (sites of branches "
+                    "these inputs did not take, or wrong keys): %s", len(unused), type(self.model).__name__,
+                    ", ".join((typed or unused)[:5]) + (" ..." if len(unused) > 5 else ""))
 
     def _check(self, args: Sequence[Any], out: Any, executed: int) -> None:
         """After a call that compiled something: no activation ran outside the graphs; forward equal."""

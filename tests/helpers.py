@@ -513,3 +513,27 @@ def more_forms_reference(model: nn.Module, x: Tensor, target: int, hard_mish_typ
             if isinstance(child, hard_mish_types):
                 setattr(module, child_name, ReferenceHardMish())
     return reference_pullback(swapped, x, target, rules=True)
+
+
+class GraphBreakInBlocks(nn.Module):
+    """Two blocks with a data-dependent branch inside each: the resume frames' ``self`` is the block."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            h = self.conv(x)
+            if h.mean() > 0:
+                h = h * 2
+            return self.act(h)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(self.Block(), self.Block())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean(dim=(2, 3)))

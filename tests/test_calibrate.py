@@ -1,12 +1,15 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import excitation
 from excitation.calibrate import robust_std
 from excitation.demo.digits import load_digits, load_model
 
-from .helpers import fingerprint
+from .helpers import GraphBreakInBlocks, _straight_through, fingerprint, rel_err, softplus
 
 
 def test_robust_std_of_gaussian_is_its_std():
@@ -80,3 +83,119 @@ def test_every_tempered_rule_is_calibrated_with_its_own_factor():
     for site, z in zip(tempered, inputs):
         want = factors[site.kind] * float(robust_std(z.reshape(1, -1))[0])
         assert abs(temps[site.node] - want) / want < 0.02, site.kind
+
+
+class ScaledBranchy(nn.Module):
+    """fx cannot trace it (a branch on data); each ReLU sees inputs of another scale; ``act`` runs twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3, self.c4 = (nn.Conv2d(3 if i == 0 else 6, 6, 3, padding=1) for i in range(4))
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.act(self.c1(x))
+        if x.mean() > 0:
+            h = F.relu(self.c2(h) * 4)
+        else:
+            h = torch.relu(self.c3(h) * 0.25)
+        h = self.act(self.c4(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class _ReluInputs(TorchFunctionMode):
+    """Records the input of every ReLU call, in call order; or, given temps, gives call k the pullback at temps[k]."""
+
+    def __init__(self, temps=None) -> None:
+        super().__init__()
+        self.inputs, self.temps = [], temps
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (F.relu, torch.relu):
+            z = args[0]
+            self.inputs.append(z.detach().flatten())
+            if self.temps is not None:
+                t = self.temps[len(self.inputs) - 1]
+                return _straight_through(torch.relu(z), t * softplus(z / t))
+        return func(*args, **(kwargs or {}))
+
+
+def _numpy_robust_std(values: torch.Tensor) -> float:
+    # The lower median of an even count, as torch.median takes it (numpy's mean of the two middle
+    # values differs by ~1 % on a thousand values).
+    def lower_median(v):
+        return float(np.sort(v)[(v.size - 1) // 2])
+
+    v = values.double().numpy()
+    return 1.4826 * lower_median(np.abs(v - lower_median(v)))
+
+
+def test_calibrate_on_the_dynamo_path_matches_an_eager_reference_on_both_branches():
+    torch.manual_seed(0)
+    model = ScaledBranchy().eval()
+    before = fingerprint(model)
+    g = torch.Generator().manual_seed(1)
+    pos = [torch.randn(3, 3, 8, 8, generator=g).abs() + 0.1 for _ in range(2)]
+    neg = [-torch.randn(3, 3, 8, 8, generator=g).abs() - 0.1]
+    with pytest.raises(excitation.ExcitationTraceError):
+        excitation.excite(model)
+    temps = excitation.calibrate(model, pos + neg, progress=False)
+    assert fingerprint(model) == before
+
+    # The reference: ReLU inputs recorded eagerly, call by call.  Calls 0 and 2 are the same sites
+    # on both branches (act before and after the branch), call 1 is the branch's own ReLU.
+    calls = {"pos": [], "neg": []}
+    for branch, batches in (("pos", pos), ("neg", neg)):
+        for batch in batches:
+            with torch.no_grad(), _ReluInputs() as mode:
+                model(batch)
+            calls[branch].append(mode.inputs)
+    everywhere = [torch.cat([inputs[k] for runs in calls.values() for inputs in runs]) for k in (0, 2)]
+    expected = {
+        "first": 0.3 * _numpy_robust_std(everywhere[0]),
+        "pos": 0.3 * _numpy_robust_std(torch.cat([inputs[1] for inputs in calls["pos"]])),
+        "neg": 0.3 * _numpy_robust_std(torch.cat([inputs[1] for inputs in calls["neg"]])),
+        "last": 0.3 * _numpy_robust_std(everywhere[1]),
+    }
+    assert len(temps) == 4 and len(set(temps.values())) == 4
+    got = sorted(temps.values())
+    for want, value in zip(sorted(expected.values()), got):
+        assert abs(value - want) / want < 1e-5
+    assert expected["pos"] > 10 * expected["neg"]  # the x4 and x0.25 branches: distinct scales
+
+    # The keys are the sites of the model's dynamo graphs, as pullback names them ...
+    excitation.pullback(model, pos[0], 1)
+    excitation.pullback(model, neg[0], 1)
+    assert set(temps) == {site.node for site in excitation.prepare(model).report().sites}
+
+    # ... and pullback(temps=...) applies each where it was measured: the reference pullback
+    # with each call's own temperature, on both branches.
+    def nearest(value):
+        return min(temps.values(), key=lambda t: abs(t - value))
+
+    for branch, x in (("pos", pos[0]), ("neg", neg[0])):
+        per_call = [nearest(expected["first"]), nearest(expected[branch]), nearest(expected["last"])]
+        leaf = x.clone().requires_grad_(True)
+        with _ReluInputs(per_call):
+            score = model(leaf)[:, 2].sum()
+        (want,) = torch.autograd.grad(score, leaf)
+        ours = excitation.pullback(model, x, 2, temps=temps)
+        assert rel_err(ours, want) < 1e-5
+        assert rel_err(excitation.pullback(model, x, 2), want) > 1e-3  # the default temps differ
+    assert fingerprint(model) == before
+
+
+def test_one_graph_run_for_several_blocks_is_calibrated_on_all_their_inputs():
+    # dynamo runs Block.forward's resume graph for both blocks: one site, one temperature, from
+    # the inputs of both ReLU calls.
+    torch.manual_seed(0)
+    model = GraphBreakInBlocks().eval()
+    x = torch.randn(3, 4, 6, 6)
+    temps = excitation.calibrate(model, x, progress=False)
+    with torch.no_grad(), _ReluInputs() as mode:
+        model(x)
+    assert len(mode.inputs) == 2 and len(temps) == 1
+    (value,) = temps.values()
+    want = 0.3 * _numpy_robust_std(torch.cat(mode.inputs))
+    assert abs(value - want) / want < 1e-5

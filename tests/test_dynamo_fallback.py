@@ -11,7 +11,7 @@ import excitation
 from excitation import api
 from excitation.dynamo_path import DEFAULT_INNER, CompiledExcited, count_activation_calls
 
-from .helpers import HardMish, fingerprint, hard_mish, more_forms_reference, reference_pullback, rel_err, vanilla_gradient
+from .helpers import GraphBreakInBlocks, HardMish, fingerprint, hard_mish, more_forms_reference, reference_pullback, rel_err, vanilla_gradient
 
 
 class Branchy(nn.Module):
@@ -135,9 +135,42 @@ def test_pullbacks_and_ascend_on_dynamo_path(model):
     assert torch.allclose(once, step, atol=1e-6) and moved.shape == x.shape
 
 
-def test_calibrate_names_the_dynamo_limit(model):
-    with pytest.raises(excitation.ExcitationError, match="does not trace with torch.fx"):
-        excitation.calibrate(model, _inputs()[0])
+def test_temps_mapping_on_the_dynamo_path_is_checked(model, caplog):
+    x, _ = _inputs()
+    # No key names any site: the mapping is for another model (or mistyped throughout).
+    with pytest.raises(ValueError, match="temps names no site"):
+        excitation.pullback(model, x, 1, temps={"layer1.0.relu": 0.5})
+    # A module path that exists applies; an unknown key beside it is a warning, named.
+    with caplog.at_level(logging.INFO, logger="excitation"):
+        excitation.pullback(model, x, 1, temps={"pos.1": 0.7, "pos.9": 0.5})
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("pos.9" in message for message in warned)
+    prepared = api.prepare(model, temps={"pos.1": 0.7, "pos.9": 0.5})
+    assert [site.temp for site in prepared.report().sites if site.name == "pos.1"] == [0.7]
+
+
+def test_dynamo_site_keys_are_stable_and_name_shared_graphs_as_shared():
+    # Both blocks' ReLUs run in a resume frame of Block.forward, whose graph dynamo compiles once
+    # and runs for each block (their parameters are graph inputs): one site, keyed from the
+    # block ("act:relu@<line>"), not by the first block's path.
+    torch.manual_seed(0)
+    model = GraphBreakInBlocks().eval()
+    x = torch.randn(2, 4, 6, 6)
+    excitation.pullback(model, x, 0)
+    sites = api.prepare(model).report().sites
+    assert [site.name for site in sites] == ["act"] and sites[0].node.startswith("act:relu@")
+    # The same keys in another compile of another clone (by hand, inner aot_eager) ...
+    backend = excitation.backend(inner="aot_eager")
+    torch.compile(api.clone_module_tree(model), backend=backend)(x)
+    assert [site.node for part in backend.reports for site in part.sites] == [sites[0].node]
+    # ... and in a model whose top frame holds the sites: its own ReLU calls, each keyed apart.
+    flat = Branchy().eval()
+    excitation.pullback(flat, _inputs()[0], 0)
+    excitation.pullback(flat, _inputs()[1], 0)
+    keys = [site.node for site in api.prepare(flat).report().sites]
+    assert len(keys) == len(set(keys)) == 5
+    assert {key.split("@")[0] for key in keys} == {"relu", "pos.1:relu", "pos.2:max_pool2d", "neg.1:leaky_relu",
+                                                   "neg.2:relu"}
 
 
 class Hidden(nn.Module):

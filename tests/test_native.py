@@ -27,7 +27,11 @@ def _subnormals(t: torch.Tensor) -> int:
 def test_the_kernels_build_here():
     # CI and this machine have a C compiler (torch.compile's CPU backend needs one too).
     assert native.available(), native.status()
-    assert native.status() == "on"
+    assert native.status() == "on (OpenMP, torch's threads)"
+    # The library shares torch's libgomp (matched by soname): a second OpenMP runtime would
+    # bring a second thread team onto the same cores.
+    loaded = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(loaded) == 1, loaded
 
 
 def _pool_cases():
@@ -133,19 +137,36 @@ def test_fused_batch_norm_gate_with_a_slice_of_a_concatenation_as_gradient():
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    x = torch.randn(4, 6, 20, 20)
-    out = F.max_pool2d(x, 3, 2, 1)
-    g = torch.randn_like(out)
+    # Every kernel, big enough to be split (native._PARALLEL_MIN_WORK), with a plane count that
+    # two threads cannot halve: each thread's part must be exactly its share, nothing twice or lost.
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 40, 40)  # 21 planes
+    out_hw = F.max_pool2d(x, 3, 2, 1).shape[-2:]
+    g_pool = torch.randn(3, 7, *out_hw)
+    g = torch.randn_like(x)
+    scale = torch.rand(7) + 0.5
+    assert x.numel() >= native._PARALLEL_MIN_WORK
+
+    def every_kernel():
+        return [
+            native.relu_sigmoid_backward(g, x, 0.3),
+            native.batch_norm_relu_sigmoid_backward_(g, x.clone(), scale, 0.3),
+            native.soft_max_pool2d_backward(g_pool, x, [3, 3], [2, 2], [1, 1], [1, 1], out_hw, 0.3, "soft"),
+            *native.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1], [1, 1], out_hw),
+        ]
+
     threads = torch.get_num_threads()
     results = []
     try:
-        for n in (1, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(native.soft_max_pool2d_backward(g, x, [3, 3], [2, 2], [1, 1], [1, 1], out.shape[-2:],
-                                                           0.3, "soft"))
+            results.append(every_kernel())
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    expected_values, expected_indices = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert torch.equal(results[0][3], expected_values) and torch.equal(results[0][4], expected_indices)
 
 
 _FALLBACK = textwrap.dedent(
@@ -170,12 +191,15 @@ def _run(env_extra):
 
 def test_without_a_compiler_or_when_switched_off_the_torch_paths_give_the_same_pullback(tmp_path):
     on = _run({"EXCITATION_CACHE_DIR": str(tmp_path / "cache")})
+    pool = _run({"EXCITATION_CACHE_DIR": str(tmp_path / "cache"), "EXCITATION_NATIVE_OPENMP": "0"})
     off = _run({"EXCITATION_NATIVE": "0"})
     no_compiler = _run({"EXCITATION_CACHE_DIR": str(tmp_path / "empty"), "CC": "/nonexistent/cc",
                         "PATH": "/nonexistent"})
-    assert on["status"] == "on" and off["status"] == "off: EXCITATION_NATIVE=0"
+    assert on["status"] == "on (OpenMP, torch's threads)" and pool["status"] == "on (Python thread pool)"
+    assert off["status"] == "off: EXCITATION_NATIVE=0"
     assert no_compiler["status"].startswith("off: RuntimeError: no C compiler")
     reference_pb = torch.tensor(on["pullback"])
+    assert pool["pullback"] == on["pullback"]  # the same kernels, split over threads otherwise
     for other in (off, no_compiler):
         assert rel_err(torch.tensor(other["pullback"]), reference_pb) < 1e-5
     assert list((tmp_path / "cache").rglob("libexcitation_cpu.so"))  # built into the cache, under its key
@@ -187,7 +211,7 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     code = "from excitation.kernels import native; print(native.status())"
     runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
             for _ in range(2)]
-    assert [run.communicate(timeout=300)[0].strip() for run in runs] == ["on"] * 2
+    assert [run.communicate(timeout=300)[0].strip() for run in runs] == ["on (OpenMP, torch's threads)"] * 2
     assert len(list(tmp_path.rglob("libexcitation_cpu.so"))) == 1 and not list(tmp_path.rglob("*.partial"))
 
 

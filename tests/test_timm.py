@@ -170,3 +170,22 @@ def test_untraceable_timm_family_through_public_api(family):
         assert torch.allclose(prepared(x), model(x), rtol=0, atol=1e-6)
     assert rel_err(got, reference_pullback(model, x, 2, rules=True)) < 1e-5
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("family", sorted(DYNAMO_FAMILIES))
+def test_calibrate_an_untraceable_timm_family(family):
+    # calibrate() takes the dynamo path like pullback(): its keys are the sites pullback compiles,
+    # and pullback(temps=...) gives each site its own temperature.
+    name, kwargs = DYNAMO_FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    temps = excitation.calibrate(model, x, progress=False)
+    default = excitation.pullback(model, x, 2)  # compiles the default graphs, which the report lists
+    tempered = [site for site in api.prepare(model).report().sites if site.temp is not None]
+    assert tempered and sorted(temps) == sorted({site.node for site in tempered})
+    calibrated = api.prepare(model, temps=temps)
+    got = excitation.pullback(model, x, 2, temps=temps)
+    assert [site.temp for site in calibrated.report().sites if site.temp is not None] == \
+        [temps[site.node] for site in tempered]
+    assert torch.isfinite(got).all() and rel_err(got, default) > 1e-4

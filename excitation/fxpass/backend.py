@@ -13,14 +13,15 @@ the way to excite models that do not trace.
 from __future__ import annotations
 
 import threading
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Mapping, Optional, Sequence, Set, Union
 
 import torch
 from torch import fx
 
-from ..gates import check_saved
+from ..gates import check_saved, check_temp
 from ..presets import resolve_preset
 from ..kernels import surrogate_relu
+from .dynamo_names import is_dynamo_graph, name_dynamo_nodes
 from .report import Report
 from .rewrite import TempsSpec, excite_graph
 from .rules import RulesSpec, resolve_rules
@@ -30,6 +31,12 @@ __all__ = ["ExcitationBackend", "backend", "excitation_backend", "mark_relu_outp
 
 class ExcitationBackend:
     """A dynamo backend that rewrites each captured graph, then calls ``inner``.
+
+    Sites of dynamo's graphs are named stably (:mod:`.dynamo_names`): ``report.sites[i].node``
+    is a key such as ``"blocks.3.act:relu@57/144"`` that is the same in every compile of
+    the model.  A ``temps`` mapping may name
+    either; each graph takes the keys it holds (a graph break spreads the sites over several
+    graphs), and :attr:`unused_temps` lists the keys no graph has held so far.
 
     Attributes
     ----------
@@ -53,7 +60,13 @@ class ExcitationBackend:
         self.preset, self.temp, self.pool_temp, self.gate, self.pool_backward = resolve_preset(
             preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward
         )
+        if isinstance(temps, Mapping):
+            temps = {key: check_temp(value, argument=f"temps[{key!r}]") for key, value in temps.items()}
+        elif temps is not None and not callable(temps):
+            raise TypeError(f"temps must be a mapping {{site name: temp}}, a callable(site) -> temp, or None; "
+                            f"got {type(temps).__name__}.")
         self.temps = temps
+        self._used_temps: Set[str] = set()
         resolve_rules(rules, self.temp, self.temp)  # refuse bad rules now, not at the first compile
         self.rules = rules
         self.saved = check_saved(saved)
@@ -72,10 +85,36 @@ class ExcitationBackend:
             raise ValueError("inner='excitation' would excite twice; use 'inductor', 'aot_eager' or 'eager'.")
         return lookup_backend(self.inner)
 
+    @property
+    def unused_temps(self) -> List[str]:
+        """Keys of a ``temps`` mapping that no compiled graph has held so far (empty for other ``temps``)."""
+        if not isinstance(self.temps, Mapping):
+            return []
+        return [key for key in self.temps if key not in self._used_temps]
+
+    def _graph_temps(self) -> TempsSpec:
+        """``temps`` as one graph applies it: a mapping becomes a look-up that notes which keys it used."""
+        if not isinstance(self.temps, Mapping):
+            return self.temps
+        mapping = self.temps
+
+        def chosen(site) -> Optional[float]:
+            # A node key is more specific than a module path (a reused module has one path, many nodes).
+            for key in (site.node, site.name):
+                if key in mapping:
+                    with self._lock:
+                        self._used_temps.add(key)
+                    return mapping[key]
+            return None
+
+        return chosen
+
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
+        if is_dynamo_graph(gm):
+            name_dynamo_nodes(gm)
         result = excite_graph(
             gm, preset=self.preset, temp=self.temp, pool_temp=self.pool_temp, gate=self.gate,
-            pool_backward=self.pool_backward, temps=self.temps, rules=self.rules, saved=self.saved,
+            pool_backward=self.pool_backward, temps=self._graph_temps(), rules=self.rules, saved=self.saved,
         )
         if self.saved == "exact":
             mark_relu_outputs_for_recompute(gm)
@@ -123,7 +162,8 @@ def backend(
 ) -> ExcitationBackend:
     """A ``torch.compile`` backend with these options: ``torch.compile(model, backend=excitation.backend(...))``.
 
-    ``temps`` keys are dynamo node names here (modules are inlined).  ``inner``
+    ``temps`` keys are the stable site keys of dynamo's graphs or module paths (see
+    :class:`ExcitationBackend`; ``calibrate`` returns them for models on the dynamo path).  ``inner``
     is the backend that compiles the excited graph (``"inductor"``,
     ``"aot_eager"``, ``"eager"`` or any callable backend).  ``preset``, ``pool_backward``, ``rules`` and
     ``saved`` as in :func:`excitation.excite`.

@@ -15,9 +15,14 @@ processes (torchrun ranks) never load a half-written library.  Where no compiler
 present, the build fails, or ``EXCITATION_NATIVE=0`` is set, every caller falls back to
 the torch paths, which compute the same contract; :func:`status` says which and why.
 
-Threads.  ctypes releases the GIL, so each call is split into ``torch.get_num_threads()``
-ranges run on a small thread pool (ATen's own threads are idle while a Python backward
-runs); small calls run inline, as the pool's hand-off costs ~20 us.
+Threads.  Where torch's parallel backend is OpenMP (Linux wheels), the library is built
+with ``-fopenmp`` and its parallel regions run on the thread team ATen's operators use: the
+library needs ``libgomp.so.1``, and the loader finds the copy torch loaded.  A call is split
+over ``torch.get_num_threads()`` threads once it has ``_PARALLEL_MIN_WORK`` elements.  Without
+OpenMP (another backend, a compiler without it, or a build that fails with it) the library is
+built without, and the ranges run on a small Python thread pool (ctypes releases the GIL); its
+hand-off costs 100-250 us per call between ATen operators on a 2-core box, so only large calls
+go there.
 """
 
 from __future__ import annotations
@@ -50,15 +55,22 @@ _LOCK = threading.Lock()
 _LIBRARY: Optional[ctypes.CDLL] = None
 _STATUS: Optional[str] = None
 _POOL: Optional[ThreadPoolExecutor] = None
-#: Below this many elements (or outputs x window) a call runs on the calling thread alone.
-_PARALLEL_MIN_WORK = 1 << 16
+_OPENMP = False  # whether the loaded library runs its parallel regions on torch's OpenMP threads
+#: Below this many elements (or outputs x window) a call runs on the calling thread alone.  With
+#: OpenMP a split pays from ~16 Ki elements (2-core AMD EPYC: 25 Ki-element ReLU gate 11 us on one
+#: thread, 8 us on two); the Python pool's hand-off needs ~1 Mi (400 Ki elements: 141 us on one
+#: thread, 293 us on the pool).
+_PARALLEL_MIN_WORK = 1 << 14
+_POOL_MIN_WORK = 1 << 20
 
-_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_i64, _f32, _ptr, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+# Each kernel's last argument is its thread count (1: the calling thread alone).
 _SIGNATURES = {
-    "exc_relu_sigmoid_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32], None),
-    "exc_bn_relu_sigmoid_backward_": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _f32, _i64, _i64], None),
-    "exc_soft_max_pool2d_backward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_f32, ctypes.c_int], ctypes.c_int),
-    "exc_max_pool2d_forward": ([_ptr, _ptr, _ptr] + [_i64] * 14, ctypes.c_int),
+    "exc_openmp": ([], _int),
+    "exc_relu_sigmoid_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _int], None),
+    "exc_bn_relu_sigmoid_backward_": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _f32, _i64, _i64, _int], None),
+    "exc_soft_max_pool2d_backward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_f32, _int, _int], _int),
+    "exc_max_pool2d_forward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_int], _int),
 }
 
 
@@ -81,13 +93,22 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "excitation" / "native"
 
 
-def _build() -> ctypes.CDLL:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+def _torch_uses_openmp() -> bool:
+    """Whether ATen's parallel backend is OpenMP with libgomp loaded: then ``-fopenmp`` code shares its threads."""
+    if platform.system() != "Linux":
+        return False  # elsewhere torch bundles another OpenMP runtime (libomp / vcomp): do not load a second one
+    try:
+        backend = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+        loaded = any("libgomp" in line for line in Path("/proc/self/maps").read_text().splitlines())
+    except (OSError, RuntimeError):
+        return False
+    return backend and loaded
+
+
+def _build_with(compiler: str, flags: Sequence[str]) -> ctypes.CDLL:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_identity(), platform.machine()]).encode()
+        "\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_identity(), platform.machine()]).encode()
     ).hexdigest()[:16]
     folder = _cache_dir() / key
     library = folder / "libexcitation_cpu.so"
@@ -96,7 +117,7 @@ def _build() -> ctypes.CDLL:
         handle, partial = tempfile.mkstemp(dir=folder, suffix=".so.partial")
         os.close(handle)
         try:
-            done = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
                                   timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
@@ -111,8 +132,21 @@ def _build() -> ctypes.CDLL:
     return loaded
 
 
+def _build() -> ctypes.CDLL:
+    """Build (or find in the cache) and load the library: with OpenMP where torch's threads allow, else without."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    if _torch_uses_openmp() and os.environ.get("EXCITATION_NATIVE_OPENMP", "1") != "0":
+        try:
+            return _build_with(compiler, _FLAGS + ["-fopenmp"])
+        except Exception as exc:  # a compiler without OpenMP, or a libgomp this one cannot use
+            _LOG.info("excitation: C kernels without OpenMP (%s: %s)", type(exc).__name__, exc)
+    return _build_with(compiler, _FLAGS)
+
+
 def _load() -> Optional[ctypes.CDLL]:
-    global _LIBRARY, _STATUS
+    global _LIBRARY, _STATUS, _OPENMP
     if _STATUS is None:
         with _LOCK:
             if _STATUS is None:
@@ -123,7 +157,8 @@ def _load() -> Optional[ctypes.CDLL]:
                 else:
                     try:
                         _LIBRARY = _build()
-                        _STATUS = "on"
+                        _OPENMP = bool(_LIBRARY.exc_openmp())
+                        _STATUS = "on (OpenMP, torch's threads)" if _OPENMP else "on (Python thread pool)"
                     except Exception as exc:  # no compiler, a failed build, an unloadable library
                         _STATUS = f"off: {type(exc).__name__}: {exc}"
                         _LOG.info("excitation: C kernels unavailable, using the torch paths (%s)", _STATUS)
@@ -136,7 +171,7 @@ def available() -> bool:
 
 
 def status() -> str:
-    """``"on"``, or ``"off: <why>"`` (builds the kernels on the first call)."""
+    """``"on (...)"`` with how calls are split over threads, or ``"off: <why>"`` (builds the kernels on the first call)."""
     _load()
     return str(_STATUS)
 
@@ -153,24 +188,28 @@ def pool_window_supported(kernel_size: Sequence[int]) -> bool:
 
 def _ranges(total: int, work_per_item: int) -> List[range]:
     threads = max(1, torch.get_num_threads())
-    if threads == 1 or total * work_per_item < _PARALLEL_MIN_WORK or total < 2:
+    if threads == 1 or total * work_per_item < _POOL_MIN_WORK or total < 2:
         return [range(0, total)]
     step = -(-total // threads)
     return [range(start, min(total, start + step)) for start in range(0, total, step)]
 
 
-def _run(call: Callable[[int, int], object], total: int, work_per_item: int = 1) -> None:
-    """``call(begin, end)`` over ``range(total)``, split across threads when the work is large enough."""
+def _run(call: Callable[[int, int, int], object], total: int, work_per_item: int = 1) -> None:
+    """``call(begin, end, threads)`` over ``range(total)``: one OpenMP call, or ranges on the Python pool."""
     global _POOL
-    parts = _ranges(total, work_per_item)
-    if len(parts) == 1:
-        results = [call(0, total)]
+    if _OPENMP:
+        threads = max(1, torch.get_num_threads()) if total * work_per_item >= _PARALLEL_MIN_WORK else 1
+        results = [call(0, total, min(threads, max(1, total)))]
     else:
-        if _POOL is None or _POOL._max_workers < len(parts):  # type: ignore[attr-defined]
-            with _LOCK:
-                if _POOL is None or _POOL._max_workers < len(parts):  # type: ignore[attr-defined]
-                    _POOL = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="excitation-native")
-        results = list(_POOL.map(lambda part: call(part.start, part.stop), parts))
+        parts = _ranges(total, work_per_item)
+        if len(parts) == 1:
+            results = [call(0, total, 1)]
+        else:
+            if _POOL is None or _POOL._max_workers < len(parts):  # type: ignore[attr-defined]
+                with _LOCK:
+                    if _POOL is None or _POOL._max_workers < len(parts):  # type: ignore[attr-defined]
+                        _POOL = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="excitation-native")
+            results = list(_POOL.map(lambda part: call(part.start, part.stop, 1), parts))
     if 2 in results:  # the callers check pool_window_supported first: this is a bug, never silent
         raise ValueError(f"excitation's C pool kernel got a window of more than {MAX_POOL_WINDOW} elements")
     if any(results):
@@ -191,7 +230,8 @@ def relu_sigmoid_backward(grad: Tensor, z: Tensor, temp: float, out: Optional[Te
     library = _load()
     out = torch.empty_like(z) if out is None else out
     pointers = (grad.data_ptr(), z.data_ptr(), out.data_ptr())
-    _run(lambda begin, end: library.exc_relu_sigmoid_backward(*pointers, begin, end, 1.0 / temp), z.numel())
+    _run(lambda begin, end, threads: library.exc_relu_sigmoid_backward(*pointers, begin, end, 1.0 / temp, threads),
+         z.numel())
     return out
 
 
@@ -217,8 +257,8 @@ def batch_norm_relu_sigmoid_backward_(grad: Tensor, z: Tensor, scale: Tensor, te
     channels, inner = z.shape[1], z[0, 0].numel()
     pointers = (grad.data_ptr(), z.data_ptr(), scale.data_ptr())
     strides = (grad.stride(0), grad.stride(1))
-    _run(lambda begin, end: library.exc_bn_relu_sigmoid_backward_(*pointers, channels, inner, begin, end, 1.0 / temp,
-                                                                 *strides),
+    _run(lambda begin, end, threads: library.exc_bn_relu_sigmoid_backward_(*pointers, channels, inner, begin, end,
+                                                                          1.0 / temp, *strides, threads),
          z.shape[0] * channels, inner)
     return z
 
@@ -239,7 +279,8 @@ def soft_max_pool2d_backward(
     scale2 = 1.0 / (math.log(2.0) * temp)
     pointers = (grad.data_ptr(), x.data_ptr(), dx.data_ptr())
     weights_only = int(pool_backward == "weights")
-    _run(lambda begin, end: library.exc_soft_max_pool2d_backward(*pointers, begin, end, *geometry, scale2, weights_only),
+    _run(lambda begin, end, threads: library.exc_soft_max_pool2d_backward(*pointers, begin, end, *geometry, scale2,
+                                                                          weights_only, threads),
          planes, out_hw[0] * out_hw[1] * kernel_size[0] * kernel_size[1])
     return dx
 
@@ -260,6 +301,6 @@ def max_pool2d_with_indices(
     geometry = (height, width, out_hw[0], out_hw[1], kernel_size[0], kernel_size[1], stride[0], stride[1],
                 padding[0], padding[1], dilation[0], dilation[1])
     pointers = (x.data_ptr(), out.data_ptr(), indices.data_ptr())
-    _run(lambda begin, end: library.exc_max_pool2d_forward(*pointers, begin, end, *geometry), planes,
+    _run(lambda begin, end, threads: library.exc_max_pool2d_forward(*pointers, begin, end, *geometry, threads), planes,
          out_hw[0] * out_hw[1] * kernel_size[0] * kernel_size[1])
     return out, indices

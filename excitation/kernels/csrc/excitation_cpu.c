@@ -11,14 +11,23 @@
  * No arithmetic here ever touches a subnormal float, so it runs at full speed on cores
  * where subnormals take a microcode assist.
  *
- * Parallelism is the caller's: each function works on a range [begin, end) of elements
- * or planes, and native.py runs ranges on torch.get_num_threads() Python threads (ctypes
- * releases the GIL).
+ * Parallelism.  Each kernel works on a range [begin, end) of elements or planes; the exported
+ * functions at the end split their range over `threads` OpenMP threads.  native.py builds with
+ * -fopenmp where torch's own parallel backend is OpenMP: the library then needs libgomp.so.1,
+ * which the loader finds already loaded by torch, so these regions run on the very thread team
+ * ATen's operators use (its threads are awake after the previous operator, and nothing
+ * oversubscribes the cores).  A Python thread pool did the splitting before: its hand-off cost
+ * 100-250 us per call on a 2-core box between ATen operators, more than the work of most calls.
+ * Built without OpenMP, the functions run their range on the calling thread and native.py keeps
+ * a Python pool.
  */
 #include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* min and max as selects, abs as the builtin: GCC 12 will not vectorise loops that call
  * fminf / fmaxf / floorf (even with -fno-math-errno), nor an abs written as a select next
@@ -61,8 +70,8 @@ static inline float sigmoid_floored(float u) {
 }
 
 /* out[i] = flush(g[i] * sigmoid(z[i] * inv_temp)); out may be z (in place). */
-void exc_relu_sigmoid_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
-                               float inv_temp) {
+static void relu_sigmoid_backward_range(const float *g, const float *z, float *out, int64_t begin, int64_t end,
+                                        float inv_temp) {
     for (int64_t i = begin; i < end; ++i) out[i] = flush(g[i] * sigmoid_floored(z[i] * inv_temp));
 }
 
@@ -70,9 +79,9 @@ void exc_relu_sigmoid_backward(const float *g, const float *z, float *out, int64
  * (contiguous N, C, inner): z = flush(flush(g * sigmoid(z / temp)) * scale[c]), scale = weight * invstd.
  * g's planes are contiguous but may sit at any batch and channel strides: the gradient of a slice of
  * a channel concatenation (every inception branch of googlenet) arrives that way. */
-void exc_bn_relu_sigmoid_backward_(const float *g, float *z, const float *scale, int64_t channels, int64_t inner,
-                                   int64_t begin_plane, int64_t end_plane, float inv_temp, int64_t g_batch_stride,
-                                   int64_t g_channel_stride) {
+static void bn_relu_sigmoid_backward_range(const float *g, float *z, const float *scale, int64_t channels,
+                                           int64_t inner, int64_t begin_plane, int64_t end_plane, float inv_temp,
+                                           int64_t g_batch_stride, int64_t g_channel_stride) {
     for (int64_t plane = begin_plane; plane < end_plane; ++plane) {
         const float c = scale[plane % channels];
         const float *gp = g + (plane / channels) * g_batch_stride + (plane % channels) * g_channel_stride;
@@ -198,8 +207,8 @@ static int64_t column_stop(int64_t q, int64_t pw, int64_t sw, int64_t w_end) {
  * contributions land contiguously (j + ((a dh) / sh) Wq + (b' dw) / sw in phase ((a dh) % sh,
  * (b' dw) % sw)), and are then interleaved into dx: one strided pass, where strided adds per
  * window element took a quarter of the kernel's time for 3x3/2 pools. */
-int exc_soft_max_pool2d_backward(const float *g, const float *x, float *dx, int64_t begin, int64_t end,
-                                 int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw,
+static int soft_max_pool2d_backward_range(const float *g, const float *x, float *dx, int64_t begin, int64_t end,
+                                          int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw,
                                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                                  float scale2, int weights_only) {
     enum { KMAX = 64 };
@@ -290,7 +299,7 @@ int exc_soft_max_pool2d_backward(const float *g, const float *x, float *dx, int6
  * that index, so every bit (NaN payloads, the sign of zero) is the input's.  ATen's NCHW loop is
  * scalar (resnet50's stem pool at batch 8: ~90 ms on a 2-core Xeon); this one runs the same
  * comparisons as selects over a row-phase buffer (the layout of the backward below), so they vectorise. */
-int exc_max_pool2d_forward(const float *x, float *out, int64_t *indices, int64_t begin, int64_t end, int64_t H,
+static int max_pool2d_forward_range(const float *x, float *out, int64_t *indices, int64_t begin, int64_t end, int64_t H,
                            int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                            int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
     enum { KMAX = 64 };
@@ -381,4 +390,92 @@ int exc_max_pool2d_forward(const float *x, float *out, int64_t *indices, int64_t
     free(first);
     free(best);
     return 0;
+}
+
+/* ---- Exported entry points: [begin, end) split into `threads` contiguous parts. ---- */
+
+/* Whether this build runs its parallel regions on OpenMP (1) or on the calling thread only (0). */
+int exc_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Part `part` of `parts` of [begin, end): contiguous, in order, sizes differing by at most one. */
+static inline void part_of(int64_t begin, int64_t end, int64_t part, int64_t parts, int64_t *lo, int64_t *hi) {
+    const int64_t n = end - begin;
+    *lo = begin + n * part / parts;
+    *hi = begin + n * (part + 1) / parts;
+}
+
+#ifdef _OPENMP
+#define THREAD_INDEX() ((int64_t)omp_get_thread_num())
+#define THREAD_COUNT() ((int64_t)omp_get_num_threads())
+#define PARALLEL _Pragma("omp parallel num_threads(threads > 1 ? threads : 1) if (threads > 1)")
+#define PARALLEL_STATUS _Pragma("omp parallel num_threads(threads > 1 ? threads : 1) if (threads > 1) reduction(max : status)")
+#else
+#define THREAD_INDEX() ((int64_t)0)
+#define THREAD_COUNT() ((int64_t)1)
+#define PARALLEL
+#define PARALLEL_STATUS
+#endif
+
+void exc_relu_sigmoid_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
+                               float inv_temp, int threads) {
+    PARALLEL
+    {
+        int64_t lo, hi;
+        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
+        relu_sigmoid_backward_range(g, z, out, lo, hi, inv_temp);
+    }
+}
+
+void exc_bn_relu_sigmoid_backward_(const float *g, float *z, const float *scale, int64_t channels, int64_t inner,
+                                   int64_t begin_plane, int64_t end_plane, float inv_temp, int64_t g_batch_stride,
+                                   int64_t g_channel_stride, int threads) {
+    PARALLEL
+    {
+        int64_t lo, hi;
+        part_of(begin_plane, end_plane, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
+        bn_relu_sigmoid_backward_range(g, z, scale, channels, inner, lo, hi, inv_temp, g_batch_stride,
+                                       g_channel_stride);
+    }
+}
+
+/* Returns 0, or the largest failure of any part: 1 (a buffer could not be allocated), 2 (window too large). */
+int exc_soft_max_pool2d_backward(const float *g, const float *x, float *dx, int64_t begin, int64_t end, int64_t H,
+                                 int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                                 int64_t ph, int64_t pw, int64_t dh, int64_t dw, float scale2, int weights_only,
+                                 int threads) {
+    int status = 0;
+    PARALLEL_STATUS
+    {
+        int64_t lo, hi;
+        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
+        if (lo < hi) {
+            const int part = soft_max_pool2d_backward_range(g, x, dx, lo, hi, H, W, OH, OW, kh, kw, sh, sw, ph, pw,
+                                                            dh, dw, scale2, weights_only);
+            status = MAX(status, part);
+        }
+    }
+    return status;
+}
+
+int exc_max_pool2d_forward(const float *x, float *out, int64_t *indices, int64_t begin, int64_t end, int64_t H,
+                           int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                           int64_t ph, int64_t pw, int64_t dh, int64_t dw, int threads) {
+    int status = 0;
+    PARALLEL_STATUS
+    {
+        int64_t lo, hi;
+        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
+        if (lo < hi) {
+            const int part = max_pool2d_forward_range(x, out, indices, lo, hi, H, W, OH, OW, kh, kw, sh, sw, ph, pw,
+                                                      dh, dw);
+            status = MAX(status, part);
+        }
+    }
+    return status;
 }
