@@ -193,6 +193,7 @@ class CompiledExcited(nn.Module):
         self.trace_error = trace_error
         self.backend = ExcitationBackend(preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
                                          pool_backward=pool_backward, temps=temps, inner=inner)
+        self.backend.warn_unused_temps = False  # _check_temps() checks after each call instead
         counting = _CountingBackend(self.backend)
         # Not a registered submodule: parameters() and modules() see the clone once.
         self.__dict__["_counting"] = counting

@@ -271,3 +271,16 @@ def test_an_integer_clamp_is_an_index_not_an_activation():
     assert api.path_of(prepared) == "dynamo" and not prepared.report().unhandled
     assert [s.kind for s in prepared.report().sites] == ["relu"]
     assert rel_err(ours, reference_pullback(model, x, 1)) < 1e-5
+
+
+def test_backend_by_hand_applies_a_temps_mapping_across_graph_breaks(model, caplog):
+    # "pos.1" lives in the graph after the break: the first graph must not refuse it (it did,
+    # before: each graph checked the mapping against its own sites), and says once that it is unused so far.
+    x, _ = _inputs()
+    backend = excitation.backend(temps={"pos.1": 0.7}, inner="eager")
+    with caplog.at_level(logging.WARNING, logger="excitation"):
+        torch.compile(api.clone_module_tree(model).eval(), backend=backend)(x)
+    assert backend.unused_temps == []
+    temps = [site.temp for part in backend.reports for site in part.sites if site.name == "pos.1"]
+    assert temps == [0.7]
+    assert sum("name no site of the 1 graph(s)" in r.getMessage() for r in caplog.records) == 1

@@ -130,10 +130,14 @@ def test_fused_batch_norm_gate_with_a_slice_of_a_concatenation_as_gradient():
     whole = torch.randn(2, 12, 7, 6)
     g = whole[:, 3:8]  # planes contiguous, batch stride of the concatenation
     assert not g.is_contiguous() and native.planes_contiguous(g)
-    scale = torch.rand(5) + 0.5
-    expected = torch_paths.flush_subnormal_(torch_paths.relu_backward(g, z, 0.3, "sigmoid") * scale.view(1, -1, 1, 1))
-    ours = native.batch_norm_relu_sigmoid_backward_(g, z.clone(), scale, 0.3)
-    torch.testing.assert_close(ours, expected, rtol=2e-6, atol=1e-12)
+    var, weight = torch.rand(5) + 0.5, torch.nn.Parameter(torch.randn(5))
+    for w in (weight, None):
+        scale = torch.rsqrt(var + 1e-5) * (1 if w is None else w.detach())
+        expected = torch_paths.flush_subnormal_(torch_paths.relu_backward(g, z, 0.3, "sigmoid") * scale.view(1, -1, 1, 1))
+        ours = native.batch_norm_relu_sigmoid_backward_(g, z.clone(), var, w, 1e-5, 0.3)
+        torch.testing.assert_close(ours, expected, rtol=2e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="one per channel"):
+        native.batch_norm_relu_sigmoid_backward_(g, z.clone(), var[:4], None, 1e-5, 0.3)
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -144,13 +148,13 @@ def test_results_do_not_depend_on_the_thread_count():
     out_hw = F.max_pool2d(x, 3, 2, 1).shape[-2:]
     g_pool = torch.randn(3, 7, *out_hw)
     g = torch.randn_like(x)
-    scale = torch.rand(7) + 0.5
+    var, weight = torch.rand(7) + 0.5, torch.randn(7)
     assert x.numel() >= native._PARALLEL_MIN_WORK
 
     def every_kernel():
         return [
             native.relu_sigmoid_backward(g, x, 0.3),
-            native.batch_norm_relu_sigmoid_backward_(g, x.clone(), scale, 0.3),
+            native.batch_norm_relu_sigmoid_backward_(g, x.clone(), var, weight, 1e-5, 0.3),
             native.soft_max_pool2d_backward(g_pool, x, [3, 3], [2, 2], [1, 1], [1, 1], out_hw, 0.3, "soft"),
             *native.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1], [1, 1], out_hw),
         ]

@@ -12,6 +12,7 @@ the way to excite models that do not trace.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable, List, Mapping, Optional, Sequence, Set, Union
 
@@ -25,6 +26,8 @@ from .dynamo_names import is_dynamo_graph, name_dynamo_nodes
 from .report import Report
 from .rewrite import TempsSpec, excite_graph
 from .rules import RulesSpec, resolve_rules
+
+_LOG = logging.getLogger("excitation")
 
 __all__ = ["ExcitationBackend", "backend", "excitation_backend", "mark_relu_outputs_for_recompute"]
 
@@ -67,6 +70,10 @@ class ExcitationBackend:
                             f"got {type(temps).__name__}.")
         self.temps = temps
         self._used_temps: Set[str] = set()
+        # Used by hand, the backend cannot know which graph is the last: it says once that keys are
+        # unused so far.  CompiledExcited knows when a call ends and checks there instead.
+        self.warn_unused_temps = True
+        self._warned_unused = False
         resolve_rules(rules, self.temp, self.temp)  # refuse bad rules now, not at the first compile
         self.rules = rules
         self.saved = check_saved(saved)
@@ -120,6 +127,12 @@ class ExcitationBackend:
             mark_relu_outputs_for_recompute(gm)
         with self._lock:
             self.reports.append(result)
+            unused = self.unused_temps
+            if unused and self.warn_unused_temps and not self._warned_unused:
+                self._warned_unused = True
+                _LOG.warning("excitation.backend: %d temps keys name no site of the %d graph(s) compiled so far "
+                             "(a later graph may hold them; backend.unused_temps lists them): %s", len(unused),
+                             len(self.reports), ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else ""))
         return self._inner_backend()(gm, example_inputs)
 
     def __repr__(self) -> str:

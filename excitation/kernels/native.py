@@ -68,7 +68,8 @@ _i64, _f32, _ptr, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes
 _SIGNATURES = {
     "exc_openmp": ([], _int),
     "exc_relu_sigmoid_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _int], None),
-    "exc_bn_relu_sigmoid_backward_": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _f32, _i64, _i64, _int], None),
+    "exc_bn_relu_sigmoid_backward_": ([_ptr, _ptr, _ptr, _ptr, _f32, _i64, _i64, _i64, _i64, _f32, _i64, _i64, _int],
+                                      None),
     "exc_soft_max_pool2d_backward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_f32, _int, _int], _int),
     "exc_max_pool2d_forward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_int], _int),
 }
@@ -216,10 +217,15 @@ def _run(call: Callable[[int, int, int], object], total: int, work_per_item: int
         raise MemoryError("excitation's C pool kernel could not allocate its row buffers")
 
 
+# Tensor subclasses may carry their own meaning (a wrapper, a fake or functional tensor); a
+# Parameter is a plain tensor (BatchNorm's weight reaches the fused backward as one).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def supports(*tensors: Tensor, contiguous: bool = True) -> bool:
     """Whether these tensors can go to the C kernels: plain float32 CPU tensors, contiguous unless told otherwise."""
     return all(
-        type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32
+        type(t) in _PLAIN and t.device.type == "cpu" and t.dtype == torch.float32
         and (t.is_contiguous() or not contiguous)
         for t in tensors
     )
@@ -247,17 +253,21 @@ def planes_contiguous(t: Tensor) -> bool:
     return True
 
 
-def batch_norm_relu_sigmoid_backward_(grad: Tensor, z: Tensor, scale: Tensor, temp: float) -> Tensor:
+def batch_norm_relu_sigmoid_backward_(grad: Tensor, z: Tensor, running_var: Tensor, weight: Optional[Tensor],
+                                      eps: float, temp: float) -> Tensor:
     """In place on ``z`` ([N, C, ...], contiguous): ``flush(flush(grad * gate(z)) * scale[c])``; returns ``z``.
 
-    ``grad`` needs only contiguous planes (:func:`planes_contiguous`), such as a slice of a channel concatenation.
+    ``scale = rsqrt(running_var + eps) * weight`` (eval-mode BatchNorm's ``dx / dz``) is computed in
+    the kernel; ``running_var`` and ``weight`` (or ``None``) must be contiguous float32 ([C]).  ``grad``
+    needs only contiguous planes (:func:`planes_contiguous`), such as a slice of a channel concatenation.
     """
     library = _load()
-    scale = scale.reshape(-1).contiguous().float()
     channels, inner = z.shape[1], z[0, 0].numel()
-    pointers = (grad.data_ptr(), z.data_ptr(), scale.data_ptr())
+    if running_var.numel() != channels or (weight is not None and weight.numel() != channels):
+        raise ValueError(f"running_var and weight need {channels} values (one per channel of z)")
+    pointers = (grad.data_ptr(), z.data_ptr(), running_var.data_ptr(), None if weight is None else weight.data_ptr())
     strides = (grad.stride(0), grad.stride(1))
-    _run(lambda begin, end, threads: library.exc_bn_relu_sigmoid_backward_(*pointers, channels, inner, begin, end,
+    _run(lambda begin, end, threads: library.exc_bn_relu_sigmoid_backward_(*pointers, eps, channels, inner, begin, end,
                                                                           1.0 / temp, *strides, threads),
          z.shape[0] * channels, inner)
     return z
