@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from excitation.gates import hardtanh_gate
 from excitation.kernels import native, reference, torch_paths
 from excitation.kernels.reference import max_pool2d_output_size
 
@@ -125,6 +126,27 @@ def test_relu_gate_matches_the_contract_and_never_underflows():
         assert torch.equal(in_place, ours)
 
 
+@pytest.mark.parametrize("window", [(0.0, 6.0), (-1.0, 1.0), (-2.5, 0.5)])
+def test_hardtanh_window_matches_the_contract_and_never_underflows(window):
+    lo, hi = window
+    z = torch.cat([torch.randn(20_000) * 8, torch.tensor([-math.inf, math.inf, lo, hi, 0.5 * (lo + hi), -1e30, 1e30])])
+    g = torch.randn_like(z)
+    g[:100] = 1e-30
+    for temp in (1e-3, 0.3, 5.0):
+        ours = native.hardtanh_sigmoid_backward(g, z, temp, lo, hi)
+        # float64, in the form that does not cancel: above the window's middle both sigmoids are
+        # ~1, where even float64's difference loses the window (z = 17, ReLU6, t = 0.3: e^-37).
+        u_lo, u_hi = (z.double() - lo) / temp, (z.double() - hi) / temp
+        window_ = torch.where(z.double() > 0.5 * (lo + hi), torch.sigmoid(-u_hi) - torch.sigmoid(-u_lo),
+                              torch.sigmoid(u_lo) - torch.sigmoid(u_hi))
+        ref = reference.gated_backward(g.double(), window_)
+        torch.testing.assert_close(ours.double(), ref, rtol=5e-6, atol=1e-18)
+        # and the contract's own float32 gate, up to its cancellation (~1e-7 of the gate's scale)
+        torch.testing.assert_close(ours, reference.gated_backward(g, hardtanh_gate(z, temp, lo, hi)), rtol=5e-6,
+                                   atol=2e-7 * float(g.abs().max()))
+        assert _subnormals(ours) == 0
+
+
 def test_fused_batch_norm_gate_with_a_slice_of_a_concatenation_as_gradient():
     z = torch.randn(2, 5, 7, 6) * 4
     whole = torch.randn(2, 12, 7, 6)
@@ -154,6 +176,7 @@ def test_results_do_not_depend_on_the_thread_count():
     def every_kernel():
         return [
             native.relu_sigmoid_backward(g, x, 0.3),
+            native.hardtanh_sigmoid_backward(g, x, 0.3, 0.0, 6.0),
             native.batch_norm_relu_sigmoid_backward_(g, x.clone(), var, weight, 1e-5, 0.3),
             native.soft_max_pool2d_backward(g_pool, x, [3, 3], [2, 2], [1, 1], [1, 1], out_hw, 0.3, "soft"),
             *native.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1], [1, 1], out_hw),
@@ -170,7 +193,7 @@ def test_results_do_not_depend_on_the_thread_count():
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
     expected_values, expected_indices = F.max_pool2d(x, 3, 2, 1, return_indices=True)
-    assert torch.equal(results[0][3], expected_values) and torch.equal(results[0][4], expected_indices)
+    assert torch.equal(results[0][4], expected_values) and torch.equal(results[0][5], expected_indices)
 
 
 _FALLBACK = textwrap.dedent(

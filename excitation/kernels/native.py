@@ -43,7 +43,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["available", "status", "supports", "relu_sigmoid_backward", "batch_norm_relu_sigmoid_backward_",
+__all__ = ["available", "status", "supports", "relu_sigmoid_backward", "hardtanh_sigmoid_backward",
+           "batch_norm_relu_sigmoid_backward_",
            "soft_max_pool2d_backward", "max_pool2d_with_indices", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("csrc") / "excitation_cpu.c"
@@ -68,6 +69,7 @@ _i64, _f32, _ptr, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes
 _SIGNATURES = {
     "exc_openmp": ([], _int),
     "exc_relu_sigmoid_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _int], None),
+    "exc_hardtanh_sigmoid_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _f32, _f32, _int], None),
     "exc_bn_relu_sigmoid_backward_": ([_ptr, _ptr, _ptr, _ptr, _f32, _i64, _i64, _i64, _i64, _f32, _i64, _i64, _int],
                                       None),
     "exc_soft_max_pool2d_backward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_f32, _int, _int], _int),
@@ -237,6 +239,17 @@ def relu_sigmoid_backward(grad: Tensor, z: Tensor, temp: float, out: Optional[Te
     out = torch.empty_like(z) if out is None else out
     pointers = (grad.data_ptr(), z.data_ptr(), out.data_ptr())
     _run(lambda begin, end, threads: library.exc_relu_sigmoid_backward(*pointers, begin, end, 1.0 / temp, threads),
+         z.numel())
+    return out
+
+
+def hardtanh_sigmoid_backward(grad: Tensor, z: Tensor, temp: float, min_val: float, max_val: float) -> Tensor:
+    """``flush(grad * floor(hardtanh_gate(z, temp, min_val, max_val)))`` in one pass (:func:`excitation.gates.hardtanh_gate`)."""
+    library = _load()
+    out = torch.empty_like(z)
+    pointers = (grad.data_ptr(), z.data_ptr(), out.data_ptr())
+    _run(lambda begin, end, threads: library.exc_hardtanh_sigmoid_backward(*pointers, begin, end, 1.0 / temp, min_val,
+                                                                           max_val, threads),
          z.numel())
     return out
 

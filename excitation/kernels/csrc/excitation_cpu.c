@@ -75,6 +75,23 @@ static void relu_sigmoid_backward_range(const float *g, const float *z, float *o
     for (int64_t i = begin; i < end; ++i) out[i] = flush(g[i] * sigmoid_floored(z[i] * inv_temp));
 }
 
+/* out[i] = flush(g[i] * floor(sigmoid((z - lo) / temp) - sigmoid((z - hi) / temp))): the soft window of
+ * Hardtanh / ReLU6 (gates.hardtanh_gate), each sigmoid and the window floored at 2^-64.  Above the
+ * window's middle both sigmoids are near 1 and their float32 difference cancels; there the same
+ * window is sigmoid((hi - z) / temp) - sigmoid((lo - z) / temp), a difference of small numbers. */
+static void hardtanh_sigmoid_backward_range(const float *g, const float *z, float *out, int64_t begin, int64_t end,
+                                            float inv_temp, float lo, float hi) {
+    const float floor_gate = 5.421010862427522e-20f; /* 2^-64 */
+    const float middle = 0.5f * (lo + hi);
+    for (int64_t i = begin; i < end; ++i) {
+        const float sign = z[i] > middle ? -1.0f : 1.0f;
+        const float u_lo = (z[i] - lo) * inv_temp, u_hi = (z[i] - hi) * inv_temp;
+        const float window = sign > 0.0f ? sigmoid_floored(u_lo) - sigmoid_floored(u_hi)
+                                         : sigmoid_floored(-u_hi) - sigmoid_floored(-u_lo);
+        out[i] = flush(g[i] * (window < floor_gate ? 0.0f : window));
+    }
+}
+
 /* The fused BatchNorm -> ReLU pullback in one pass, in place on the recomputed pre-activation z
  * (contiguous N, C, inner): z = flush(flush(g * sigmoid(z / temp)) * scale[c]), with eval-mode
  * BatchNorm's input gradient scale[c] = rsqrt(var[c] + eps) * weight[c] (weight may be NULL: 1)
@@ -427,6 +444,21 @@ static inline void part_of(int64_t begin, int64_t end, int64_t part, int64_t par
 #define PARALLEL_STATUS
 #endif
 
+/* Runs `call` (an expression of lo and hi) on each thread's part of [begin, end); returns the largest
+ * status any part returned. */
+#define SPLIT_KEEPING_STATUS(begin, end, call)                                    \
+    int status = 0;                                                              \
+    PARALLEL_STATUS                                                              \
+    {                                                                            \
+        int64_t lo, hi;                                                          \
+        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);           \
+        if (lo < hi) {                                                           \
+            const int part = (call);                                             \
+            status = MAX(status, part);                                          \
+        }                                                                        \
+    }                                                                            \
+    return status
+
 void exc_relu_sigmoid_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
                                float inv_temp, int threads) {
     PARALLEL
@@ -434,6 +466,16 @@ void exc_relu_sigmoid_backward(const float *g, const float *z, float *out, int64
         int64_t lo, hi;
         part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
         relu_sigmoid_backward_range(g, z, out, lo, hi, inv_temp);
+    }
+}
+
+void exc_hardtanh_sigmoid_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
+                                   float inv_temp, float lo, float hi, int threads) {
+    PARALLEL
+    {
+        int64_t lo_part, hi_part;
+        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo_part, &hi_part);
+        hardtanh_sigmoid_backward_range(g, z, out, lo_part, hi_part, inv_temp, lo, hi);
     }
 }
 
@@ -454,33 +496,13 @@ int exc_soft_max_pool2d_backward(const float *g, const float *x, float *dx, int6
                                  int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                                  int64_t ph, int64_t pw, int64_t dh, int64_t dw, float scale2, int weights_only,
                                  int threads) {
-    int status = 0;
-    PARALLEL_STATUS
-    {
-        int64_t lo, hi;
-        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
-        if (lo < hi) {
-            const int part = soft_max_pool2d_backward_range(g, x, dx, lo, hi, H, W, OH, OW, kh, kw, sh, sw, ph, pw,
-                                                            dh, dw, scale2, weights_only);
-            status = MAX(status, part);
-        }
-    }
-    return status;
+    SPLIT_KEEPING_STATUS(begin, end, soft_max_pool2d_backward_range(g, x, dx, lo, hi, H, W, OH, OW, kh, kw, sh, sw,
+                                                                    ph, pw, dh, dw, scale2, weights_only));
 }
 
 int exc_max_pool2d_forward(const float *x, float *out, int64_t *indices, int64_t begin, int64_t end, int64_t H,
                            int64_t W, int64_t OH, int64_t OW, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                            int64_t ph, int64_t pw, int64_t dh, int64_t dw, int threads) {
-    int status = 0;
-    PARALLEL_STATUS
-    {
-        int64_t lo, hi;
-        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
-        if (lo < hi) {
-            const int part = max_pool2d_forward_range(x, out, indices, lo, hi, H, W, OH, OW, kh, kw, sh, sw, ph, pw,
-                                                      dh, dw);
-            status = MAX(status, part);
-        }
-    }
-    return status;
+    SPLIT_KEEPING_STATUS(begin, end, max_pool2d_forward_range(x, out, indices, lo, hi, H, W, OH, OW, kh, kw, sh, sw,
+                                                              ph, pw, dh, dw));
 }
