@@ -37,9 +37,9 @@ class ExcitationBackend:
 
     Sites of dynamo's graphs are named stably (:mod:`.dynamo_names`): ``report.sites[i].node``
     is a key such as ``"blocks.3.act:relu@57/144"`` that is the same in every compile of
-    the model.  A ``temps`` mapping may name
-    either; each graph takes the keys it holds (a graph break spreads the sites over several
-    graphs), and :attr:`unused_temps` lists the keys no graph has held so far.
+    the model.  A ``temps`` mapping may name a site by that key or by its ``name`` (a site
+    module's path); each graph takes the keys it holds (a graph break spreads the sites over
+    several graphs), and :attr:`unused_temps` lists the keys no graph has held so far.
 
     Attributes
     ----------
