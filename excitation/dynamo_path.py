@@ -248,9 +248,9 @@ class CompiledExcited(nn.Module):
         unused = self.backend.unused_temps
         if not unused:
             return
-        known = sorted({key for part in self.backend.reports for site in part.sites if site.temp is not None
-                        for key in (site.node, site.name)})
         if len(unused) == len(self.backend.temps):
+            known = sorted({key for part in self.backend.reports for site in part.sites if site.temp is not None
+                            for key in (site.node, site.name)})
             raise ValueError(
                 f"temps names no site of {type(self.model).__name__}'s compiled graphs: "
                 f"{with_suggestions(unused, known)}.  On the dynamo path sites are keyed like "

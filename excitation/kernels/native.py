@@ -102,7 +102,8 @@ def _torch_uses_openmp() -> bool:
         return False  # elsewhere torch bundles another OpenMP runtime (libomp / vcomp): do not load a second one
     try:
         backend = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
-        loaded = any("libgomp" in line for line in Path("/proc/self/maps").read_text().splitlines())
+        # The soname our -fopenmp library needs; vendored copies under other names (scikit-learn's) do not count.
+        loaded = any(line.rstrip().endswith("/libgomp.so.1") for line in Path("/proc/self/maps").read_text().splitlines())
     except (OSError, RuntimeError):
         return False
     return backend and loaded
