@@ -91,10 +91,17 @@ def randomise_zero_heads(model: nn.Module, seed: int) -> None:
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.01)
 
 
-def _timed(fn: Callable[[], torch.Tensor]) -> float:
+def _timed(fn: Callable[[], torch.Tensor], calls: int = 1) -> float:
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+#: Each timed round lasts at least this long (several calls of a small model), so that one
+#: preempted call or page-faulting allocation does not decide a ratio: with one call per round a
+#: batch-1 model of 3-10 ms read 1.26 and 1.42 in two runs a minute apart (mobilenet_v3_small).
+_MIN_ROUND_SECONDS = 0.03
 
 
 def check_model(
@@ -148,10 +155,17 @@ def check_model(
     row.finite = bool(torch.isfinite(pulled).all())
     norm = float(vanilla.norm())
     row.rel_diff = float((pulled - vanilla).norm()) / norm if norm > 0 else math.nan
+    def vanilla_call() -> torch.Tensor:
+        return gradient(model, x, target)
+
+    def ours_call() -> torch.Tensor:
+        return pullback(run, x, target) if result is not None else _input_grad(run, x, target)
+
+    calls = max(1, min(64, math.ceil(_MIN_ROUND_SECONDS / max(_timed(vanilla_call), 1e-6))))
     ours_t, vanilla_t = [], []
     for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
-        vanilla_t.append(_timed(lambda: gradient(model, x, target)))
-        ours_t.append(_timed(lambda: pullback(run, x, target) if result is not None else _input_grad(run, x, target)))
+        vanilla_t.append(_timed(vanilla_call, calls))
+        ours_t.append(_timed(ours_call, calls))
     row.time_ratio = statistics.median(ours_t) / statistics.median(vanilla_t)
     row.seconds = time.perf_counter() - start
     return row

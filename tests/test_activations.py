@@ -239,3 +239,27 @@ def test_float32_silu_and_gelu_take_the_relu_fast_paths_and_keep_the_contract(na
     torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-37)
     assert (ours == 0).sum() > 0 and (ours != 0).sum() > 0  # both regimes are exercised
     assert int(((ours != 0) & (ours.abs() < torch.finfo(torch.float32).tiny)).sum()) == 0
+
+
+@pytest.mark.parametrize("name", ["relu6", "hardtanh", "hardsigmoid", "hardswish"])
+def test_float32_cpu_backward_takes_the_c_kernel_and_matches_the_float64_standin(name, monkeypatch):
+    # The eager float32 CPU backward of these kinds runs one C pass (kernels.native); float64 takes
+    # the torch path.  Both must give the stand-in's gradient, and the C kernel must really have run.
+    from excitation.kernels import native
+
+    if not native.available():
+        pytest.skip(f"no C kernels on this machine: {native.status()}")  # the torch path is tested above
+    calls = []
+    for kernel in ("hardtanh_sigmoid_backward", "hardswish_backward"):
+        real = getattr(native, kernel)
+        monkeypatch.setattr(native, kernel, lambda *a, _real=real, _k=kernel: calls.append(_k) or _real(*a))
+    surrogate, _, standin = CASES[name]
+    torch.manual_seed(0)
+    z = torch.randn(4, 8, 9, 9) * 4
+    temp = 0.3 if name != "hardswish" else 1.6
+    leaf = z.clone().requires_grad_(True)
+    surrogate(leaf, temp).backward(torch.ones_like(z))
+    z64 = z.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(standin(z64, temp).sum(), z64)
+    assert calls == ["hardswish_backward" if name == "hardswish" else "hardtanh_sigmoid_backward"]
+    torch.testing.assert_close(leaf.grad.double(), expected, rtol=1e-5, atol=1e-6)

@@ -148,7 +148,8 @@ def test_plain_eager_runs_the_cheap_function_and_double_backward_matches(block):
         if node is not None and type(node).__name__ not in names:
             names.add(type(node).__name__)
             stack.extend(next_fn for next_fn, _ in node.next_functions)
-    assert "_EagerBatchNormReLUBackward" in names, names  # (bn_used_twice keeps NativeBatchNormBackward0)
+    # the CPU's Function (a GPU runs _EagerBatchNormReLU); bn_used_twice keeps NativeBatchNormBackward0
+    assert "_EagerCpuBatchNormReLUBackward" in names, names
 
     def second_order(module):
         leaf = x.clone().requires_grad_(True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from excitation.gates import hardtanh_gate
+from excitation.gates import hard_sigmoid_gate, hardsigmoid_unit_gate, hardtanh_gate
 from excitation.kernels import native, reference, torch_paths
 from excitation.kernels.reference import max_pool2d_output_size
 
@@ -149,19 +149,79 @@ def test_hardtanh_window_matches_the_contract_and_never_underflows(window):
         assert _subnormals(ours) == 0
 
 
-def test_fused_batch_norm_gate_with_a_slice_of_a_concatenation_as_gradient():
-    z = torch.randn(2, 5, 7, 6) * 4
+def test_hardsigmoid_window_is_the_relu6_window_of_z_plus_3_over_6():
+    z = torch.cat([torch.randn(20_000) * 8, torch.tensor([-math.inf, math.inf, -3.0, 3.0, 0.0])])
+    g = torch.randn_like(z)
+    for temp in (1e-3, 0.3, 5.0):
+        ours = native.hardtanh_sigmoid_backward(g, z, temp, -3.0, 3.0, 1.0 / 6.0)
+        u_lo, u_hi = (z.double() + 3) / temp, (z.double() - 3) / temp
+        window = torch.where(z.double() > 0, torch.sigmoid(-u_hi) - torch.sigmoid(-u_lo),
+                             torch.sigmoid(u_lo) - torch.sigmoid(u_hi))
+        torch.testing.assert_close(ours.double(), reference.gated_backward(g.double(), window / 6), rtol=5e-6,
+                                   atol=1e-18)
+        contract = reference.gated_backward(g, hardsigmoid_unit_gate(z, temp))
+        torch.testing.assert_close(ours, contract, rtol=5e-6, atol=2e-7 * float(g.abs().max()))
+        assert _subnormals(ours) == 0
+
+
+def test_hardswish_gate_matches_the_contract_and_never_underflows():
+    z = torch.cat([torch.randn(20_000) * 8, torch.tensor([-math.inf, math.inf, math.nan, 0.0, -3.0, 3.0, 1e30, -1e30])])
+    g = torch.randn_like(z)
+    g[:100] = 1e-30
+    for temp in (1e-3, 0.3, 1.6, 5.0):
+        ours = native.hardswish_backward(g, z, temp)
+        # float64 (independent rounding) and the contract's float32 gate (z / (6 t) there, a product here).  Near
+        # the gate's foot z / (6 t) + 1/2 cancels: float32 carries ~ulp(1/2) = 6e-8 absolute there, in both.
+        atol = 1e-7 * float(g.abs().max())
+        ref = reference.gated_backward(g.double(), hard_sigmoid_gate(z.double(), temp))
+        torch.testing.assert_close(ours.double(), ref, rtol=2e-6, atol=atol, equal_nan=True)
+        contract = reference.gated_backward(g, hard_sigmoid_gate(z, temp))
+        torch.testing.assert_close(ours, contract, rtol=2e-6, atol=atol, equal_nan=True)
+        assert torch.isnan(ours[-6]) and _subnormals(ours) == 0
+        assert torch.equal(ours[-8:-6], torch.stack([torch.tensor(0.0), g[-7]]))  # -inf gates 0, +inf gates 1
+
+
+def _batch_norm_relu_reference(g, x, mean, var, weight, bias, residual, eps=1e-5, temp=0.3):
+    """(dx, dz) by torch: z = batch_norm(x) [+ residual], dz = the torch path's gate, dx = dz * weight * invstd."""
+    z = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    if residual is not None:
+        z = z + residual
+    dz = torch_paths.relu_backward(g, z, 0.3, "sigmoid")
+    scale = torch.rsqrt(var + eps) * (1 if weight is None else weight.detach())
+    return torch_paths.flush_subnormal_(dz * scale.view(1, -1, 1, 1)), dz
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_batch_norm_gate_from_batch_norms_input(affine, with_residual):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 6) * 3 + 1
     whole = torch.randn(2, 12, 7, 6)
     g = whole[:, 3:8]  # planes contiguous, batch stride of the concatenation
     assert not g.is_contiguous() and native.planes_contiguous(g)
-    var, weight = torch.rand(5) + 0.5, torch.nn.Parameter(torch.randn(5))
-    for w in (weight, None):
-        scale = torch.rsqrt(var + 1e-5) * (1 if w is None else w.detach())
-        expected = torch_paths.flush_subnormal_(torch_paths.relu_backward(g, z, 0.3, "sigmoid") * scale.view(1, -1, 1, 1))
-        ours = native.batch_norm_relu_sigmoid_backward_(g, z.clone(), var, w, 1e-5, 0.3)
-        torch.testing.assert_close(ours, expected, rtol=2e-6, atol=1e-12)
-    with pytest.raises(ValueError, match="one per channel"):
-        native.batch_norm_relu_sigmoid_backward_(g, z.clone(), var[:4], None, 1e-5, 0.3)
+    mean, var = torch.randn(5), torch.rand(5) + 0.5
+    weight, bias = (torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))) if affine else (None, None)
+    residual = torch.randn_like(x) if with_residual else None
+    with torch.no_grad():
+        expected_dx, expected_dz = _batch_norm_relu_reference(g, x, mean, var, weight, bias, residual)
+    dx, dz = native.batch_norm_relu_sigmoid_backward(g, x, mean, var, weight, bias, 1e-5, 0.3, residual, with_residual)
+    # z to the rounding of one multiply-add against torch.batch_norm's (a possible FMA there): a relative
+    # 6e-8 in z is |z / temp| times that in the gate (up to ~40 x 6e-8 where it is still above its floor)
+    torch.testing.assert_close(dx, expected_dx, rtol=5e-6, atol=1e-12)
+    if with_residual:
+        torch.testing.assert_close(dz, expected_dz, rtol=5e-6, atol=1e-12)
+    else:
+        assert dz is None
+    assert _subnormals(dx) == 0
+
+
+def test_fused_batch_norm_gate_refuses_mismatched_tensors():
+    x, g = torch.randn(2, 5, 3, 3), torch.randn(2, 5, 3, 3)
+    mean, var = torch.zeros(5), torch.ones(5)
+    with pytest.raises(ValueError, match="running_var needs 5 values"):
+        native.batch_norm_relu_sigmoid_backward(g, x, mean, var[:4], None, None, 1e-5, 0.3)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        native.batch_norm_relu_sigmoid_backward(g, x, mean, var, None, None, 1e-5, 0.3, x[:1])
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -179,7 +239,8 @@ def test_results_do_not_depend_on_the_thread_count():
         return [
             native.relu_sigmoid_backward(g, x, 0.3),
             native.hardtanh_sigmoid_backward(g, x, 0.3, 0.0, 6.0),
-            native.batch_norm_relu_sigmoid_backward_(g, x.clone(), var, weight, 1e-5, 0.3),
+            native.hardswish_backward(g, x * 4, 0.3),
+            *native.batch_norm_relu_sigmoid_backward(g, x, var - 1, var, weight, None, 1e-5, 0.3, x * 0.5, True),
             native.soft_max_pool2d_backward(g_pool, x, [3, 3], [2, 2], [1, 1], [1, 1], out_hw, 0.3, "soft"),
             *native.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1], [1, 1], out_hw),
         ]
@@ -195,7 +256,7 @@ def test_results_do_not_depend_on_the_thread_count():
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
     expected_values, expected_indices = F.max_pool2d(x, 3, 2, 1, return_indices=True)
-    assert torch.equal(results[0][4], expected_values) and torch.equal(results[0][5], expected_indices)
+    assert torch.equal(results[0][-2], expected_values) and torch.equal(results[0][-1], expected_indices)
 
 
 _FALLBACK = textwrap.dedent(

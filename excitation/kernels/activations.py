@@ -78,18 +78,15 @@ def surrogate_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: floa
     ``softplus_backward``): at batch 1 the contract's six small passes per site were what made
     efficientnet's and convnext's pullbacks ~1.25x vanilla in the zoo.
     """
-    if kind == "hardtanh":
-        from .ops import native_hardtanh_backward  # ops imports this module's siblings; import when used
+    from .ops import native_activation_backward, relu_gate_backward  # ops imports this module's siblings
 
-        fast = native_hardtanh_backward(grad, z, temp, params[0], params[1])
-        if fast is not None:
-            return fast
+    fast = native_activation_backward(grad, z, kind, temp, params)
+    if fast is not None:
+        return fast
     relu_gate = _RELU_GATE_OF.get(kind)
     # float64 keeps the contract: the fast path's softplus_backward returns the gate 1 past
     # z / temp > 20 (off by e^-20 ~ 2e-9, below float32's resolution but not float64's).
     if relu_gate is not None and z.dtype != torch.float64:
-        from .ops import relu_gate_backward  # ops imports this module's siblings; import when used
-
         return relu_gate_backward(grad, z, temp, relu_gate)
     compute = z.to(torch.promote_types(z.dtype, torch.float32))
     return gated_backward(grad, ACTIVATION_GATES[kind](compute, temp, *params))

@@ -13,12 +13,12 @@ The fused op runs the same ``torch.batch_norm`` call ``F.batch_norm`` makes in e
 mode, adds the residual and applies ``relu_`` in place: the forward is the
 original's bit for bit.  It saves BatchNorm's input (and the residual, which the
 following block's convolution saves anyway) and *recomputes* ``z`` in the backward
-with the same call, so its pullback equals the unfused one exactly.  Parameter
+with the same call, so its pullback equals the unfused one exactly (the eager CPU C kernel
+recomputes ``z`` itself, to the rounding of one multiply-add: see :func:`_cpu_input_gradients`).  Parameter
 gradients are BatchNorm's eval-mode ones, from the same ``native_batch_norm_backward`` vanilla runs.
 
-On the CPU, a pullback's backward (no BatchNorm parameter gradient wanted) of a large tensor
-works in place on the recomputed ``z``, so it allocates one tensor where vanilla allocates two
-(:func:`_cpu_input_gradients`).
+On the CPU, a pullback's backward (no BatchNorm parameter gradient wanted) allocates one tensor
+where vanilla allocates two (:func:`_cpu_input_gradients`).
 
 Only eval-mode BatchNorm with running statistics fuses (a training-mode BatchNorm
 normalises by batch statistics and updates its buffers); :func:`batch_norm_relu`
@@ -138,22 +138,23 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
 
     Fresh CPU tensors are expensive: a large one comes straight from ``mmap`` and pays a
     page fault per 4 KiB on first write (a 100 MB ``clone`` takes 38 ms on the 2-core box,
-    a ``copy_`` into an existing tensor 6 ms).  The recomputed ``z`` is our own, so the
-    gate is written into it and eval-mode BatchNorm's input gradient, ``dz * weight *
-    invstd`` per channel, is applied to it in place: the one tensor this backward
-    allocates is the one it returns, where the generic path allocates ``z``, ``dz`` and ``dx``.
+    a ``copy_`` into an existing tensor 6 ms).  The C kernel reads BatchNorm's input and
+    writes the input gradient alone, recomputing ``z`` on the way (one pass, no ``torch.batch_norm``
+    call: ~20 us a site at batch 1).  Elsewhere (another dtype, gate or layout) ``z`` is recomputed
+    by ``torch.batch_norm`` and the gate and eval-mode BatchNorm's input gradient, ``dz * weight *
+    invstd`` per channel, are applied to it in place: the generic path allocates ``z``, ``dz`` and ``dx``.
     """
     x, weight, bias, running_mean, running_var, residual = saved
+    wants_residual = residual is not None and needs[6]
+    if gate == "sigmoid" and x.dim() >= 2 and _native(x) and grad.shape == x.shape \
+            and native.supports(grad, contiguous=False) and native.planes_contiguous(grad) \
+            and native.supports(running_mean, running_var, *[t for t in (weight, bias, residual) if t is not None]):
+        dx, dresidual = native.batch_norm_relu_sigmoid_backward(grad, x, running_mean, running_var, weight, bias, eps,
+                                                                temp, residual, wants_residual)
+        return dx, None, None, None, None, None, dresidual, None, None
     dz = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
     if residual is not None:
         dz.add_(residual)
-    wants_residual = residual is not None and needs[6]
-    if gate == "sigmoid" and not wants_residual and dz.dim() >= 2 and _native(dz) \
-            and native.supports(grad, contiguous=False) and native.planes_contiguous(grad) and grad.shape == dz.shape \
-            and native.supports(running_var, *([] if weight is None else [weight])):
-        # Gate, BatchNorm's input gradient (its scale computed in the kernel) and both flushes in one C pass over dz.
-        dx = native.batch_norm_relu_sigmoid_backward_(grad, dz, running_var, weight, eps, temp)
-        return dx, None, None, None, None, None, None, None, None
     scale = _input_gradient_scale(x, weight, running_var, eps)
     if wants_residual:  # the residual's gradient is dz itself: dx needs a tensor of its own
         relu_gate_backward_(grad, dz, temp, gate)
@@ -193,7 +194,7 @@ def _gradients_wanted(ctx, weight: Optional[Tensor], bias: Optional[Tensor], res
 
 
 class _EagerBatchNormReLU(torch.autograd.Function):
-    """The fused op in plain eager, where host time matters most (a GPU at moderate batch sizes).
+    """The fused op in plain eager on a GPU, where host time matters most (at moderate batch sizes).
 
     It runs BatchNorm through ``_batch_norm_impl_index``, the entry point ``torch.batch_norm``
     uses (same kernel, same bits), and keeps what that returns for the backward, so the
@@ -224,13 +225,6 @@ class _EagerBatchNormReLU(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the differentiable formula
             return _formula_backward(grad, saved[:6], needs, ctx.eps, ctx.temp, ctx.gate)
         mask = _gradient_mask(weight, bias, needs)
-        # CPU only: there fresh tensors cost page faults; CUDA's caching allocator makes them free,
-        # and the cuDNN backward below is what the H200 numbers were measured with.
-        # At every size since the C kernels compute the BatchNorm scale themselves and run on torch's OpenMP
-        # threads (forward + backward of one site, 2-core AMD EPYC: [1, 64, 8, 8] 201 us in place against
-        # 237 us on this generic path, [4, 128, 28, 28] 543 against 563; before, small sites were faster here).
-        if x.device.type == "cpu" and not (mask[1] or mask[2]):
-            return _cpu_input_gradients(grad, saved[:6], needs, ctx.eps, ctx.temp, ctx.gate)
         dz = _recomputed_gate(
             grad, x, weight, bias, running_mean, running_var, residual, ctx.eps, ctx.temp, ctx.gate, functional=False
         )
@@ -240,6 +234,36 @@ class _EagerBatchNormReLU(torch.autograd.Function):
         dx = flush_subnormal_(dx)  # vanilla's kernel, fed our tiny-but-normal gated values, may underflow
         dresidual = dz if residual is not None and needs[6] else None
         return dx, dweight, dbias, None, None, None, dresidual, None, None
+
+
+class _EagerCpuBatchNormReLU(torch.autograd.Function):
+    """The fused op in plain eager on the CPU: :class:`_EagerBatchNormReLU` without what only its GPU backward uses.
+
+    BatchNorm runs through ``torch.batch_norm`` (the same kernel, the same bits) and only its six
+    inputs are kept; a pullback's backward is one C pass (:func:`_cpu_input_gradients`), and a
+    backward that wants BatchNorm's parameter gradients, or a graph (``create_graph``), takes the
+    plain formula.  At batch 1 host time is the cost (2-core AMD EPYC, [1, 336, 4, 4], forward +
+    backward: ~100-140 us for this against ~155-195 us through ``_batch_norm_impl_index``'s five
+    results and nine saved tensors; vanilla's BatchNorm + ReLU ~90-115 us).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, residual, temp, gate):
+        z = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+        if residual is not None:
+            z = z.add_(residual)
+        ctx.save_for_backward(x, weight, bias, running_mean, running_var, residual)
+        ctx.eps, ctx.temp, ctx.gate = eps, temp, gate
+        return z.relu_()
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        needs = _gradients_wanted(ctx, saved[1], saved[2], saved[5])
+        mask = _gradient_mask(saved[1], saved[2], needs)
+        if torch.is_grad_enabled() or mask[1] or mask[2]:  # create_graph, or parameter gradients: the formula
+            return _formula_backward(grad, saved, needs, ctx.eps, ctx.temp, ctx.gate)
+        return _cpu_input_gradients(grad, saved, needs, ctx.eps, ctx.temp, ctx.gate)
 
 
 def fusable(bn: nn.Module, x: Tensor, residual: Optional[Tensor]) -> bool:
@@ -280,6 +304,6 @@ def batch_norm_relu(
         bn._check_input_dim(x)  # the error BatchNorm itself would raise
         args = (x, bn.weight, bn.bias, bn.running_mean, bn.running_var, float(bn.eps), residual, temp, gate)
         if mechanism(x) == "eager":
-            return _EagerBatchNormReLU.apply(*args)
+            return (_EagerCpuBatchNormReLU if x.device.type == "cpu" else _EagerBatchNormReLU).apply(*args)
         return _call_surrogate_batch_norm_relu(*args)
     return surrogate_relu(batch_norm_relu_pre_activation(x, bn, residual), temp, gate, saved)

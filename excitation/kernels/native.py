@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -38,13 +39,13 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["available", "status", "supports", "relu_sigmoid_backward", "hardtanh_sigmoid_backward",
-           "batch_norm_relu_sigmoid_backward_",
+           "hardswish_backward", "batch_norm_relu_sigmoid_backward",
            "soft_max_pool2d_backward", "max_pool2d_with_indices", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("csrc") / "excitation_cpu.c"
@@ -69,9 +70,9 @@ _i64, _f32, _ptr, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes
 _SIGNATURES = {
     "exc_openmp": ([], _int),
     "exc_relu_sigmoid_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _int], None),
-    "exc_hardtanh_sigmoid_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _f32, _f32, _int], None),
-    "exc_bn_relu_sigmoid_backward_": ([_ptr, _ptr, _ptr, _ptr, _f32, _i64, _i64, _i64, _i64, _f32, _i64, _i64, _int],
-                                      None),
+    "exc_hardtanh_sigmoid_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _f32, _f32, _f32, _int], None),
+    "exc_hardswish_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _int], None),
+    "exc_bn_relu_sigmoid_backward": ([_ptr] * 7 + [_f32, _ptr, _ptr] + [_i64] * 4 + [_f32, _i64, _i64, _int], None),
     "exc_soft_max_pool2d_backward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_f32, _int, _int], _int),
     "exc_max_pool2d_forward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_int], _int),
 }
@@ -227,11 +228,14 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def supports(*tensors: Tensor, contiguous: bool = True) -> bool:
     """Whether these tensors can go to the C kernels: plain float32 CPU tensors, contiguous unless told otherwise."""
-    return all(
-        type(t) in _PLAIN and t.device.type == "cpu" and t.dtype == torch.float32
-        and (t.is_contiguous() or not contiguous)
-        for t in tensors
-    )
+    # A loop, not all(<generator>): this runs a few times per site and call, and at batch 1 the
+    # generator's frames were ~1 us a tensor of a pullback's host time.
+    for t in tensors:
+        if type(t) not in _PLAIN or t.dtype != torch.float32 or t.is_cuda or (contiguous and not t.is_contiguous()):
+            return False
+        if t.device.type != "cpu":  # rare: meta, xpu, mps...
+            return False
+    return True
 
 
 def relu_sigmoid_backward(grad: Tensor, z: Tensor, temp: float, out: Optional[Tensor] = None) -> Tensor:
@@ -244,13 +248,29 @@ def relu_sigmoid_backward(grad: Tensor, z: Tensor, temp: float, out: Optional[Te
     return out
 
 
-def hardtanh_sigmoid_backward(grad: Tensor, z: Tensor, temp: float, min_val: float, max_val: float) -> Tensor:
-    """``flush(grad * floor(hardtanh_gate(z, temp, min_val, max_val)))`` in one pass (:func:`excitation.gates.hardtanh_gate`)."""
+def hardtanh_sigmoid_backward(
+    grad: Tensor, z: Tensor, temp: float, min_val: float, max_val: float, scale: float = 1.0
+) -> Tensor:
+    """``flush(grad * floor(scale * hardtanh_gate(z, temp, min_val, max_val)))`` in one pass.
+
+    :func:`excitation.gates.hardtanh_gate` (ReLU6, Hardtanh; ``scale`` 1), and Hardsigmoid's gate
+    (:func:`excitation.gates.hardsigmoid_unit_gate`: ``min_val, max_val, scale = -3, 3, 1/6``).
+    """
     library = _load()
     out = torch.empty_like(z)
     pointers = (grad.data_ptr(), z.data_ptr(), out.data_ptr())
     _run(lambda begin, end, threads: library.exc_hardtanh_sigmoid_backward(*pointers, begin, end, 1.0 / temp, min_val,
-                                                                           max_val, threads),
+                                                                           max_val, scale, threads),
+         z.numel())
+    return out
+
+
+def hardswish_backward(grad: Tensor, z: Tensor, temp: float) -> Tensor:
+    """``flush(grad * floor(clamp(z / (6 temp) + 1/2, 0, 1)))`` in one pass (:func:`excitation.gates.hard_sigmoid_gate`)."""
+    library = _load()
+    out = torch.empty_like(z)
+    pointers = (grad.data_ptr(), z.data_ptr(), out.data_ptr())
+    _run(lambda begin, end, threads: library.exc_hardswish_backward(*pointers, begin, end, 1.0 / (6.0 * temp), threads),
          z.numel())
     return out
 
@@ -267,24 +287,37 @@ def planes_contiguous(t: Tensor) -> bool:
     return True
 
 
-def batch_norm_relu_sigmoid_backward_(grad: Tensor, z: Tensor, running_var: Tensor, weight: Optional[Tensor],
-                                      eps: float, temp: float) -> Tensor:
-    """In place on ``z`` ([N, C, ...], contiguous): ``flush(flush(grad * gate(z)) * scale[c])``; returns ``z``.
+def batch_norm_relu_sigmoid_backward(
+    grad: Tensor, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
+    bias: Optional[Tensor], eps: float, temp: float, residual: Optional[Tensor] = None, residual_grad: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(dx, dz)`` of ``relu(batch_norm(x) [+ residual])`` (eval mode) with the sigmoid gate, in one pass over ``x``.
 
-    ``scale = rsqrt(running_var + eps) * weight`` (eval-mode BatchNorm's ``dx / dz``) is computed in
-    the kernel; ``running_var`` and ``weight`` (or ``None``) must be contiguous float32 ([C]).  ``grad``
-    needs only contiguous planes (:func:`planes_contiguous`), such as a slice of a channel concatenation.
+    ``z = batch_norm(x) [+ residual]`` is recomputed in the kernel (to the rounding of one multiply-add),
+    ``dz = flush(grad * gate(z))`` and ``dx = flush(dz * weight * rsqrt(running_var + eps))``; ``dz``
+    (the residual's gradient) is returned only if ``residual_grad``, else ``None``.  ``x`` and
+    ``residual`` ([N, C, ...]) and the per-channel tensors ([C]; ``weight``, ``bias`` may be ``None``)
+    must be contiguous float32; ``grad`` needs only contiguous planes (:func:`planes_contiguous`),
+    such as a slice of a channel concatenation.
     """
     library = _load()
-    channels, inner = z.shape[1], z[0, 0].numel()
-    if running_var.numel() != channels or (weight is not None and weight.numel() != channels):
-        raise ValueError(f"running_var and weight need {channels} values (one per channel of z)")
-    pointers = (grad.data_ptr(), z.data_ptr(), running_var.data_ptr(), None if weight is None else weight.data_ptr())
+    channels, inner = x.shape[1], math.prod(x.shape[2:])  # not x[0, 0].numel(): a view costs ~2 us at batch 1
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise ValueError(f"{name} needs {channels} values (one per channel of x), got {t.numel()}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    dx = torch.empty_like(x)
+    dz = torch.empty_like(x) if residual_grad else None
+    pointers = (grad.data_ptr(), x.data_ptr(), None if residual is None else residual.data_ptr(),
+                running_mean.data_ptr(), running_var.data_ptr(), None if weight is None else weight.data_ptr(),
+                None if bias is None else bias.data_ptr(), eps, dx.data_ptr(), None if dz is None else dz.data_ptr(),
+                channels, inner)
     strides = (grad.stride(0), grad.stride(1))
-    _run(lambda begin, end, threads: library.exc_bn_relu_sigmoid_backward_(*pointers, eps, channels, inner, begin, end,
-                                                                          1.0 / temp, *strides, threads),
-         z.shape[0] * channels, inner)
-    return z
+    _run(lambda begin, end, threads: library.exc_bn_relu_sigmoid_backward(*pointers, begin, end, 1.0 / temp,
+                                                                         *strides, threads),
+         x.shape[0] * channels, inner)
+    return dx, dz
 
 
 def soft_max_pool2d_backward(
@@ -292,8 +325,6 @@ def soft_max_pool2d_backward(
     dilation: Sequence[int], out_hw: Sequence[int], temp: float, pool_backward: str,
 ) -> Tensor:
     """The 2-D soft-pool backward of :func:`.reference.soft_max_pool2d_backward` for a float32 input [..., H, W]."""
-    import math
-
     library = _load()
     height, width = x.shape[-2:]
     planes = x.numel() // max(1, height * width)

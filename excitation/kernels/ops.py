@@ -106,14 +106,23 @@ def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tenso
     return relu_backward(grad, z, temp, gate, functional=functional)
 
 
-def native_hardtanh_backward(grad: Tensor, z: Tensor, temp: float, min_val: float, max_val: float) -> Optional[Tensor]:
-    """Hardtanh / ReLU6's soft-window backward on the C kernel, or ``None`` where it cannot run (the caller's torch path).
+def native_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: float, params: Sequence[float]) -> Optional[Tensor]:
+    """A ReLU relative's backward on its C kernel (the soft windows of Hardtanh / ReLU6 and Hardsigmoid,
+    Hardswish's gate), or ``None`` where none runs (another kind, dtype or tracer: the caller's torch path).
 
-    At batch 1 the contract's dozen small passes made each ReLU6 site ~3x vanilla's (mobilenet_v2).
+    At batch 1 the contract's half-dozen small passes made each such site ~3x vanilla's
+    (mobilenet_v2's ReLU6, mobilenet_v3's Hardswish and Hardsigmoid).
     """
-    if not functional_backward() and _native(grad, z) and grad.shape == z.shape:
-        return native.hardtanh_sigmoid_backward(grad, z, temp, min_val, max_val)
-    return None
+    if kind not in _NATIVE_KINDS or functional_backward() or not _native(grad, z) or grad.shape != z.shape:
+        return None
+    if kind == "hardtanh":
+        return native.hardtanh_sigmoid_backward(grad, z, temp, params[0], params[1])
+    if kind == "hardsigmoid":  # relu6(z + 3) / 6: the window [-3, 3] of z, scaled
+        return native.hardtanh_sigmoid_backward(grad, z, temp, -3.0, 3.0, 1.0 / 6.0)
+    return native.hardswish_backward(grad, z, temp)
+
+
+_NATIVE_KINDS = ("hardtanh", "hardsigmoid", "hardswish")
 
 
 def relu_gate_backward_(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:

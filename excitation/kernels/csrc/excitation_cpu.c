@@ -75,12 +75,13 @@ static void relu_sigmoid_backward_range(const float *g, const float *z, float *o
     for (int64_t i = begin; i < end; ++i) out[i] = flush(g[i] * sigmoid_floored(z[i] * inv_temp));
 }
 
-/* out[i] = flush(g[i] * floor(sigmoid((z - lo) / temp) - sigmoid((z - hi) / temp))): the soft window of
- * Hardtanh / ReLU6 (gates.hardtanh_gate), each sigmoid and the window floored at 2^-64.  Above the
+/* out[i] = flush(g[i] * floor(scale * (sigmoid((z - lo) / temp) - sigmoid((z - hi) / temp)))): the soft window
+ * of Hardtanh / ReLU6 (gates.hardtanh_gate; scale 1) and of Hardsigmoid (relu6(z + 3) / 6: lo = -3, hi = 3,
+ * scale 1/6), each sigmoid and the gate floored at 2^-64.  Above the
  * window's middle both sigmoids are near 1 and their float32 difference cancels; there the same
  * window is sigmoid((hi - z) / temp) - sigmoid((lo - z) / temp), a difference of small numbers. */
 static void hardtanh_sigmoid_backward_range(const float *g, const float *z, float *out, int64_t begin, int64_t end,
-                                            float inv_temp, float lo, float hi) {
+                                            float inv_temp, float lo, float hi, float scale) {
     const float floor_gate = 5.421010862427522e-20f; /* 2^-64 */
     const float middle = 0.5f * (lo + hi);
     for (int64_t i = begin; i < end; ++i) {
@@ -88,27 +89,58 @@ static void hardtanh_sigmoid_backward_range(const float *g, const float *z, floa
         const float u_lo = (z[i] - lo) * inv_temp, u_hi = (z[i] - hi) * inv_temp;
         const float window = sign > 0.0f ? sigmoid_floored(u_lo) - sigmoid_floored(u_hi)
                                          : sigmoid_floored(-u_hi) - sigmoid_floored(-u_lo);
-        out[i] = flush(g[i] * (window < floor_gate ? 0.0f : window));
+        const float gate = window * scale; /* scale 1: the window itself, bit for bit */
+        out[i] = flush(g[i] * (gate < floor_gate ? 0.0f : gate));
     }
 }
 
-/* The fused BatchNorm -> ReLU pullback in one pass, in place on the recomputed pre-activation z
- * (contiguous N, C, inner): z = flush(flush(g * sigmoid(z / temp)) * scale[c]), with eval-mode
- * BatchNorm's input gradient scale[c] = rsqrt(var[c] + eps) * weight[c] (weight may be NULL: 1)
- * computed here, in torch's order, rather than by three tiny ATen ops per call (~10 us each call
- * at batch 1).  g's planes are contiguous but may sit at any batch and channel strides: the
- * gradient of a slice of a channel concatenation (every inception branch of googlenet) arrives that way. */
-static void bn_relu_sigmoid_backward_range(const float *g, float *z, const float *var, const float *weight,
-                                           float eps, int64_t channels, int64_t inner, int64_t begin_plane,
-                                           int64_t end_plane, float inv_temp, int64_t g_batch_stride,
-                                           int64_t g_channel_stride) {
+/* out[i] = flush(g[i] * floor(clamp(z[i] / (6 temp) + 1/2, 0, 1))): Hardswish's gate (gates.hard_sigmoid_gate).
+ * Written with comparisons, not MIN / MAX, so a NaN in z stays NaN as in the contract's clamp. */
+static void hardswish_backward_range(const float *g, const float *z, float *out, int64_t begin, int64_t end,
+                                     float inv_six_temp) {
+    const float floor_gate = 5.421010862427522e-20f; /* 2^-64 */
+    for (int64_t i = begin; i < end; ++i) {
+        const float v = z[i] * inv_six_temp + 0.5f;
+        const float gate = v < floor_gate ? 0.0f : (v > 1.0f ? 1.0f : v);
+        out[i] = flush(g[i] * gate);
+    }
+}
+
+/* The fused BatchNorm -> ReLU pullback in one pass over BatchNorm's input x (contiguous N, C, inner):
+ *   z = x * alpha[c] + beta[c] (+ residual),  dz = flush(g * sigmoid(z / temp)),  dx = flush(dz * alpha[c]),
+ * with eval-mode BatchNorm's alpha = weight / sqrt(var + eps) and beta = bias - mean * alpha computed per
+ * channel in ATen's own order (batch_norm_cpu_collect_linear_and_constant_terms), so z is BatchNorm's
+ * output to the rounding of one multiply-add (ATen may contract it into an FMA, -std=c99 here does not).
+ * Recomputing z here rather than by torch.batch_norm saves a call (~20 us at batch 1) and a pass over
+ * the tensor.  weight, bias, residual and dz_out may be NULL; dz_out receives dz (the residual's gradient).
+ * g's planes are contiguous but may sit at any batch and channel strides: the gradient of a slice of a
+ * channel concatenation (every inception branch of googlenet) arrives that way. */
+static void bn_relu_sigmoid_backward_range(const float *g, const float *x, const float *residual, const float *mean,
+                                           const float *var, const float *weight, const float *bias, float eps,
+                                           float *dx, float *dz_out, int64_t channels, int64_t inner,
+                                           int64_t begin_plane, int64_t end_plane, float inv_temp,
+                                           int64_t g_batch_stride, int64_t g_channel_stride) {
     for (int64_t plane = begin_plane; plane < end_plane; ++plane) {
         const int64_t channel = plane % channels;
         const float invstd = 1.0f / __builtin_sqrtf(var[channel] + eps);
-        const float c = weight != NULL ? invstd * weight[channel] : invstd;
+        const float alpha = weight != NULL ? invstd * weight[channel] : invstd;
+        const float beta = (bias != NULL ? bias[channel] : 0.0f) - mean[channel] * alpha;
         const float *gp = g + (plane / channels) * g_batch_stride + channel * g_channel_stride;
-        float *zp = z + plane * inner;
-        for (int64_t i = 0; i < inner; ++i) zp[i] = flush(flush(gp[i] * sigmoid_floored(zp[i] * inv_temp)) * c);
+        const float *xp = x + plane * inner;
+        float *dxp = dx + plane * inner;
+        if (residual == NULL && dz_out == NULL) {
+            for (int64_t i = 0; i < inner; ++i)
+                dxp[i] = flush(flush(gp[i] * sigmoid_floored((xp[i] * alpha + beta) * inv_temp)) * alpha);
+        } else {
+            const float *rp = residual != NULL ? residual + plane * inner : NULL;
+            float *dzp = dz_out != NULL ? dz_out + plane * inner : NULL;
+            for (int64_t i = 0; i < inner; ++i) {
+                const float z = rp != NULL ? (xp[i] * alpha + beta) + rp[i] : xp[i] * alpha + beta;
+                const float dz = flush(gp[i] * sigmoid_floored(z * inv_temp));
+                if (dzp != NULL) dzp[i] = dz;
+                dxp[i] = flush(dz * alpha);
+            }
+        }
     }
 }
 
@@ -470,24 +502,36 @@ void exc_relu_sigmoid_backward(const float *g, const float *z, float *out, int64
 }
 
 void exc_hardtanh_sigmoid_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
-                                   float inv_temp, float lo, float hi, int threads) {
+                                   float inv_temp, float lo, float hi, float scale, int threads) {
     PARALLEL
     {
         int64_t lo_part, hi_part;
         part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo_part, &hi_part);
-        hardtanh_sigmoid_backward_range(g, z, out, lo_part, hi_part, inv_temp, lo, hi);
+        hardtanh_sigmoid_backward_range(g, z, out, lo_part, hi_part, inv_temp, lo, hi, scale);
     }
 }
 
-void exc_bn_relu_sigmoid_backward_(const float *g, float *z, const float *var, const float *weight, float eps,
-                                   int64_t channels, int64_t inner, int64_t begin_plane, int64_t end_plane,
-                                   float inv_temp, int64_t g_batch_stride, int64_t g_channel_stride, int threads) {
+void exc_hardswish_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
+                            float inv_six_temp, int threads) {
+    PARALLEL
+    {
+        int64_t lo, hi;
+        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
+        hardswish_backward_range(g, z, out, lo, hi, inv_six_temp);
+    }
+}
+
+void exc_bn_relu_sigmoid_backward(const float *g, const float *x, const float *residual, const float *mean,
+                                  const float *var, const float *weight, const float *bias, float eps, float *dx,
+                                  float *dz_out, int64_t channels, int64_t inner, int64_t begin_plane,
+                                  int64_t end_plane, float inv_temp, int64_t g_batch_stride, int64_t g_channel_stride,
+                                  int threads) {
     PARALLEL
     {
         int64_t lo, hi;
         part_of(begin_plane, end_plane, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
-        bn_relu_sigmoid_backward_range(g, z, var, weight, eps, channels, inner, lo, hi, inv_temp, g_batch_stride,
-                                       g_channel_stride);
+        bn_relu_sigmoid_backward_range(g, x, residual, mean, var, weight, bias, eps, dx, dz_out, channels, inner, lo,
+                                       hi, inv_temp, g_batch_stride, g_channel_stride);
     }
 }
 
