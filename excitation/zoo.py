@@ -155,6 +155,7 @@ def check_model(
     row.finite = bool(torch.isfinite(pulled).all())
     norm = float(vanilla.norm())
     row.rel_diff = float((pulled - vanilla).norm()) / norm if norm > 0 else math.nan
+
     def vanilla_call() -> torch.Tensor:
         return gradient(model, x, target)
 

@@ -15,7 +15,8 @@ original's bit for bit.  It saves BatchNorm's input (and the residual, which the
 following block's convolution saves anyway) and *recomputes* ``z`` in the backward
 with the same call, so its pullback equals the unfused one exactly (the eager CPU C kernel
 recomputes ``z`` itself, to the rounding of one multiply-add: see :func:`_cpu_input_gradients`).  Parameter
-gradients are BatchNorm's eval-mode ones, from the same ``native_batch_norm_backward`` vanilla runs.
+gradients are BatchNorm's eval-mode ones: on a GPU from the same ``native_batch_norm_backward`` vanilla
+runs, elsewhere from the plain formula (:func:`_batch_norm_eval_backward`).
 
 On the CPU, a pullback's backward (no BatchNorm parameter gradient wanted) allocates one tensor
 where vanilla allocates two (:func:`_cpu_input_gradients`).
@@ -243,8 +244,9 @@ class _EagerCpuBatchNormReLU(torch.autograd.Function):
     inputs are kept; a pullback's backward is one C pass (:func:`_cpu_input_gradients`), and a
     backward that wants BatchNorm's parameter gradients, or a graph (``create_graph``), takes the
     plain formula.  At batch 1 host time is the cost (2-core AMD EPYC, [1, 336, 4, 4], forward +
-    backward: ~100-140 us for this against ~155-195 us through ``_batch_norm_impl_index``'s five
-    results and nine saved tensors; vanilla's BatchNorm + ReLU ~90-115 us).
+    backward through :func:`batch_norm_relu`: 123-125 us against vanilla's BatchNorm + ReLU 71-88 us
+    in the same runs; through ``_batch_norm_impl_index``'s five results, nine saved tensors and a
+    ``torch.batch_norm`` call in the backward it was 155-195 us against 94-114).
     """
 
     @staticmethod

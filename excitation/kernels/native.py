@@ -231,9 +231,9 @@ def supports(*tensors: Tensor, contiguous: bool = True) -> bool:
     # A loop, not all(<generator>): this runs a few times per site and call, and at batch 1 the
     # generator's frames were ~1 us a tensor of a pullback's host time.
     for t in tensors:
-        if type(t) not in _PLAIN or t.dtype != torch.float32 or t.is_cuda or (contiguous and not t.is_contiguous()):
+        if type(t) not in _PLAIN or t.dtype != torch.float32 or t.device.type != "cpu":
             return False
-        if t.device.type != "cpu":  # rare: meta, xpu, mps...
+        if contiguous and not t.is_contiguous():
             return False
     return True
 

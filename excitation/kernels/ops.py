@@ -106,7 +106,9 @@ def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tenso
     return relu_backward(grad, z, temp, gate, functional=functional)
 
 
-def native_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: float, params: Sequence[float]) -> Optional[Tensor]:
+def native_activation_backward(
+    grad: Tensor, z: Tensor, kind: str, temp: float, params: Sequence[float]
+) -> Optional[Tensor]:
     """A ReLU relative's backward on its C kernel (the soft windows of Hardtanh / ReLU6 and Hardsigmoid,
     Hardswish's gate), or ``None`` where none runs (another kind, dtype or tracer: the caller's torch path).
 
