@@ -491,34 +491,28 @@ static inline void part_of(int64_t begin, int64_t end, int64_t part, int64_t par
     }                                                                            \
     return status
 
+/* Runs `call`, which reads part_begin and part_end, over this thread's part of [begin, end). */
+#define SPLIT(begin, end, call)                                                        \
+    PARALLEL                                                                           \
+    {                                                                                  \
+        int64_t part_begin, part_end;                                                  \
+        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &part_begin, &part_end);   \
+        call;                                                                          \
+    }
+
 void exc_relu_sigmoid_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
                                float inv_temp, int threads) {
-    PARALLEL
-    {
-        int64_t lo, hi;
-        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
-        relu_sigmoid_backward_range(g, z, out, lo, hi, inv_temp);
-    }
+    SPLIT(begin, end, relu_sigmoid_backward_range(g, z, out, part_begin, part_end, inv_temp));
 }
 
 void exc_hardtanh_sigmoid_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
                                    float inv_temp, float lo, float hi, float scale, int threads) {
-    PARALLEL
-    {
-        int64_t lo_part, hi_part;
-        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo_part, &hi_part);
-        hardtanh_sigmoid_backward_range(g, z, out, lo_part, hi_part, inv_temp, lo, hi, scale);
-    }
+    SPLIT(begin, end, hardtanh_sigmoid_backward_range(g, z, out, part_begin, part_end, inv_temp, lo, hi, scale));
 }
 
 void exc_hardswish_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
                             float inv_six_temp, int threads) {
-    PARALLEL
-    {
-        int64_t lo, hi;
-        part_of(begin, end, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
-        hardswish_backward_range(g, z, out, lo, hi, inv_six_temp);
-    }
+    SPLIT(begin, end, hardswish_backward_range(g, z, out, part_begin, part_end, inv_six_temp));
 }
 
 void exc_bn_relu_sigmoid_backward(const float *g, const float *x, const float *residual, const float *mean,
@@ -526,13 +520,9 @@ void exc_bn_relu_sigmoid_backward(const float *g, const float *x, const float *r
                                   float *dz_out, int64_t channels, int64_t inner, int64_t begin_plane,
                                   int64_t end_plane, float inv_temp, int64_t g_batch_stride, int64_t g_channel_stride,
                                   int threads) {
-    PARALLEL
-    {
-        int64_t lo, hi;
-        part_of(begin_plane, end_plane, THREAD_INDEX(), THREAD_COUNT(), &lo, &hi);
-        bn_relu_sigmoid_backward_range(g, x, residual, mean, var, weight, bias, eps, dx, dz_out, channels, inner, lo,
-                                       hi, inv_temp, g_batch_stride, g_channel_stride);
-    }
+    SPLIT(begin_plane, end_plane,
+          bn_relu_sigmoid_backward_range(g, x, residual, mean, var, weight, bias, eps, dx, dz_out, channels, inner,
+                                         part_begin, part_end, inv_temp, g_batch_stride, g_channel_stride));
 }
 
 /* Returns 0, or the largest failure of any part: 1 (a buffer could not be allocated), 2 (window too large). */
