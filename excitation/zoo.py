@@ -91,7 +91,8 @@ def randomise_zero_heads(model: nn.Module, seed: int) -> None:
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.01)
 
 
-def _timed(fn: Callable[[], torch.Tensor], calls: int = 1) -> float:
+def seconds_per_call(fn: Callable[[], object], calls: int = 1) -> float:
+    """Wall seconds per call of ``fn``, averaged over ``calls`` back-to-back calls."""
     start = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -162,11 +163,11 @@ def check_model(
     def ours_call() -> torch.Tensor:
         return pullback(run, x, target) if result is not None else _input_grad(run, x, target)
 
-    calls = max(1, min(64, math.ceil(_MIN_ROUND_SECONDS / max(_timed(vanilla_call), 1e-6))))
+    calls = max(1, min(64, math.ceil(_MIN_ROUND_SECONDS / max(seconds_per_call(vanilla_call), 1e-6))))
     ours_t, vanilla_t = [], []
     for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
-        vanilla_t.append(_timed(vanilla_call, calls))
-        ours_t.append(_timed(ours_call, calls))
+        vanilla_t.append(seconds_per_call(vanilla_call, calls))
+        ours_t.append(seconds_per_call(ours_call, calls))
     row.time_ratio = statistics.median(ours_t) / statistics.median(vanilla_t)
     row.seconds = time.perf_counter() - start
     return row

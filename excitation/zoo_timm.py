@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .bench import cpu_model
+from .zoo import seconds_per_call
 
 __all__ = ["TimmRow", "smallest_per_module", "reinit_zero_weights", "check_timm_model", "run_timm_zoo",
            "format_timm_table", "add_parser", "run"]
@@ -132,12 +133,6 @@ def reinit_zero_weights(model: nn.Module, seed: int = 0) -> List[str]:
     return names
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def check_timm_model(model: nn.Module, x: torch.Tensor, *, module: str, name: str, repeats: int = 1,
                      seed: int = 0) -> TimmRow:
     """Check one model through the public API (:func:`excitation.pullback`, fx or automatic dynamo)."""
@@ -150,7 +145,7 @@ def check_timm_model(model: nn.Module, x: torch.Tensor, *, module: str, name: st
     with torch.no_grad():
         expected = model(x)
     target = int(expected[0].argmax())
-    row.first_call_s = _timed(lambda: api.pullback(model, x, target))
+    row.first_call_s = seconds_per_call(lambda: api.pullback(model, x, target))
     prepared = api.prepare(model)
     row.path = api.path_of(prepared)
     result = prepared.report() if row.path == "dynamo" else __import__("excitation").report(prepared)
@@ -165,8 +160,8 @@ def check_timm_model(model: nn.Module, x: torch.Tensor, *, module: str, name: st
     row.rel_diff = float((pulled - vanilla).norm()) / norm if norm > 0 else math.nan
     ours, plain = [], []
     for _ in range(repeats):  # interleaved: load drifts hit both alike
-        plain.append(_timed(lambda: api.gradient(model, x, target)))
-        ours.append(_timed(lambda: api.pullback(model, x, target)))
+        plain.append(seconds_per_call(lambda: api.gradient(model, x, target)))
+        ours.append(seconds_per_call(lambda: api.pullback(model, x, target)))
     row.time_ratio = statistics.median(ours) / statistics.median(plain)
     return row
 

@@ -251,12 +251,9 @@ class _EagerCpuBatchNormReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, residual, temp, gate):
-        z = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
-        if residual is not None:
-            z = z.add_(residual)
         ctx.save_for_backward(x, weight, bias, running_mean, running_var, residual)
         ctx.eps, ctx.temp, ctx.gate = eps, temp, gate
-        return z.relu_()
+        return _forward(x, weight, bias, running_mean, running_var, eps, residual, temp, gate)  # the op's own forward
 
     @staticmethod
     def backward(ctx, grad):

@@ -38,6 +38,7 @@
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 #define FLOOR_EXPONENT (-64.0f)           /* log2 of the gate floor 2^-64 */
+#define GATE_FLOOR 5.421010862427522e-20f  /* 2^-64: a gate or window weight below it is exactly 0 */
 #define SIGMOID_FLOOR_LOGIT (-44.3614196f) /* sigmoid(u) < 2^-64 exactly below this */
 
 /* 2^t for t in [-64, 0]: Cephes' exp2f polynomial on the fraction, the exponent by bits.
@@ -82,15 +83,13 @@ static void relu_sigmoid_backward_range(const float *g, const float *z, float *o
  * window is sigmoid((hi - z) / temp) - sigmoid((lo - z) / temp), a difference of small numbers. */
 static void hardtanh_sigmoid_backward_range(const float *g, const float *z, float *out, int64_t begin, int64_t end,
                                             float inv_temp, float lo, float hi, float scale) {
-    const float floor_gate = 5.421010862427522e-20f; /* 2^-64 */
     const float middle = 0.5f * (lo + hi);
     for (int64_t i = begin; i < end; ++i) {
-        const float sign = z[i] > middle ? -1.0f : 1.0f;
         const float u_lo = (z[i] - lo) * inv_temp, u_hi = (z[i] - hi) * inv_temp;
-        const float window = sign > 0.0f ? sigmoid_floored(u_lo) - sigmoid_floored(u_hi)
-                                         : sigmoid_floored(-u_hi) - sigmoid_floored(-u_lo);
+        const float window = z[i] > middle ? sigmoid_floored(-u_hi) - sigmoid_floored(-u_lo)
+                                           : sigmoid_floored(u_lo) - sigmoid_floored(u_hi);
         const float gate = window * scale; /* scale 1: the window itself, bit for bit */
-        out[i] = flush(g[i] * (gate < floor_gate ? 0.0f : gate));
+        out[i] = flush(g[i] * (gate < GATE_FLOOR ? 0.0f : gate));
     }
 }
 
@@ -98,10 +97,9 @@ static void hardtanh_sigmoid_backward_range(const float *g, const float *z, floa
  * Written with comparisons, not MIN / MAX, so a NaN in z stays NaN as in the contract's clamp. */
 static void hardswish_backward_range(const float *g, const float *z, float *out, int64_t begin, int64_t end,
                                      float inv_six_temp) {
-    const float floor_gate = 5.421010862427522e-20f; /* 2^-64 */
     for (int64_t i = begin; i < end; ++i) {
         const float v = z[i] * inv_six_temp + 0.5f;
-        const float gate = v < floor_gate ? 0.0f : (v > 1.0f ? 1.0f : v);
+        const float gate = v < GATE_FLOOR ? 0.0f : (v > 1.0f ? 1.0f : v);
         out[i] = flush(g[i] * gate);
     }
 }
@@ -128,7 +126,7 @@ static void bn_relu_sigmoid_backward_range(const float *g, const float *x, const
         const float *gp = g + (plane / channels) * g_batch_stride + channel * g_channel_stride;
         const float *xp = x + plane * inner;
         float *dxp = dx + plane * inner;
-        if (residual == NULL && dz_out == NULL) {
+        if (residual == NULL && dz_out == NULL) { /* the common case, in a loop of its own so it vectorises */
             for (int64_t i = 0; i < inner; ++i)
                 dxp[i] = flush(flush(gp[i] * sigmoid_floored((xp[i] * alpha + beta) * inv_temp)) * alpha);
         } else {
