@@ -98,17 +98,28 @@ def _swap_relus(model: nn.Module, temp: float) -> nn.Module:
 
 
 def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` prints it (``/proc/cpuinfo``), or the platform's guess."""
+    """The CPU as ``lscpu`` names it, with what tells machines of one name apart.
+
+    ``"AMD EPYC (family 25 model 1, AVX2)"``: cloud VMs report a bare "AMD EPYC" for Zen 3
+    and Zen 4 alike, and the vector width torch's kernels (and ours) run at is what moves the
+    ratios (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512, ...).
+    """
     import platform
 
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first processor is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    detail = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
+    detail.append(torch.backends.cpu.get_cpu_capability())
+    return f"{name} ({', '.join(detail)})"
 
 
 def _machine() -> str:

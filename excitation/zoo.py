@@ -240,7 +240,7 @@ def format_zoo_table(rows: List[ZooRow], *, title: bool = True) -> str:
         ratios = [r.time_ratio for r in rows if r.time_ratio is not None]
         lines += [
             f"{len(rows)} models, {date.today().isoformat()}, torch {torch.__version__}, "
-            f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads), batch 1, random weights, eval mode.",
+            f"{cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads, batch 1, random weights, eval mode.",
             "",
             f"**traced {traced}/{len(rows)} · forward bit-identical {identical}/{len(rows)} · "
             f"pullback finite {finite}/{len(rows)} · unhandled activation sites {unhandled}**"

@@ -237,7 +237,7 @@ def format_timm_table(rows: List[TimmRow]) -> str:
     ratios = [r.time_ratio for r in ran if r.time_ratio is not None]
     lines = [
         f"{len(rows)} models, {date.today().isoformat()}, torch {torch.__version__}, timm {_timm().__version__}, "
-        f"{cpu_model()} ({platform.machine()}, {torch.get_num_threads()} threads), batch 1, random "
+        f"{cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads, batch 1, random "
         f"weights, eval mode.",
         "",
         f"**ran {len(ran)}/{len(rows)} · pullback finite {finite}/{len(rows)} · forward bit-identical "
