@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from excitation.kernels import surrogate_max_pool2d, surrogate_relu
-from excitation.kernels.ops import pool2d_backward
+from excitation.kernels.ops import _call_surrogate_relu, pool2d_backward
 from excitation.kernels.reference import (
     max_pool2d_output_size,
     soft_max_pool2d_backward,
@@ -54,6 +54,68 @@ def test_relu_backward_is_finite_at_extremes():
         (grad,) = torch.autograd.grad(surrogate_relu(z, 1e-6, gate).sum(), z)
         assert torch.isfinite(grad).all(), gate
         assert grad[0] == 0 and grad[-1] == 1
+
+
+def _generic_eager(z: torch.Tensor) -> torch.Tensor:
+    """The generic classic-Function mechanism, which the CPU fast path must equal bit for bit."""
+    return _call_surrogate_relu.eager.apply(z, 0.3, "sigmoid", "exact")
+
+
+def _cpu_site_input(shape=(2, 8, 9, 9)) -> torch.Tensor:
+    z = torch.randn(shape) * 12  # gates from ~1 down to below the 2^-64 floor (z / 0.3 < -44)
+    z.view(-1)[:3] = torch.tensor([-40.0, 0.0, 40.0])
+    return z.requires_grad_(True)
+
+
+def test_cpu_relu_site_takes_its_own_function_and_equals_the_generic_one():
+    z = _cpu_site_input()
+    y = surrogate_relu(z)
+    assert type(y.grad_fn).__name__ == "_EagerCpuSigmoidReLUBackward"
+    assert torch.equal(y, torch.relu(z))
+    g = torch.randn_like(y)
+    (ours,) = torch.autograd.grad(y, z, g)
+    (generic,) = torch.autograd.grad(_generic_eager(z), z, g)
+    assert torch.equal(ours, generic)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((ours != 0) & (ours.abs() < tiny)).any()  # the C kernel's flush holds on this path too
+
+
+@pytest.mark.parametrize("case", ["float64", "non-contiguous z", "normal_cdf", "uint8 saved"])
+def test_cpu_relu_site_leaves_other_calls_to_the_generic_function(case):
+    z = _cpu_site_input()
+    kwargs = {}
+    if case == "float64":
+        z = z.detach().double().requires_grad_(True)
+    elif case == "non-contiguous z":
+        z = z.detach().transpose(1, 3).requires_grad_(True)
+    elif case == "normal_cdf":
+        kwargs["gate"] = "normal_cdf"
+    else:
+        kwargs["saved"] = "uint8"
+    assert "eager_function" in type(surrogate_relu(z, **kwargs).grad_fn).__name__
+
+
+def test_cpu_relu_site_backward_with_a_graph_an_odd_grad_or_a_mode_takes_the_contract_path():
+    from excitation.subnormals import SubnormalCounter
+
+    z = _cpu_site_input()
+    g = torch.randn(z.shape[::-1]).permute(3, 2, 1, 0)  # non-contiguous: the C kernel reads grad densely
+    (ours,) = torch.autograd.grad(surrogate_relu(z), z, g)
+    (generic,) = torch.autograd.grad(_generic_eager(z), z, g)
+    assert rel_err(ours, generic) < 1e-6
+    # create_graph: the gradient is itself differentiable, as the generic mechanism's
+    w = torch.randn_like(z)
+    (first,) = torch.autograd.grad(surrogate_relu(z), z, w, create_graph=True)
+    (second,) = torch.autograd.grad((first * w).sum(), z)
+    (first_generic,) = torch.autograd.grad(_generic_eager(z), z, w, create_graph=True)
+    (second_generic,) = torch.autograd.grad((first_generic * w).sum(), z)
+    assert rel_err(first, first_generic) < 1e-6 and rel_err(second, second_generic) < 1e-5
+    # A dispatch mode entered for the backward alone sees the gate's ops (no invisible C call).
+    y = surrogate_relu(z)
+    with SubnormalCounter() as counter:
+        (seen,) = torch.autograd.grad(y, z, torch.ones_like(y))
+    assert counter.values >= z.numel(), "the backward ran a kernel the mode could not see"
+    assert rel_err(seen, torch.autograd.grad(_generic_eager(z), z, torch.ones_like(y))[0]) < 1e-6
 
 
 def test_relu_opcheck():

@@ -12,9 +12,11 @@ from .helpers import rel_err
 
 
 def test_plain_eager_runs_the_classic_function():
-    z = torch.randn(5, requires_grad=True)
+    z = torch.randn(5, dtype=torch.float64, requires_grad=True)
     assert mechanism(z) == "eager"
     assert "eager_function" in type(excitation.surrogate_relu(z).grad_fn).__name__
+    # float32 CPU sites with the default gate take a leaner Function of their own (tests/test_kernels.py)
+    assert type(excitation.surrogate_relu(z.float()).grad_fn).__name__ == "_EagerCpuSigmoidReLUBackward"
 
 
 def test_tracers_get_the_custom_op_and_transforms_the_twin():

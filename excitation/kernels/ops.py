@@ -24,7 +24,14 @@ from torch.utils.checkpoint import checkpoint
 
 from . import native
 from .reference import flush_subnormal, max_pool2d_output_size
-from .registry import NAMESPACE, define_surrogate_op, functional_backward, recompute_in_backward, under_functorch
+from .registry import (
+    NAMESPACE,
+    define_surrogate_op,
+    functional_backward,
+    mechanism,
+    recompute_in_backward,
+    under_functorch,
+)
 from .torch_paths import (
     compact_gate,
     relu_backward,
@@ -189,6 +196,53 @@ _call_surrogate_relu = define_surrogate_op(
 )
 
 
+class _EagerCpuSigmoidReLU(torch.autograd.Function):
+    """The default ReLU site (sigmoid gate, exact) in plain eager on float32 CPU tensors: the C gate, little Python.
+
+    Why a Function of its own: at batch 1 a site's cost is host time.  Through the generic
+    mechanism (``call`` -> classic Function of four arguments -> ``relu_gate_backward``'s path
+    checks -> the kernel wrapper) a [1, 16, 15, 15] site took ~85 us forward + backward on top of
+    a bare ``z * 1.0`` pullback where vanilla's ReLU took ~17 us; squeezenet1_1 (26 such sites,
+    64², 2-core AMD EPYC Zen 3) ran 1.33x vanilla.  This one checks once in the forward what the
+    C kernel needs of ``z`` and only ``grad`` in the backward.  Results are those of
+    :func:`relu_gate_backward` bit for bit (the same kernel); anything it cannot take (a
+    ``create_graph`` backward, a dispatch mode entered for the backward, an odd ``grad``) goes
+    there.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, temp: float) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.temp = temp
+        return torch.relu(z)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (z,) = ctx.saved_tensors
+        if (
+            type(grad) is Tensor
+            and grad.dtype is torch.float32
+            and grad.is_contiguous()
+            and grad.shape == z.shape
+            and not torch.is_grad_enabled()
+            and torch._C._len_torch_dispatch_stack() == 0
+        ):
+            return native.relu_sigmoid_backward(grad, z, ctx.temp), None
+        return relu_gate_backward(grad, z, ctx.temp, "sigmoid"), None
+
+
+def _eager_cpu_sigmoid_site(z: Tensor) -> bool:
+    """``z`` may take :class:`_EagerCpuSigmoidReLU`: a plain contiguous float32 CPU tensor, plain eager, C kernels built."""
+    return (
+        type(z) is Tensor
+        and z.dtype is torch.float32
+        and z.is_cpu
+        and z.is_contiguous()
+        and mechanism(z) == "eager"
+        and native.available()
+    )
+
+
 # ---------------------------------------------------------------------- max-pool
 _MAX_POOL = {
     1: torch.ops.aten.max_pool1d_with_indices,
@@ -311,6 +365,8 @@ def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: s
         What the backward keeps (see :data:`SAVED_MODES`): ``"exact"`` (the
         pre-activation), ``"bfloat16"`` or ``"uint8"`` (the evaluated gate, 2 or 1 byte).
     """
+    if saved == "exact" and gate == "sigmoid" and _eager_cpu_sigmoid_site(z):
+        return _EagerCpuSigmoidReLU.apply(z, temp)
     if saved == "exact" and recompute_in_backward(z):
         # Compiled, keep z alone and recompute relu(z) in the backward.  Why: a convolution's
         # backward takes its input even when only the input gradient is wanted, so compiled
