@@ -321,3 +321,21 @@ def test_parameter_gradients_are_computed_only_when_asked_for(block, monkeypatch
     assert rel_err(weight_grad, model.bn2.weight.grad) < 1e-6
     for p in block.parameters():
         p.grad = None
+
+
+def test_cpu_backward_under_a_mode_entered_after_the_forward_runs_where_the_mode_sees_it():
+    # The forward decides once whether the C backward may run; a dispatch mode entered between
+    # forward and backward (a profiler, the subnormal counter) must still see every op, so the
+    # backward then takes the torch path, with the same result.
+    from excitation.subnormals import SubnormalCounter
+
+    torch.manual_seed(0)
+    bn = _randomise_statistics(nn.Sequential(nn.BatchNorm2d(4)))[0].requires_grad_(False)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    cotangent = torch.randn_like(x)
+    (plain,) = torch.autograd.grad(batch_norm_relu(x, bn), x, cotangent)
+    y = batch_norm_relu(x, bn)
+    with SubnormalCounter() as counter:
+        (seen,) = torch.autograd.grad(y, x, cotangent)
+    assert counter.values >= x.numel(), "the backward ran a C call the mode could not see"
+    assert rel_err(seen, plain) < 1e-6

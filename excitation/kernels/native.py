@@ -213,23 +213,29 @@ def _ranges(total: int, work_per_item: int) -> List[range]:
 def _run(call: Callable[[int, int, int], object], total: int, work_per_item: int = 1) -> None:
     """``call(begin, end, threads)`` over ``range(total)``: one OpenMP call, or ranges on the Python pool."""
     global _POOL
-    if _OPENMP:
-        threads = max(1, torch.get_num_threads()) if total * work_per_item >= _PARALLEL_MIN_WORK else 1
-        results = [call(0, total, min(threads, max(1, total)))]
+    if _OPENMP:  # the common case, kept short: at batch 1 this runs a few times per site and call
+        threads = min(torch.get_num_threads(), total) if total * work_per_item >= _PARALLEL_MIN_WORK else 1
+        status = call(0, total, max(1, threads))
+        if status:
+            _raise_status([status])
+        return
+    parts = _ranges(total, work_per_item)
+    if len(parts) == 1:
+        results = [call(0, total, 1)]
     else:
-        parts = _ranges(total, work_per_item)
-        if len(parts) == 1:
-            results = [call(0, total, 1)]
-        else:
-            if _POOL is None or _POOL._max_workers < len(parts):  # type: ignore[attr-defined]
-                with _LOCK:
-                    if _POOL is None or _POOL._max_workers < len(parts):  # type: ignore[attr-defined]
-                        _POOL = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="excitation-native")
-            results = list(_POOL.map(lambda part: call(part.start, part.stop, 1), parts))
+        if _POOL is None or _POOL._max_workers < len(parts):  # type: ignore[attr-defined]
+            with _LOCK:
+                if _POOL is None or _POOL._max_workers < len(parts):  # type: ignore[attr-defined]
+                    _POOL = ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="excitation-native")
+        results = list(_POOL.map(lambda part: call(part.start, part.stop, 1), parts))
+    if any(results):
+        _raise_status(results)
+
+
+def _raise_status(results: List[object]) -> None:
     if 2 in results:  # the callers check pool_window_supported first: this is a bug, never silent
         raise ValueError(f"excitation's C pool kernel got a window of more than {MAX_POOL_WINDOW} elements")
-    if any(results):
-        raise MemoryError("excitation's C pool kernel could not allocate its row buffers")
+    raise MemoryError("excitation's C pool kernel could not allocate its row buffers")
 
 
 # Tensor subclasses may carry their own meaning (a wrapper, a fake or functional tensor); a
@@ -313,9 +319,11 @@ def batch_norm_relu_sigmoid_backward(
     """
     library = _load()
     channels, inner = x.shape[1], math.prod(x.shape[2:])  # not x[0, 0].numel(): a view costs ~2 us at batch 1
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != channels:
-            raise ValueError(f"{name} needs {channels} values (one per channel of x), got {t.numel()}")
+    if (running_mean.numel() != channels or running_var.numel() != channels  # one test in the common case
+            or (weight is not None and weight.numel() != channels) or (bias is not None and bias.numel() != channels)):
+        for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+            if t is not None and t.numel() != channels:
+                raise ValueError(f"{name} needs {channels} values (one per channel of x), got {t.numel()}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     dx = torch.empty_like(x)
