@@ -57,7 +57,8 @@ SOURCE = Path(__file__).with_name("csrc") / "excitation_cpu.c"
 # leaves every gate and pool-weight loop scalar: 9.4 ns an element for the ReLU gate on an AMD
 # EPYC (Zen 3, AVX2) against ~0.5 vectorised.  The values computed are the same IEEE results (it
 # permits no reassociation and keeps NaNs); only FP exception flags, which nothing reads, may differ.
-# tests/test_native.py checks that every loop vectorised for AVX-512 is vectorised for AVX2 and SSE4.2.
+# tests/test_native.py checks that every loop vectorised for AVX-512 is vectorised for AVX2 (SSE4.2,
+# without masked stores or 64-bit integer compares, keeps the residual branch and the max-pool forward scalar).
 # -ffp-contract=fast: multiply-adds as FMA instructions, which -std=c99 turns off (ISO C forbids
 # contracting across statements): the ReLU gate 25 % faster on the same Zen 3 (60 -> 45 us for
 # 61 Ki elements, one thread), each polynomial step rounded once instead of twice.

@@ -201,10 +201,11 @@ class _EagerCpuSigmoidReLU(torch.autograd.Function):
 
     Why a Function of its own: at batch 1 a site's cost is host time.  Through the generic
     mechanism (``call`` -> classic Function of four arguments -> ``relu_gate_backward``'s path
-    checks -> the kernel wrapper) a [1, 16, 15, 15] site took ~85 us forward + backward on top of
-    a bare ``z * 1.0`` pullback where vanilla's ReLU took ~17 us; squeezenet1_1 (26 such sites,
-    64², 2-core AMD EPYC Zen 3) ran 1.33x vanilla.  This one checks once in the forward what the
-    C kernel needs of ``z`` and only ``grad`` in the backward.  Results are those of
+    checks -> the kernel wrapper) a [1, 16, 15, 15] site took ~80 us forward + backward on top of
+    a bare ``z * 1.0`` pullback where vanilla's ReLU took ~20 us, and squeezenet1_1 (26 such
+    sites, 64², 2-core AMD EPYC Zen 3) 1.28x vanilla.  This one checks once in the forward what
+    the C kernel needs of ``z`` and only ``grad`` in the backward: ~68 us, squeezenet1_1 1.21-1.25x
+    (a Python Function that only calls ``relu`` costs ~30 us there).  Results are those of
     :func:`relu_gate_backward` bit for bit (the same kernel); anything it cannot take (a
     ``create_graph`` backward, a dispatch mode entered for the backward, an odd ``grad``) goes
     there.
