@@ -141,8 +141,7 @@ def _native_ready(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: 
         running_mean, running_var, *[t for t in (weight, bias, residual) if t is not None])
 
 
-def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, gate: str,
-                         ready: Optional[bool] = None):
+def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, gate: str, ready: bool):
     """The eager CPU backward when no BatchNorm parameter needs a gradient (a pullback): one fresh tensor, not three.
 
     Fresh CPU tensors are expensive: a large one comes straight from ``mmap`` and pays a
@@ -155,10 +154,9 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     """
     x, weight, bias, running_mean, running_var, residual = saved
     wants_residual = residual is not None and needs[6]
-    if ready is None:
-        ready = _native_ready(x, running_mean, running_var, weight, bias, residual, gate)
-    else:  # decided in the forward: only a dispatch mode entered since could make a C call unseen
-        ready = ready and torch._C._len_torch_dispatch_stack() == 0
+    # ``ready`` (:func:`_native_ready`) was decided in the forward: only a dispatch mode entered
+    # since could make a C call unseen.
+    ready = ready and torch._C._len_torch_dispatch_stack() == 0
     if ready and grad.shape == x.shape and native.supports(grad, contiguous=False) and native.planes_contiguous(grad):
         dx, dresidual = native.batch_norm_relu_sigmoid_backward(grad, x, running_mean, running_var, weight, bias, eps,
                                                                 temp, residual, wants_residual)
