@@ -16,6 +16,7 @@ import torchvision
 
 import excitation
 from excitation.bench import _saved_bytes
+from excitation.kernels import native
 from excitation.kernels.fused import batch_norm_relu
 from excitation.kernels.ops import surrogate_relu
 
@@ -339,3 +340,28 @@ def test_cpu_backward_under_a_mode_entered_after_the_forward_runs_where_the_mode
         (seen,) = torch.autograd.grad(y, x, cotangent)
     assert counter.values >= x.numel(), "the backward ran a C call the mode could not see"
     assert rel_err(seen, plain) < 1e-6
+
+
+def test_cpu_backward_takes_the_c_kernel_exactly_when_every_tensor_fits(monkeypatch):
+    # The site's checks are pared down for host time (batch 1); this pins what they must still
+    # catch: a gate the kernel lacks, a grad whose planes are strided.  Each case must equal the
+    # unfused chain, whichever path it takes.
+    from excitation.kernels import fused as fused_kernels
+
+    calls = []
+    unchecked = native.batch_norm_relu_sigmoid_backward_unchecked
+    monkeypatch.setattr(native, "batch_norm_relu_sigmoid_backward_unchecked",
+                        lambda *a: calls.append(1) or unchecked(*a))
+    torch.manual_seed(0)
+    bn = _randomise_statistics(nn.Sequential(nn.BatchNorm2d(4)))[0].requires_grad_(False)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    strided = torch.randn(2, 4, 5, 10)[..., ::2]  # planes strided along W
+    for gate, cotangent, takes_c in [("sigmoid", torch.randn(2, 4, 5, 5), True),
+                                     ("sigmoid", torch.randn(2, 8, 5, 5)[:, 2:6], True),  # a slice of a cat
+                                     ("normal_cdf", torch.randn(2, 4, 5, 5), False),
+                                     ("sigmoid", strided, False)]:
+        calls.clear()
+        (got,) = torch.autograd.grad(fused_kernels.batch_norm_relu(x, bn, None, 0.3, gate), x, cotangent)
+        assert bool(calls) == takes_c, (gate, cotangent.stride())
+        (want,) = torch.autograd.grad(surrogate_relu(bn(x), 0.3, gate), x, cotangent)
+        assert rel_err(got, want) < 1e-6

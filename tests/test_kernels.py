@@ -124,6 +124,77 @@ def test_relu_opcheck():
 
 
 # -------------------------------------------------------------------- max-pool
+# The pool site's eager CPU Function (ops._EagerCpuMaxPool2d) against the generic mechanism.
+def _generic_eager_pool(x: torch.Tensor, *args) -> "tuple[torch.Tensor, torch.Tensor]":
+    from excitation.kernels.ops import _call_surrogate_max_pool2d, pool_arguments
+
+    kernel, stride, padding, dilation, ceil_mode = args
+    return _call_surrogate_max_pool2d.eager.apply(x, *pool_arguments(kernel, stride, padding, dilation, 2),
+                                                  ceil_mode, 0.3, "soft")
+
+
+POOL_SITES = [(3, 2, 0, 1, True), (3, 1, 1, 1, True), (2, 2, 0, 1, False), ((3, 2), (2, 1), 1, 2, False)]
+
+
+@pytest.mark.parametrize("args", POOL_SITES)
+def test_cpu_pool_site_takes_its_own_function_and_equals_the_generic_one(args):
+    x = (torch.randn(2, 5, 11, 9) * 3).requires_grad_(True)
+    out, indices = surrogate_max_pool2d(x, *args, return_indices=True)
+    assert type(out.grad_fn).__name__ == "_EagerCpuMaxPool2dBackward"
+    generic_out, generic_indices = _generic_eager_pool(x, *args)
+    assert "eager_function" in type(generic_out.grad_fn).__name__
+    assert torch.equal(out, generic_out) and torch.equal(indices, generic_indices)
+    assert torch.equal(out, F.max_pool2d(x, *args))
+    g = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, x, g)
+    (generic,) = torch.autograd.grad(generic_out, x, g)
+    assert torch.equal(ours, generic)
+
+
+@pytest.mark.parametrize("case", ["float64", "non-contiguous x", "window of 81", "batched 5-D"])
+def test_cpu_pool_site_leaves_other_calls_to_the_generic_function(case):
+    x = torch.randn(2, 5, 11, 9)
+    kernel = 9 if case == "window of 81" else 3
+    if case == "float64":
+        x = x.double()
+    elif case == "non-contiguous x":
+        x = x.transpose(2, 3)
+    elif case == "batched 5-D":
+        x = x.unsqueeze(0)
+    x.requires_grad_(True)
+    try:
+        out = surrogate_max_pool2d(x, kernel, 1, kernel // 2)
+    except RuntimeError:
+        assert case == "batched 5-D"  # torch's own max_pool2d refuses 5-D input too
+        with pytest.raises(RuntimeError):
+            F.max_pool2d(x, kernel, 1, kernel // 2)
+        return
+    assert "eager_function" in type(out.grad_fn).__name__
+
+
+def test_cpu_pool_site_backward_with_a_graph_an_odd_grad_or_a_mode_takes_the_generic_path():
+    from excitation.subnormals import SubnormalCounter
+
+    x = (torch.randn(2, 5, 11, 9) * 3).requires_grad_(True)
+    args = (3, 2, 1, 1, False)
+    out = surrogate_max_pool2d(x, *args)
+    g = torch.randn(out.shape[::-1]).permute(3, 2, 1, 0)  # non-contiguous: the C kernel reads grad densely
+    (ours,) = torch.autograd.grad(out, x, g)
+    (generic,) = torch.autograd.grad(_generic_eager_pool(x, *args)[0], x, g)
+    assert torch.equal(ours, generic)
+    w = torch.randn_like(out)  # create_graph: a differentiable gradient, as the generic mechanism's
+    (first,) = torch.autograd.grad(surrogate_max_pool2d(x, *args), x, w, create_graph=True)
+    (second,) = torch.autograd.grad((first * x).sum(), x)
+    (first_generic,) = torch.autograd.grad(_generic_eager_pool(x, *args)[0], x, w, create_graph=True)
+    (second_generic,) = torch.autograd.grad((first_generic * x).sum(), x)
+    assert rel_err(first, first_generic) < 1e-6 and rel_err(second, second_generic) < 1e-5
+    y = surrogate_max_pool2d(x, *args)
+    with SubnormalCounter() as counter:  # a mode entered for the backward alone sees the pool's ops
+        (seen,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert counter.values >= y.numel(), "the backward ran a kernel the mode could not see"
+    assert rel_err(seen, torch.autograd.grad(_generic_eager_pool(x, *args)[0], x, torch.ones_like(y))[0]) < 1e-6
+
+
 def _pool_configs():
     for kernel, stride, padding, dilation, ceil_mode in itertools.product(
         [2, 3, (2, 3)], [None, 1, 2, (2, 1)], [0, 1], [1, 2, (1, 2)], [False, True]

@@ -256,6 +256,34 @@ def test_fused_batch_norm_gate_refuses_mismatched_tensors():
         native.batch_norm_relu_sigmoid_backward(g, x, mean, var[:4], None, None, 1e-5, 0.3)
     with pytest.raises(ValueError, match="residual must have x's shape"):
         native.batch_norm_relu_sigmoid_backward(g, x, mean, var, None, None, 1e-5, 0.3, x[:1])
+    with pytest.raises(ValueError, match="grad must have x's shape"):
+        native.batch_norm_relu_sigmoid_backward(g[:1], x, mean, var, None, None, 1e-5, 0.3)
+    with pytest.raises(ValueError, match="contiguous"):  # planes strided along W
+        native.batch_norm_relu_sigmoid_backward(torch.randn(2, 5, 3, 6)[..., ::2], x, mean, var, None, None, 1e-5, 0.3)
+
+
+def test_fused_batch_norm_gate_takes_an_empty_batch():
+    x = torch.randn(0, 5, 3, 3)
+    dx, dz = native.batch_norm_relu_sigmoid_backward(x, x, torch.zeros(5), torch.ones(5), None, None, 1e-5, 0.3,
+                                                     residual=x, residual_grad=True)
+    assert dx.shape == dz.shape == x.shape
+
+
+def test_supports_names_what_the_c_kernels_take():
+    x = torch.randn(2, 3)
+    assert native.supports(x, x.t().contiguous())
+    assert not native.supports(x.t())  # not contiguous
+    assert native.supports(x.t(), contiguous=False)
+    assert not native.supports(x.double()) and not native.supports(x.to(torch.float16))
+    assert not native.supports(x, None)  # None stands for a tensor only where told
+    assert native.supports(x, None, optional=True)
+    assert native.supports(torch.nn.Parameter(x))  # a Parameter is a plain tensor
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    assert not native.supports(x.as_subclass(Wrapped))
+    assert not native.supports(torch.empty(2, 3, device="meta"))
 
 
 def test_results_do_not_depend_on_the_thread_count():

@@ -349,6 +349,61 @@ _call_surrogate_max_pool2d = define_surrogate_op(
 )
 
 
+class _EagerCpuMaxPool2d(torch.autograd.Function):
+    """The 2-D max-pool site in plain eager on float32 CPU tensors: both C kernels, little Python.
+
+    Why a Function of its own (as :class:`_EagerCpuSigmoidReLU` for ReLU): at batch 1 a site's
+    cost is host time.  Through the generic mechanism (``call`` -> classic Function -> the
+    forward's path checks -> ``pool2d_backward``'s dispatch -> the kernel wrapper) a
+    [1, 480, 4, 4] 3x3/1 site (googlenet's inception pools at 64²) took ~104 us forward and
+    ~175 us backward on top of a bare pullback, ~70 us of it Python around the C calls, against
+    vanilla's 65 + 48 (2-core AMD EPYC Zen 3).  This one checks ``x`` once in the forward
+    (:func:`_eager_cpu_pool_site`) and only ``grad`` in the backward.  Results are those of the
+    generic path bit for bit (the same kernels); a backward it cannot take (``create_graph``, a
+    dispatch mode entered for the backward, an odd ``grad``) goes to :func:`pool2d_backward`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward, out_hw):
+        out, indices = native.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, out_hw)
+        ctx.save_for_backward(x)
+        ctx.pool_args = (kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward)
+        ctx.out_hw = out_hw
+        ctx.mark_non_differentiable(indices)
+        return out, indices
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
+        (x,) = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward = ctx.pool_args
+        if (
+            type(grad) is Tensor
+            and grad.dtype is torch.float32
+            and grad.is_contiguous()
+            and not torch.is_grad_enabled()
+            and torch._C._len_torch_dispatch_stack() == 0
+        ):
+            dx = native.soft_max_pool2d_backward(grad, x, kernel_size, stride, padding, dilation, ctx.out_hw, temp,
+                                                 pool_backward)
+        else:
+            dx = pool2d_backward(grad, x, *ctx.pool_args, functional=functional_backward())
+        return dx, None, None, None, None, None, None, None, None
+
+
+def _eager_cpu_pool_site(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
+                         dilation: List[int], ceil_mode: bool) -> Optional[List[int]]:
+    """The output size if ``x`` may take :class:`_EagerCpuMaxPool2d` (a plain contiguous float32 CPU [C, H, W] or
+    [N, C, H, W] tensor, a window the C kernels take, plain eager, C kernels built), else ``None``."""
+    if not (type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu and x.dim() in (3, 4) and x.is_contiguous()
+            and x.numel() and native.pool_window_supported(kernel_size) and mechanism(x) == "eager"
+            and native.available()):
+        return None
+    height, width = x.shape[-2:]
+    out_hw = [max_pool2d_output_size(height, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode),
+              max_pool2d_output_size(width, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)]
+    return out_hw if min(out_hw) > 0 else None
+
+
 # -------------------------------------------------------------------- dispatch
 def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: str = "exact") -> Tensor:
     """ReLU whose forward is ``torch.relu(z)`` bit for bit and whose backward is ``grad * gate(z / temp)``.
@@ -429,5 +484,9 @@ def surrogate_max_pool2d(
     Arguments follow :func:`torch.nn.functional.max_pool2d`; ``temp`` is the softmax temperature.
     """
     args = (*pool_arguments(kernel_size, stride, padding, dilation, 2), bool(ceil_mode), temp, pool_backward)
-    out, indices = _call_surrogate_max_pool2d(x, *args)
+    out_hw = _eager_cpu_pool_site(x, *args[:5])
+    if out_hw is not None:
+        out, indices = _EagerCpuMaxPool2d.apply(x, *args, out_hw)
+    else:
+        out, indices = _call_surrogate_max_pool2d(x, *args)
     return (out, indices) if return_indices else out
