@@ -84,9 +84,18 @@ def sigmoid_gate(z: Tensor, temp: float) -> Tensor:
 
 
 def normal_cdf_gate(z: Tensor, temp: float) -> Tensor:
-    """``Phi(z / temp)``: the standard normal CDF, the derivative of a Gaussian-smoothed ReLU (0 where below 2^-64)."""
+    """``Phi(z / temp)``: the standard normal CDF, the derivative of a Gaussian-smoothed ReLU (0 where below 2^-64).
+
+    Written as ``erfc(-u / sqrt 2) / 2``, accurate to float precision in the tail, not as
+    ``torch.special.ndtr``: torch 2.14's ndtr is ``(1 + erf(u / sqrt 2)) / 2``, whose sum cancels to
+    exactly 0 below u = -5.9 in float32 (-8.3 in float64), so the floor at 2^-64 would never be
+    reached and the C kernel, accurate there, would disagree.  The clamp keeps erfc normal.
+    -1/sqrt 2 is a literal: a module-level float becomes symbolic under
+    ``torch.compile(dynamic=True)`` (see :func:`traced_constant`).
+    """
     u = z / temp
-    return torch.where(u < normal_cdf_floor_logit(), 0.0, torch.special.ndtr(u.clamp_min(-12.0)))
+    phi = 0.5 * torch.special.erfc(u.clamp_min(-12.0) * -0.7071067811865476)
+    return torch.where(u < normal_cdf_floor_logit(), 0.0, phi)
 
 
 #: Every gate by name.  ``excite(gate=...)`` accepts these keys.

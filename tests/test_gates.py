@@ -26,6 +26,18 @@ def test_normal_cdf_gate_is_analytic_phi():
     torch.testing.assert_close(normal_cdf_gate(z, 0.7), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_cdf_gate_is_accurate_in_the_tail_down_to_the_floor(dtype):
+    # Phi(-8) = 6.2e-16 and Phi(-9) = 1.1e-19 are far above the 2^-64 floor: a gate written as
+    # (1 + erf(u / sqrt 2)) / 2 (torch's ndtr) is exactly 0 there in float32.
+    u = torch.tensor([-9.08, -9.0, -8.0, -6.0, -4.0, -1.0, 0.0, 2.0, 9.0], dtype=dtype)
+    expected = torch.tensor([0.5 * math.erfc(-v / math.sqrt(2)) for v in u.double().tolist()], dtype=torch.float64)
+    # float32: rounding u / sqrt 2 costs u^2 x 6e-8 relative (5e-6 at u = -9), the tail's conditioning.
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(normal_cdf_gate(u, 1.0).double(), expected, rtol=rtol, atol=0)
+    assert float(normal_cdf_gate(torch.tensor([-9.081], dtype=dtype), 1.0)) == 0.0  # below the floor
+
+
 @pytest.mark.parametrize("name", sorted(GATES))
 def test_gates_are_finite_and_bounded_at_extremes(name):
     z = torch.tensor([-math.inf, -1e30, -1.0, 0.0, 1.0, 1e30, math.inf])

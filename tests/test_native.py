@@ -152,6 +152,37 @@ def test_relu_gate_matches_the_contract_and_never_underflows():
         assert torch.equal(in_place, ours)
 
 
+def test_normal_cdf_gate_is_phi_to_float_precision_down_to_the_floor():
+    # Independent reference: math.erfc in float64, at every float32 u on a fine grid of [-10, 10],
+    # the floor's edge and the specials.  The kernel's own error is 4e-7 relative; a form that
+    # rounds u^2 (or u / sqrt 2) before the exponential costs u^2 x 6e-8, 5e-6 at u = -9.
+    u = torch.cat([torch.linspace(-10.0, 10.0, 400_001),
+                   torch.tensor([-9.0801, -9.0802, 0.0, -0.0, 1e30, -1e30, math.inf, -math.inf, math.nan])])
+    ours = native.relu_normal_cdf_backward(torch.ones_like(u), u, 1.0).double()
+    phi = torch.tensor([0.5 * math.erfc(-v / math.sqrt(2)) for v in u.double().tolist()], dtype=torch.float64)
+    phi = torch.where(phi < 2.0**-64, 0.0, phi)
+    torch.testing.assert_close(ours, phi, rtol=1e-6, atol=0, equal_nan=True)
+    assert float(ours[-9]) > 0 and float(ours[-8]) == 0  # the floor: Phi(-9.0801) > 2^-64 > Phi(-9.0802)
+
+
+def test_normal_cdf_relu_gate_matches_the_contract_and_never_underflows():
+    z = torch.cat([torch.randn(10_000) * 30, torch.tensor([-math.inf, math.inf, 0.0, -0.0, -1e30, 1e30])])
+    g = torch.randn_like(z)
+    g[:100] = 1e-30
+    for temp in (1e-3, 0.6, 5.0):
+        ours = native.relu_normal_cdf_backward(g, z, temp)
+        ref = reference.relu_backward(g.double(), z.double(), temp, "normal_cdf")
+        # z / temp rounds by 6e-8 relative; the tail's conditioning (u^2) makes that 5e-6 at u = -9.
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=TINY)
+        assert _subnormals(ours) == 0
+        assert torch.equal(native.relu_gate_backward(g, z, temp, "normal_cdf"), ours)
+        in_place = z.clone()
+        assert native.relu_gate_backward(g, in_place, temp, "normal_cdf", out=in_place) is in_place
+        assert torch.equal(in_place, ours)
+    with pytest.raises(ValueError, match="no C kernel for gate 'tanh'"):
+        native.relu_gate_backward(g, z, 0.3, "tanh")
+
+
 @pytest.mark.parametrize("window", [(0.0, 6.0), (-1.0, 1.0), (-2.5, 0.5)])
 def test_hardtanh_window_matches_the_contract_and_never_underflows(window):
     lo, hi = window
@@ -300,6 +331,7 @@ def test_results_do_not_depend_on_the_thread_count():
     def every_kernel():
         return [
             native.relu_sigmoid_backward(g, x, 0.3),
+            native.relu_normal_cdf_backward(g, x, 0.6),
             native.hardtanh_sigmoid_backward(g, x, 0.3, 0.0, 6.0),
             native.hardswish_backward(g, x * 4, 0.3),
             *native.batch_norm_relu_sigmoid_backward(g, x, var - 1, var, weight, None, 1e-5, 0.3, x * 0.5, True),

@@ -44,6 +44,14 @@ SCRIPT = textwrap.dedent(
         z = torch.tensor([-math.inf, -1e30, -1.0, 0.0, 1.0, 1e30, math.inf])
         check(f"{gate} extremes", torch.ones(7), z, 1e-6, gate, 1e-6)
 
+    # The normal-CDF gate's tail, element by element (a max-relative check cannot see it): Phi(-9)
+    # is 1e-19, and (1 + erf(u / sqrt 2)) / 2 is already 0 below u = -5.9 in float32.
+    z = torch.linspace(-9.08, 2.0, 2001)
+    ours = launch_surrogate_relu_backward(torch.ones_like(z), z, 1.0, "normal_cdf").double()
+    ref = surrogate_relu_backward(torch.ones(2001, dtype=torch.float64), z.double(), 1.0, "normal_cdf")
+    err = float(((ours - ref).abs() / ref).max())
+    results.append({"case": "normal_cdf tail, elementwise", "ok": bool((ref > 0).all()) and err <= 1e-5, "err": err})
+
     from excitation.kernels.triton import launch_soft_max_pool2d_backward
     from excitation.kernels.reference import max_pool2d_output_size, soft_max_pool2d_backward
 
@@ -88,7 +96,7 @@ def test_triton_kernel_matches_reference_under_interpreter():
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     failed = [r for r in results if not r["ok"]]
-    assert len(results) == 24 + 17 + 7 and not failed, failed
+    assert len(results) == 24 + 1 + 17 + 7 and not failed, failed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -97,9 +97,9 @@ def _native(*tensors: Tensor) -> bool:
 def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """``grad * gate(z / temp)``, gate floored and result flushed (:func:`.reference.relu_backward`), on the fastest path.
 
-    The normal-CDF gate has no fused ATen form (``grad * Phi(z / temp)`` is four passes), so in
-    eager CUDA it runs the fused Triton kernel; under ``torch.compile`` Inductor fuses the torch
-    expression itself.
+    The normal-CDF gate has no fused ATen form (``grad * Phi(z / temp)`` is five passes), so in
+    eager CUDA it runs the fused Triton kernel and on the CPU the C kernel (both gates); under
+    ``torch.compile`` Inductor fuses the torch expression itself.
     """
     if z.is_cuda and gate == "normal_cdf" and not torch.compiler.is_compiling() and triton_available():
         if launch_directly(grad, z):
@@ -108,8 +108,8 @@ def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tenso
             return launch_surrogate_relu_backward(grad, z, temp, gate)
         return torch.ops.excitation.surrogate_relu_backward_triton(grad, z, temp, gate)
     functional = functional_backward()
-    if gate == "sigmoid" and not functional and _native(grad, z) and grad.shape == z.shape:
-        return native.relu_sigmoid_backward(grad, z, temp)
+    if gate in native.RELU_GATES and not functional and _native(grad, z) and grad.shape == z.shape:
+        return native.relu_gate_backward(grad, z, temp, gate)
     return relu_backward(grad, z, temp, gate, functional=functional)
 
 
@@ -136,8 +136,8 @@ _NATIVE_KINDS = ("hardtanh", "hardsigmoid", "hardswish")
 
 def relu_gate_backward_(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """:func:`relu_gate_backward` written into ``z`` (a tensor the caller owns and no longer needs); returns ``z``."""
-    if gate == "sigmoid" and _native(grad, z) and grad.shape == z.shape:
-        return native.relu_sigmoid_backward(grad, z, temp, out=z)
+    if gate in native.RELU_GATES and _native(grad, z) and grad.shape == z.shape:
+        return native.relu_gate_backward(grad, z, temp, gate, out=z)
     return relu_backward_(grad, z, temp, gate)
 
 

@@ -47,6 +47,31 @@ def _flush(value, tiny):
 
 
 @triton.jit
+def _normal_cdf(u):
+    """Phi(u), tail-accurate: (1 + erf(u / sqrt 2)) / 2 cancels to 0 below u = -5.9 in float32.
+
+    Where u < 0 and a = |u| / sqrt 2 >= 1/2, erfc(a) / 2 = e^(-u^2 / 2) t P(t)
+    with t = 1 / (1 + a / 2): the C kernel's fit (csrc/excitation_cpu.c, ``normal_cdf_floored``), the
+    same coefficients.  Elsewhere erf does not cancel.  The floor (below) zeroes u < -9.08.
+    """
+    w = tl.minimum(tl.abs(u), 9.19)
+    a = w * 0.7071067811865476
+    t = 1.0 / (1.0 + 0.5 * a)
+    p = -3.643332533e-02
+    p = p * t + 1.715752021e-01
+    p = p * t - 2.963889361e-01
+    p = p * t + 1.916512020e-01
+    p = p * t - 4.494894213e-02
+    p = p * t + 1.130631458e-01
+    p = p * t + 1.189446872e-01
+    p = p * t + 1.415057426e-01
+    p = p * t + 1.410269124e-01
+    tail = tl.exp(-0.5 * w * w) * t * p
+    core = 0.5 * (1.0 + tl.math.erf(tl.maximum(u, -12.0) * 0.7071067811865476))
+    return tl.where((u < 0.0) & (a >= 0.5), tail, core)
+
+
+@triton.jit
 def _surrogate_relu_backward_kernel(grad_ptr, z_ptr, out_ptr, n_elements, inv_temp, tiny,
                                     GATE: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -56,7 +81,7 @@ def _surrogate_relu_backward_kernel(grad_ptr, z_ptr, out_ptr, n_elements, inv_te
     if GATE == 0:
         gate = tl.sigmoid(tl.maximum(u, -64.0))  # finite for +-inf; floored below
     else:
-        gate = 0.5 * (1.0 + tl.math.erf(tl.maximum(u, -12.0) * 0.7071067811865476))
+        gate = _normal_cdf(u)
     gate = tl.where(gate < GATE_FLOOR, 0.0, gate)
     out = (g * gate).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offsets, _flush(out, tiny), mask=mask)

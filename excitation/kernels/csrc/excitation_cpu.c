@@ -70,6 +70,79 @@ static inline float sigmoid_floored(float u) {
     return u < SIGMOID_FLOOR_LOGIT ? 0.0f : gate;
 }
 
+/* e^(-w^2 / 2) for w in [0, 9.2] (w^2 / 2 <= 42.4, so the result is >= 2^-62: never subnormal),
+ * relative error a few ulp.  Why not exp(-(w * w) / 2): in Phi's tail the result's relative error
+ * is w^2 times its argument's, so rounding w^2 (or w / sqrt 2 first) cost 5e-6 at w = 9.  Instead
+ * w = h + (w - h) with h = w's top 12 mantissa bits: h * h is exact and w^2 - h^2 = (w - h)(w + h)
+ * is small (< 0.01); Cody-Waite reduction of -h^2 / 2 by n ln 2 (ln 2 split so that n * LN2_HI is
+ * exact for |n| < 2^15), then Cephes' expf polynomial on the remainder r (|r| < 0.36), 2^n by bits. */
+#define LN2_HI 0.693359375f
+#define LN2_LO (-2.12194440e-4f)
+static inline float exp_minus_half_square(float w) {
+    union { float value; int32_t bits; } top = {w};
+    top.bits &= ~0xfff;
+    const float h = top.value;
+    const float x = -0.5f * (h * h); /* exact */
+    const float n = (x * LOG2E + 12582912.0f) - 12582912.0f;
+    const float r = ((x - n * LN2_HI) - n * LN2_LO) - 0.5f * ((w - h) * (w + h));
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t bits; float value; } scale;
+    scale.bits = ((int32_t)n + 127) << 23;
+    return p * scale.value;
+}
+
+#define SQRT1_2 0.70710678118654752f
+#define NORMAL_CDF_FLOOR_LOGIT (-9.080155124873613f) /* Phi(u) < 2^-64 below this (gates.NORMAL_CDF_FLOOR_LOGIT) */
+
+/* Phi(u) = erfc(-u / sqrt 2) / 2, the standard normal CDF, exactly 0 where it is below 2^-64;
+ * relative error below 1e-6 (tests/test_native.py checks it against float64 erfc).  Branch-free:
+ * both forms are computed and one selected, so loops over it vectorise.  With a = |u| / sqrt 2:
+ *   a < 1/2: 1/2 + erf(v) / 2, v = u / sqrt 2, erf's odd Taylor series to v^15 (next term < 2e-11);
+ *   a >= 1/2: erfc(a) / 2 = e^(-a^2) t P(t), t = 1 / (1 + a / 2), P a degree-8 least-squares fit on
+ *   Chebyshev nodes of [1/2, 6.5] (fit error 2e-9), and Phi = erfc(a) / 2 or 1 - erfc(a) / 2.
+ * |u| is clamped to 9.19 (a = 6.5, past the floor; above, 1 - erfc / 2 is 1 in float32) with a
+ * comparison that keeps a NaN, which then propagates as in the contract. */
+static inline float normal_cdf_floored(float u) {
+    float w = ABS(u);
+    w = w > 9.19f ? 9.19f : w;
+    const float a = w * SQRT1_2;
+    const float t = 1.0f / (1.0f + 0.5f * a);
+    float p = -3.643332533e-02f;
+    p = p * t + 1.715752021e-01f;
+    p = p * t - 2.963889361e-01f;
+    p = p * t + 1.916512020e-01f;
+    p = p * t - 4.494894213e-02f;
+    p = p * t + 1.130631458e-01f;
+    p = p * t + 1.189446872e-01f;
+    p = p * t + 1.415057426e-01f;
+    p = p * t + 1.410269124e-01f; /* P(t) = erfc(a) e^(a^2) / (2 t): Phi's 1/2 folded in */
+    const float half_erfc = exp_minus_half_square(w) * t * p; /* e^(-a^2) = e^(-u^2 / 2) */
+    const float tail = u < 0.0f ? half_erfc : 1.0f - half_erfc;
+    const float v = u * SQRT1_2, v2 = v * v;
+    float q = -1.492565036e-05f;
+    q = q * v2 + 1.205533298e-04f;
+    q = q * v2 - 8.548327023e-04f;
+    q = q * v2 + 5.223977625e-03f;
+    q = q * v2 - 2.686617065e-02f;
+    q = q * v2 + 1.128379167e-01f;
+    q = q * v2 - 3.761263890e-01f;
+    q = q * v2 + 1.128379167e+00f;
+    const float phi = a < 0.5f ? 0.5f + 0.5f * (v * q) : tail;
+    return (u < NORMAL_CDF_FLOOR_LOGIT || phi < GATE_FLOOR) ? 0.0f : phi;
+}
+
+/* out[i] = flush(g[i] * Phi(z[i] * inv_temp)) (floored at 2^-64); out may be z (in place). */
+static void relu_normal_cdf_backward_range(const float *g, const float *z, float *out, int64_t begin, int64_t end,
+                                           float inv_temp) {
+    for (int64_t i = begin; i < end; ++i) out[i] = flush(g[i] * normal_cdf_floored(z[i] * inv_temp));
+}
+
 /* out[i] = flush(g[i] * sigmoid(z[i] * inv_temp)); out may be z (in place). */
 static void relu_sigmoid_backward_range(const float *g, const float *z, float *out, int64_t begin, int64_t end,
                                         float inv_temp) {
@@ -501,6 +574,11 @@ static inline void part_of(int64_t begin, int64_t end, int64_t part, int64_t par
 void exc_relu_sigmoid_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
                                float inv_temp, int threads) {
     SPLIT(begin, end, relu_sigmoid_backward_range(g, z, out, part_begin, part_end, inv_temp));
+}
+
+void exc_relu_normal_cdf_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
+                                  float inv_temp, int threads) {
+    SPLIT(begin, end, relu_normal_cdf_backward_range(g, z, out, part_begin, part_end, inv_temp));
 }
 
 void exc_hardtanh_sigmoid_backward(const float *g, const float *z, float *out, int64_t begin, int64_t end,
