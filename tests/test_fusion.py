@@ -344,22 +344,24 @@ def test_cpu_backward_under_a_mode_entered_after_the_forward_runs_where_the_mode
 
 def test_cpu_backward_takes_the_c_kernel_exactly_when_every_tensor_fits(monkeypatch):
     # The site's checks are pared down for host time (batch 1); this pins what they must still
-    # catch: a gate the kernel lacks, a grad whose planes are strided.  Each case must equal the
-    # unfused chain, whichever path it takes.
+    # catch: an input or a grad whose planes are strided.  Both gates have the kernel.  Each case
+    # must equal the unfused chain, whichever path it takes.
     from excitation.kernels import fused as fused_kernels
 
     calls = []
-    unchecked = native.batch_norm_relu_sigmoid_backward_unchecked
-    monkeypatch.setattr(native, "batch_norm_relu_sigmoid_backward_unchecked",
+    unchecked = native.batch_norm_relu_gate_backward_unchecked
+    monkeypatch.setattr(native, "batch_norm_relu_gate_backward_unchecked",
                         lambda *a: calls.append(1) or unchecked(*a))
     torch.manual_seed(0)
     bn = _randomise_statistics(nn.Sequential(nn.BatchNorm2d(4)))[0].requires_grad_(False)
-    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    dense = torch.randn(2, 4, 5, 5, requires_grad=True)
     strided = torch.randn(2, 4, 5, 10)[..., ::2]  # planes strided along W
-    for gate, cotangent, takes_c in [("sigmoid", torch.randn(2, 4, 5, 5), True),
-                                     ("sigmoid", torch.randn(2, 8, 5, 5)[:, 2:6], True),  # a slice of a cat
-                                     ("normal_cdf", torch.randn(2, 4, 5, 5), False),
-                                     ("sigmoid", strided, False)]:
+    strided_x = torch.randn(2, 4, 5, 10)[..., ::2].requires_grad_(True)
+    for x, gate, cotangent, takes_c in [(dense, "sigmoid", torch.randn(2, 4, 5, 5), True),
+                                        (dense, "sigmoid", torch.randn(2, 8, 5, 5)[:, 2:6], True),  # a slice of a cat
+                                        (dense, "normal_cdf", torch.randn(2, 4, 5, 5), True),
+                                        (dense, "sigmoid", strided, False),
+                                        (strided_x, "normal_cdf", torch.randn(2, 4, 5, 5), False)]:
         calls.clear()
         (got,) = torch.autograd.grad(fused_kernels.batch_norm_relu(x, bn, None, 0.3, gate), x, cotangent)
         assert bool(calls) == takes_c, (gate, cotangent.stride())

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from excitation.gates import hard_sigmoid_gate, hardsigmoid_unit_gate, hardtanh_gate
+from excitation.gates import GATES, hard_sigmoid_gate, hardsigmoid_unit_gate, hardtanh_gate
 from excitation.kernels import native, reference, torch_paths
 from excitation.kernels.reference import max_pool2d_output_size
 
@@ -236,19 +236,20 @@ def test_hardswish_gate_matches_the_contract_and_never_underflows():
         assert torch.equal(ours[-8:-6], torch.stack([torch.tensor(0.0), g[-7]]))  # -inf gates 0, +inf gates 1
 
 
-def _batch_norm_relu_reference(g, x, mean, var, weight, bias, residual, eps=1e-5, temp=0.3):
+def _batch_norm_relu_reference(g, x, mean, var, weight, bias, residual, eps=1e-5, temp=0.3, gate="sigmoid"):
     """(dx, dz) by torch: z = batch_norm(x) [+ residual], dz = the torch path's gate, dx = dz * weight * invstd."""
     z = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     if residual is not None:
         z = z + residual
-    dz = torch_paths.relu_backward(g, z, 0.3, "sigmoid")
+    dz = torch_paths.relu_backward(g, z, temp, gate)
     scale = torch.rsqrt(var + eps) * (1 if weight is None else weight.detach())
     return torch_paths.flush_subnormal_(dz * scale.view(1, -1, 1, 1)), dz
 
 
+@pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_fused_batch_norm_gate_from_batch_norms_input(affine, with_residual):
+def test_fused_batch_norm_gate_from_batch_norms_input(affine, with_residual, gate):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 7, 6) * 3 + 1
     whole = torch.randn(2, 12, 7, 6)
@@ -259,8 +260,9 @@ def test_fused_batch_norm_gate_from_batch_norms_input(affine, with_residual):
     weight, bias = (torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))) if affine else (None, None)
     residual = torch.randn_like(x) if with_residual else None
     with torch.no_grad():
-        expected_dx, expected_dz = _batch_norm_relu_reference(g, x, mean, var, weight, bias, residual)
-    dx, dz = native.batch_norm_relu_sigmoid_backward(g, x, mean, var, weight, bias, 1e-5, 0.3, residual, with_residual)
+        expected_dx, expected_dz = _batch_norm_relu_reference(g, x, mean, var, weight, bias, residual, gate=gate)
+    dx, dz = native.batch_norm_relu_gate_backward(g, x, mean, var, weight, bias, 1e-5, 0.3, residual, with_residual,
+                                                  gate)
     # z to the rounding of one multiply-add against torch.batch_norm's (a possible FMA there): a relative
     # 6e-8 in z is |z / temp| times that in the gate (up to ~40 x 6e-8 where it is still above its floor)
     torch.testing.assert_close(dx, expected_dx, rtol=5e-6, atol=1e-12)
@@ -275,7 +277,7 @@ def test_fused_batch_norm_gate_from_batch_norms_input(affine, with_residual):
                            None if bias is None else bias.double(), False, 0.0, 1e-5)
         z64 = z64 if residual is None else z64 + residual.double()
         scale64 = torch.rsqrt(var.double() + 1e-5) * (1 if weight is None else weight.double())
-        exact = (g.double() * torch.sigmoid(z64 / 0.3) * scale64.view(1, -1, 1, 1)).abs()
+        exact = (g.double() * GATES[gate](z64, 0.3) * scale64.view(1, -1, 1, 1)).abs()
     subnormal_range = (exact > 0) & (exact < 0.9 * torch.finfo(torch.float32).tiny)
     assert subnormal_range.any() and (dx[subnormal_range] == 0).all()
 
@@ -284,18 +286,20 @@ def test_fused_batch_norm_gate_refuses_mismatched_tensors():
     x, g = torch.randn(2, 5, 3, 3), torch.randn(2, 5, 3, 3)
     mean, var = torch.zeros(5), torch.ones(5)
     with pytest.raises(ValueError, match="running_var needs 5 values"):
-        native.batch_norm_relu_sigmoid_backward(g, x, mean, var[:4], None, None, 1e-5, 0.3)
+        native.batch_norm_relu_gate_backward(g, x, mean, var[:4], None, None, 1e-5, 0.3)
     with pytest.raises(ValueError, match="residual must have x's shape"):
-        native.batch_norm_relu_sigmoid_backward(g, x, mean, var, None, None, 1e-5, 0.3, x[:1])
+        native.batch_norm_relu_gate_backward(g, x, mean, var, None, None, 1e-5, 0.3, x[:1])
     with pytest.raises(ValueError, match="grad must have x's shape"):
-        native.batch_norm_relu_sigmoid_backward(g[:1], x, mean, var, None, None, 1e-5, 0.3)
+        native.batch_norm_relu_gate_backward(g[:1], x, mean, var, None, None, 1e-5, 0.3)
     with pytest.raises(ValueError, match="contiguous"):  # planes strided along W
-        native.batch_norm_relu_sigmoid_backward(torch.randn(2, 5, 3, 6)[..., ::2], x, mean, var, None, None, 1e-5, 0.3)
+        native.batch_norm_relu_gate_backward(torch.randn(2, 5, 3, 6)[..., ::2], x, mean, var, None, None, 1e-5, 0.3)
+    with pytest.raises(ValueError, match="no C kernel for gate 'tanh'"):
+        native.batch_norm_relu_gate_backward(g, x, mean, var, None, None, 1e-5, 0.3, gate="tanh")
 
 
 def test_fused_batch_norm_gate_takes_an_empty_batch():
     x = torch.randn(0, 5, 3, 3)
-    dx, dz = native.batch_norm_relu_sigmoid_backward(x, x, torch.zeros(5), torch.ones(5), None, None, 1e-5, 0.3,
+    dx, dz = native.batch_norm_relu_gate_backward(x, x, torch.zeros(5), torch.ones(5), None, None, 1e-5, 0.3,
                                                      residual=x, residual_grad=True)
     assert dx.shape == dz.shape == x.shape
 
@@ -334,7 +338,9 @@ def test_results_do_not_depend_on_the_thread_count():
             native.relu_normal_cdf_backward(g, x, 0.6),
             native.hardtanh_sigmoid_backward(g, x, 0.3, 0.0, 6.0),
             native.hardswish_backward(g, x * 4, 0.3),
-            *native.batch_norm_relu_sigmoid_backward(g, x, var - 1, var, weight, None, 1e-5, 0.3, x * 0.5, True),
+            *native.batch_norm_relu_gate_backward(g, x, var - 1, var, weight, None, 1e-5, 0.3, x * 0.5, True),
+            *native.batch_norm_relu_gate_backward(g, x, var - 1, var, weight, None, 1e-5, 0.6, x * 0.5, True,
+                                                  "normal_cdf"),
             native.soft_max_pool2d_backward(g_pool, x, [3, 3], [2, 2], [1, 1], [1, 1], out_hw, 0.3, "soft"),
             *native.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1], [1, 1], out_hw),
         ]

@@ -143,7 +143,7 @@ def _native_ready(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: 
     tensors' own remain: one pass of cheap tests, since at batch 1 each Python check is host
     time (this function took 10-20 us as a chain of the general checks).
     """
-    if gate != "sigmoid" or type(x) is not torch.Tensor or x.dim() < 2 or not native.available():
+    if gate not in native.RELU_GATES or type(x) is not torch.Tensor or x.dim() < 2 or not native.available():
         return False
     if residual is None:
         return native.supports(x, running_mean, running_var, weight, bias, optional=True)
@@ -157,7 +157,7 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     page fault per 4 KiB on first write (a 100 MB ``clone`` takes 38 ms on the 2-core box,
     a ``copy_`` into an existing tensor 6 ms).  The C kernel reads BatchNorm's input and
     writes the input gradient alone, recomputing ``z`` on the way (one pass, no ``torch.batch_norm``
-    call: ~20 us a site at batch 1).  Elsewhere (another dtype, gate or layout) ``z`` is recomputed
+    call: ~20 us a site at batch 1).  Elsewhere (another dtype or layout) ``z`` is recomputed
     by ``torch.batch_norm`` and the gate and eval-mode BatchNorm's input gradient, ``dz * weight *
     invstd`` per channel, are applied to it in place: the generic path allocates ``z``, ``dz`` and ``dx``.
     """
@@ -168,8 +168,8 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     # checks are a site's host time): a plain float32 tensor of x's shape with contiguous planes.
     if (ready and torch._C._len_torch_dispatch_stack() == 0 and type(grad) is torch.Tensor
             and grad.dtype == torch.float32 and grad.shape == x.shape and native.planes_contiguous(grad)):
-        dx, dresidual = native.batch_norm_relu_sigmoid_backward_unchecked(
-            grad, x, running_mean, running_var, weight, bias, eps, temp, residual, wants_residual)
+        dx, dresidual = native.batch_norm_relu_gate_backward_unchecked(
+            grad, x, running_mean, running_var, weight, bias, eps, temp, residual, wants_residual, gate)
         return dx, None, None, None, None, None, dresidual, None, None
     dz = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
     if residual is not None:

@@ -46,7 +46,7 @@ from torch import Tensor
 
 __all__ = ["available", "status", "supports", "relu_sigmoid_backward", "relu_normal_cdf_backward", "relu_gate_backward",
            "RELU_GATES", "hardtanh_sigmoid_backward",
-           "hardswish_backward", "batch_norm_relu_sigmoid_backward", "batch_norm_relu_sigmoid_backward_unchecked",
+           "hardswish_backward", "batch_norm_relu_gate_backward", "batch_norm_relu_gate_backward_unchecked",
            "soft_max_pool2d_backward", "max_pool2d_with_indices", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("csrc") / "excitation_cpu.c"
@@ -86,7 +86,7 @@ _SIGNATURES = {
     "exc_relu_normal_cdf_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _int], None),
     "exc_hardtanh_sigmoid_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _f32, _f32, _f32, _int], None),
     "exc_hardswish_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _int], None),
-    "exc_bn_relu_sigmoid_backward": ([_ptr] * 7 + [_f32, _ptr, _ptr] + [_i64] * 4 + [_f32, _i64, _i64, _int], None),
+    "exc_bn_relu_backward": ([_ptr] * 7 + [_f32, _ptr, _ptr] + [_i64] * 4 + [_f32, _int, _i64, _i64, _int], None),
     "exc_soft_max_pool2d_backward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_f32, _int, _int], _int),
     "exc_max_pool2d_forward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_int], _int),
 }
@@ -280,8 +280,9 @@ def relu_normal_cdf_backward(grad: Tensor, z: Tensor, temp: float, out: Optional
     return _relu_gate_backward(_load().exc_relu_normal_cdf_backward, grad, z, temp, out)
 
 
-#: The elementwise gate kernels by :data:`excitation.gates.GATES` name.
+#: The gates with C kernels, by :data:`excitation.gates.GATES` name (elementwise and fused with BatchNorm).
 RELU_GATES = ("sigmoid", "normal_cdf")
+_GATE_CODES = {"sigmoid": 0, "normal_cdf": 1}  # GATE_SIGMOID, GATE_NORMAL_CDF in the C file
 
 
 def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str, out: Optional[Tensor] = None) -> Tensor:
@@ -341,12 +342,15 @@ def planes_contiguous(t: Tensor) -> bool:
     return True
 
 
-def batch_norm_relu_sigmoid_backward(
+def batch_norm_relu_gate_backward(
     grad: Tensor, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
     bias: Optional[Tensor], eps: float, temp: float, residual: Optional[Tensor] = None, residual_grad: bool = False,
+    gate: str = "sigmoid",
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(dx, dz)`` of ``relu(batch_norm(x) [+ residual])`` (eval mode) with the sigmoid gate, in one pass over ``x``.
+    """``(dx, dz)`` of ``relu(batch_norm(x) [+ residual])`` (eval mode), in one pass over ``x``.
 
+    ``gate`` is one of :data:`RELU_GATES` (``"sigmoid"``, ``"normal_cdf"``), the kernels of
+    :func:`relu_gate_backward`.
     ``z = batch_norm(x) [+ residual]`` is recomputed in the kernel (to the rounding of one multiply-add),
     ``dz = flush(grad * gate(z))`` and ``dx = flush(dz * weight * rsqrt(running_var + eps))``; ``dz``
     (the residual's gradient) is returned only if ``residual_grad``, else ``None``.  ``x`` and
@@ -360,18 +364,21 @@ def batch_norm_relu_sigmoid_backward(
             raise ValueError(f"{name} needs {channels} values (one per channel of x), got {t.numel()}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if gate not in RELU_GATES:
+        raise ValueError(f"no C kernel for gate {gate!r}; expected one of {RELU_GATES}.")
     if grad.shape != x.shape or not planes_contiguous(grad):
         raise ValueError(f"grad must have x's shape {tuple(x.shape)} and contiguous [n, c] planes, got "
                          f"{tuple(grad.shape)} with strides {grad.stride()}")
-    return batch_norm_relu_sigmoid_backward_unchecked(grad, x, running_mean, running_var, weight, bias, eps, temp,
-                                                      residual, residual_grad)
+    return batch_norm_relu_gate_backward_unchecked(grad, x, running_mean, running_var, weight, bias, eps, temp,
+                                                   residual, residual_grad, gate)
 
 
-def batch_norm_relu_sigmoid_backward_unchecked(
+def batch_norm_relu_gate_backward_unchecked(
     grad: Tensor, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
     bias: Optional[Tensor], eps: float, temp: float, residual: Optional[Tensor] = None, residual_grad: bool = False,
+    gate: str = "sigmoid",
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """:func:`batch_norm_relu_sigmoid_backward` for arguments known to fit (the fused site's: BatchNorm ran on them).
+    """:func:`batch_norm_relu_gate_backward` for arguments known to fit (the fused site's: BatchNorm ran on them).
 
     Kept short because it runs once per site and pullback: at batch 1 the checked wrapper's Python
     (shape checks, a pointer tuple, a closure for :func:`_run`) cost ~15 us a call on a 2-core AMD
@@ -386,17 +393,18 @@ def batch_norm_relu_sigmoid_backward_unchecked(
     dx = torch.empty_like(x)
     dz = torch.empty_like(x) if residual_grad else None
     g_batch_stride, g_channel_stride = grad.stride()[:2]
+    gate_code = _GATE_CODES[gate]
     args = (grad.data_ptr(), x.data_ptr(), None if residual is None else residual.data_ptr(),
             running_mean.data_ptr(), running_var.data_ptr(), None if weight is None else weight.data_ptr(),
             None if bias is None else bias.data_ptr(), eps, dx.data_ptr(), None if dz is None else dz.data_ptr(),
             shape[1], inner)
     if _OPENMP:  # the common case, without _run's closure
         threads = min(torch.get_num_threads(), planes) if planes * inner >= _PARALLEL_MIN_WORK else 1
-        library.exc_bn_relu_sigmoid_backward(*args, 0, planes, 1.0 / temp, g_batch_stride, g_channel_stride,
-                                             max(1, threads))
+        library.exc_bn_relu_backward(*args, 0, planes, 1.0 / temp, gate_code, g_batch_stride, g_channel_stride,
+                                     max(1, threads))
     else:
-        _run(lambda begin, end, threads: library.exc_bn_relu_sigmoid_backward(*args, begin, end, 1.0 / temp,
-                                                                             g_batch_stride, g_channel_stride, threads),
+        _run(lambda begin, end, threads: library.exc_bn_relu_backward(*args, begin, end, 1.0 / temp, gate_code,
+                                                                     g_batch_stride, g_channel_stride, threads),
              planes, inner)
     return dx, dz
 

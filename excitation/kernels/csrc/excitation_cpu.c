@@ -178,7 +178,8 @@ static void hardswish_backward_range(const float *g, const float *z, float *out,
 }
 
 /* The fused BatchNorm -> ReLU pullback in one pass over BatchNorm's input x (contiguous N, C, inner):
- *   z = x * alpha[c] + beta[c] (+ residual),  dz = flush(g * sigmoid(z / temp)),  dx = flush(dz * alpha[c]),
+ *   z = x * alpha[c] + beta[c] (+ residual),  dz = flush(g * gate(z / temp)),  dx = flush(dz * alpha[c]),
+ * the gate sigmoid or Phi (each floored at 2^-64),
  * with eval-mode BatchNorm's alpha = weight / sqrt(var + eps) and beta = bias - mean * alpha computed per
  * channel in ATen's own order (batch_norm_cpu_collect_linear_and_constant_terms), so z is BatchNorm's
  * output to the rounding of one multiply-add (ATen may contract it into an FMA, -std=c99 here does not).
@@ -186,11 +187,19 @@ static void hardswish_backward_range(const float *g, const float *z, float *out,
  * the tensor.  weight, bias, residual and dz_out may be NULL; dz_out receives dz (the residual's gradient).
  * g's planes are contiguous but may sit at any batch and channel strides: the gradient of a slice of a
  * channel concatenation (every inception branch of googlenet) arrives that way. */
-static void bn_relu_sigmoid_backward_range(const float *g, const float *x, const float *residual, const float *mean,
-                                           const float *var, const float *weight, const float *bias, float eps,
-                                           float *dx, float *dz_out, int64_t channels, int64_t inner,
-                                           int64_t begin_plane, int64_t end_plane, float inv_temp,
-                                           int64_t g_batch_stride, int64_t g_channel_stride) {
+/* gate(u): GATE_SIGMOID sigmoid_floored, GATE_NORMAL_CDF normal_cdf_floored (excitation.gates.GATES). */
+#define GATE_SIGMOID 0
+#define GATE_NORMAL_CDF 1
+static inline __attribute__((always_inline)) float gate_of(float u, const int gate) {
+    return gate == GATE_NORMAL_CDF ? normal_cdf_floored(u) : sigmoid_floored(u);
+}
+
+/* One body for both gates; `gate` is a literal at each call below, so each copy's loops are
+ * compiled (and vectorised) for one gate, with no test inside them. */
+static inline __attribute__((always_inline)) void bn_relu_backward_planes(
+    const float *g, const float *x, const float *residual, const float *mean, const float *var, const float *weight,
+    const float *bias, float eps, float *dx, float *dz_out, int64_t channels, int64_t inner, int64_t begin_plane,
+    int64_t end_plane, float inv_temp, int64_t g_batch_stride, int64_t g_channel_stride, const int gate) {
     for (int64_t plane = begin_plane; plane < end_plane; ++plane) {
         const int64_t channel = plane % channels;
         const float invstd = 1.0f / __builtin_sqrtf(var[channel] + eps);
@@ -201,18 +210,31 @@ static void bn_relu_sigmoid_backward_range(const float *g, const float *x, const
         float *dxp = dx + plane * inner;
         if (residual == NULL && dz_out == NULL) { /* the common case, in a loop of its own so it vectorises */
             for (int64_t i = 0; i < inner; ++i)
-                dxp[i] = flush(flush(gp[i] * sigmoid_floored((xp[i] * alpha + beta) * inv_temp)) * alpha);
+                dxp[i] = flush(flush(gp[i] * gate_of((xp[i] * alpha + beta) * inv_temp, gate)) * alpha);
         } else {
             const float *rp = residual != NULL ? residual + plane * inner : NULL;
             float *dzp = dz_out != NULL ? dz_out + plane * inner : NULL;
             for (int64_t i = 0; i < inner; ++i) {
                 const float z = rp != NULL ? (xp[i] * alpha + beta) + rp[i] : xp[i] * alpha + beta;
-                const float dz = flush(gp[i] * sigmoid_floored(z * inv_temp));
+                const float dz = flush(gp[i] * gate_of(z * inv_temp, gate));
                 if (dzp != NULL) dzp[i] = dz;
                 dxp[i] = flush(dz * alpha);
             }
         }
     }
+}
+
+static void bn_relu_backward_range(const float *g, const float *x, const float *residual, const float *mean,
+                                   const float *var, const float *weight, const float *bias, float eps, float *dx,
+                                   float *dz_out, int64_t channels, int64_t inner, int64_t begin_plane,
+                                   int64_t end_plane, float inv_temp, int gate, int64_t g_batch_stride,
+                                   int64_t g_channel_stride) {
+    if (gate == GATE_NORMAL_CDF)
+        bn_relu_backward_planes(g, x, residual, mean, var, weight, bias, eps, dx, dz_out, channels, inner, begin_plane,
+                                end_plane, inv_temp, g_batch_stride, g_channel_stride, GATE_NORMAL_CDF);
+    else
+        bn_relu_backward_planes(g, x, residual, mean, var, weight, bias, eps, dx, dz_out, channels, inner, begin_plane,
+                                end_plane, inv_temp, g_batch_stride, g_channel_stride, GATE_SIGMOID);
 }
 
 /* The window arithmetic of the soft-pool backward for the extended output columns [0, M):
@@ -591,14 +613,13 @@ void exc_hardswish_backward(const float *g, const float *z, float *out, int64_t 
     SPLIT(begin, end, hardswish_backward_range(g, z, out, part_begin, part_end, inv_six_temp));
 }
 
-void exc_bn_relu_sigmoid_backward(const float *g, const float *x, const float *residual, const float *mean,
-                                  const float *var, const float *weight, const float *bias, float eps, float *dx,
-                                  float *dz_out, int64_t channels, int64_t inner, int64_t begin_plane,
-                                  int64_t end_plane, float inv_temp, int64_t g_batch_stride, int64_t g_channel_stride,
-                                  int threads) {
+void exc_bn_relu_backward(const float *g, const float *x, const float *residual, const float *mean, const float *var,
+                          const float *weight, const float *bias, float eps, float *dx, float *dz_out, int64_t channels,
+                          int64_t inner, int64_t begin_plane, int64_t end_plane, float inv_temp, int gate,
+                          int64_t g_batch_stride, int64_t g_channel_stride, int threads) {
     SPLIT(begin_plane, end_plane,
-          bn_relu_sigmoid_backward_range(g, x, residual, mean, var, weight, bias, eps, dx, dz_out, channels, inner,
-                                         part_begin, part_end, inv_temp, g_batch_stride, g_channel_stride));
+          bn_relu_backward_range(g, x, residual, mean, var, weight, bias, eps, dx, dz_out, channels, inner, part_begin,
+                                 part_end, inv_temp, gate, g_batch_stride, g_channel_stride));
 }
 
 /* Returns 0, or the largest failure of any part: 1 (a buffer could not be allocated), 2 (window too large). */
