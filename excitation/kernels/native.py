@@ -280,18 +280,21 @@ def relu_normal_cdf_backward(grad: Tensor, z: Tensor, temp: float, out: Optional
     return _relu_gate_backward(_load().exc_relu_normal_cdf_backward, grad, z, temp, out)
 
 
-#: The gates with C kernels, by :data:`excitation.gates.GATES` name (elementwise and fused with BatchNorm).
-RELU_GATES = ("sigmoid", "normal_cdf")
 _GATE_CODES = {"sigmoid": 0, "normal_cdf": 1}  # GATE_SIGMOID, GATE_NORMAL_CDF in the C file
+#: The gates with C kernels, by :data:`excitation.gates.GATES` name (elementwise and fused with BatchNorm).
+RELU_GATES = tuple(_GATE_CODES)
+
+
+def _check_gate(gate: str) -> None:
+    if gate not in _GATE_CODES:
+        raise ValueError(f"no C kernel for gate {gate!r}; expected one of {RELU_GATES}.")
 
 
 def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str, out: Optional[Tensor] = None) -> Tensor:
     """:func:`relu_sigmoid_backward` or :func:`relu_normal_cdf_backward` by gate name (one of :data:`RELU_GATES`)."""
-    if gate == "sigmoid":
-        return relu_sigmoid_backward(grad, z, temp, out)
-    if gate == "normal_cdf":
-        return relu_normal_cdf_backward(grad, z, temp, out)
-    raise ValueError(f"no C kernel for gate {gate!r}; expected one of {RELU_GATES}.")
+    _check_gate(gate)
+    kernel = relu_sigmoid_backward if gate == "sigmoid" else relu_normal_cdf_backward
+    return kernel(grad, z, temp, out)
 
 
 def _relu_gate_backward(kernel, grad: Tensor, z: Tensor, temp: float, out: Optional[Tensor]) -> Tensor:
@@ -364,8 +367,7 @@ def batch_norm_relu_gate_backward(
             raise ValueError(f"{name} needs {channels} values (one per channel of x), got {t.numel()}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if gate not in RELU_GATES:
-        raise ValueError(f"no C kernel for gate {gate!r}; expected one of {RELU_GATES}.")
+    _check_gate(gate)
     if grad.shape != x.shape or not planes_contiguous(grad):
         raise ValueError(f"grad must have x's shape {tuple(x.shape)} and contiguous [n, c] planes, got "
                          f"{tuple(grad.shape)} with strides {grad.stride()}")
