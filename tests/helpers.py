@@ -446,6 +446,23 @@ def frozen_conv_relu_conv() -> Tuple[nn.Module, Tensor, int]:
     return model, torch.randn(2, 3, 16, 16), 2 * 8 * 14 * 14 * 4
 
 
+def eval_with_statistics(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """``model`` in eval mode with non-trivial BatchNorm statistics and affine parameters (seeded), its
+    parameters frozen unless ``frozen=False``: fresh BatchNorms (mean 0, variance 1, weight 1) would
+    hide mistakes in the per-channel arithmetic of the fused and compiled paths."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.3, 0.3)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    for param in model.parameters():
+        param.requires_grad_(not frozen)
+    return model.eval()
+
+
 def compiled_gradient_and_saved_bytes(fn, x: Tensor, backend) -> Tuple[Tensor, int]:
     """``torch.compile(fn, backend=backend)``: the input gradient of ``sum(fn(x))`` and the bytes it saves."""
     torch._dynamo.reset()

@@ -282,6 +282,44 @@ def test_fused_batch_norm_gate_from_batch_norms_input(affine, with_residual, gat
     assert subnormal_range.any() and (dx[subnormal_range] == 0).all()
 
 
+@pytest.mark.parametrize("gate", ["sigmoid", "normal_cdf"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6), (3, 40, 1, 1), (2, 24, 9, 9, 2)])
+def test_channels_last_batch_norm_gate_is_the_planes_kernel_bit_for_bit(shape, with_residual, gate):
+    """The channels-last loop (compiled CPU graphs, kernels/compiled.py) computes what the NCHW loop does."""
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 3 + 1
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    wide = torch.randn(shape[0], shape[1] + 7, *shape[2:]).contiguous(memory_format=fmt)
+    wide[:, :, 0] = 3e-38  # products that would be subnormal
+    g = wide[:, 2:2 + shape[1]]  # a channel slice of a channels-last concatenation: rows longer than C
+    assert native.channels_last_rows(g) == shape[1] + 7
+    assert native.channels_last_rows(x) == (shape[1] if x[0, 0].numel() == 1 else None)  # 1x1: both layouts
+    mean, var, weight, bias = torch.randn(shape[1]), torch.rand(shape[1]) + 0.5, torch.randn(shape[1]), None
+    residual = torch.randn_like(x) if with_residual else None
+    expected_dx, expected_dz = native.batch_norm_relu_gate_backward(
+        g.contiguous(), x, mean, var, weight, bias, 1e-5, 0.3, residual, with_residual, gate)
+    dx, dz = native.batch_norm_relu_gate_backward_channels_last(
+        g, x.contiguous(memory_format=fmt), mean, var, weight, bias, 1e-5, 0.3,
+        None if residual is None else residual.contiguous(memory_format=fmt), with_residual, gate)
+    assert dx.is_contiguous(memory_format=fmt) and torch.equal(dx, expected_dx)
+    assert (dz is None) == (not with_residual) and (dz is None or torch.equal(dz, expected_dz))
+    assert _subnormals(dx) == 0
+
+
+def test_channels_last_rows_reads_only_evenly_spaced_channel_minor_layouts():
+    t = torch.randn(2, 3, 4, 5)
+    assert native.channels_last_rows(t) is None  # NCHW
+    assert native.channels_last_rows(t.contiguous(memory_format=torch.channels_last)) == 3
+    wide = torch.randn(2, 9, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert native.channels_last_rows(wide[:, 3:6]) == 9
+    assert native.channels_last_rows(wide[:, 3:6, ::2]) is None  # every other row: not evenly spaced
+    assert native.channels_last_rows(wide[:1, 3:6, :1, :1]) == 3  # a single row: its length is C
+    with pytest.raises(ValueError, match="dense channels-last"):
+        native.batch_norm_relu_gate_backward_channels_last(wide[:, 3:6], t, torch.zeros(3), torch.ones(3), None, None,
+                                                           1e-5, 0.3)
+
+
 def test_fused_batch_norm_gate_refuses_mismatched_tensors():
     x, g = torch.randn(2, 5, 3, 3), torch.randn(2, 5, 3, 3)
     mean, var = torch.zeros(5), torch.ones(5)

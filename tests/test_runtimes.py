@@ -17,7 +17,7 @@ import torchvision
 
 import excitation
 
-from .helpers import AllForms, compiled_gradient_and_saved_bytes, frozen_conv_relu_conv, reference_pullback, rel_err
+from .helpers import ALL_FORMS_RELUS, AllForms, compiled_gradient_and_saved_bytes, frozen_conv_relu_conv, reference_pullback, rel_err
 
 TARGET = 3
 EAGER_TOL = 1e-5
@@ -112,10 +112,18 @@ def test_compile_dynamic_shapes(name):
         assert rel_err(leaf.grad, excitation.gradient(case.model, x, TARGET)) > 0.05
 
 
-def test_compile_inlines_the_surrogates_and_export_keeps_the_ops():
-    """Under torch.compile the autograd.Function twins run (Inductor fuses them); export keeps our ops."""
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c_kernels", "torch_gate"])
+def test_compile_inlines_the_surrogates_and_export_keeps_the_ops(c_kernels, monkeypatch):
+    """Compiled, no surrogate op is called: on the CPU each ReLU's backward is one extern call of its C kernel
+    (``kernels/compiled.py``), or, without the kernels, the gate Inductor compiles; export keeps our ops."""
     from torch._dynamo.backends.common import aot_autograd
 
+    from excitation.kernels import compiled, native
+
+    if c_kernels and not native.available():
+        pytest.skip(f"the C kernels did not build here: {native.status()}")
+    if not c_kernels:
+        monkeypatch.setattr(compiled, "_c_kernels_built", lambda: False)
     case = _case("all_forms")
     graphs = []
 
@@ -131,7 +139,12 @@ def test_compile_inlines_the_surrogates_and_export_keeps_the_ops():
     targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
     assert len(graphs) == 2 and "aten.threshold_backward.default" not in targets
     assert not [t for t in targets if t.startswith("excitation.surrogate_")]
-    assert "aten.softplus_backward.default" in targets  # the gate, now visible to the compiler
+    externs = sum(targets.count(f"excitation.{op}.default")
+                  for op in ("relu_gate_backward_cpu", "batch_norm_relu_backward_cpu"))
+    if c_kernels:
+        assert externs == ALL_FORMS_RELUS and "aten.softplus_backward.default" not in targets
+    else:
+        assert externs == 0 and "aten.softplus_backward.default" in targets  # the gate, visible to the compiler
     # ... while the CPU soft-pool backward stays one extern call (Inductor's own code for it is ~18x slower).
     pools = sum(site.kind == "max_pool2d" for site in excitation.report(case.excited).sites)
     assert pools == 5 and targets.count("excitation.soft_max_pool2d_backward.default") == pools
@@ -298,6 +311,20 @@ def test_backend_keeps_the_pre_activation_in_place_of_relu_output(monkeypatch, i
     monkeypatch.setattr(backend_module, "mark_relu_outputs_for_recompute", lambda gm: 0)
     grad, both_bytes = compiled_gradient_and_saved_bytes(model, x, excitation.backend(inner=inner))
     assert rel_err(grad, expected) <= COMPILED_TOL and both_bytes == vanilla_bytes + z_bytes
+
+
+def test_backend_keeps_concatenated_relus_as_their_pre_activations():
+    """A cat of tagged ReLUs is tagged too: the backend's graph keeps the z's, not the concatenation beside them."""
+    from .test_compiled import Inception, _eval_model
+
+    model = _eval_model(Inception())
+    x = torch.rand(2, 8, 16, 16)
+    expected = excitation.pullback(model, x, lambda out: out.sum(1))
+    _, vanilla_bytes = compiled_gradient_and_saved_bytes(model, x, "inductor")
+    grad, ours_bytes = compiled_gradient_and_saved_bytes(model, x, excitation.backend())
+    assert rel_err(grad, expected) <= COMPILED_TOL
+    z_bytes = 2 * 32 * 16 * 16 * 4
+    assert z_bytes <= ours_bytes < z_bytes + 2 * 8 * 16 * 16 * 4 + 4096 and ours_bytes < vanilla_bytes
 
 
 class DataDependent(nn.Module):

@@ -149,13 +149,25 @@ def mark_relu_outputs_for_recompute(gm: fx.GraphModule) -> int:
     the checkpoint in :func:`excitation.kernels.surrogate_relu` does for graphs dynamo
     traces; a backend sees the graph after dynamo, so it writes the checkpoint policy's tag
     directly (AOTAutograd copies ``meta["recompute"]`` onto the ops each node traces to).
-    Returns the number of nodes tagged.
+    A ``torch.cat`` of tagged ReLUs that feed nothing else is tagged too, as the compile view
+    groups them (:func:`excitation.kernels.compiled.compiled_relu_concat` says why); the tags
+    carry no region id, so no boundary between them is kept.  Returns the number of nodes tagged.
     """
     from torch.utils.checkpoint import CheckpointPolicy
 
     tagged = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is surrogate_relu and node.kwargs.get("saved", "exact") == "exact":
+            node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+            tagged += 1
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.cat, torch.concat) or not node.args:
+            continue
+        parts = node.args[0]
+        if isinstance(parts, (list, tuple)) and parts and all(
+            isinstance(part, fx.Node) and part.meta.get("recompute") is CheckpointPolicy.PREFER_RECOMPUTE
+            and len(part.users) == 1 for part in parts
+        ):
             node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
             tagged += 1
     return tagged

@@ -47,7 +47,8 @@ from torch import Tensor
 __all__ = ["available", "status", "supports", "relu_sigmoid_backward", "relu_normal_cdf_backward", "relu_gate_backward",
            "RELU_GATES", "hardtanh_sigmoid_backward",
            "hardswish_backward", "batch_norm_relu_gate_backward", "batch_norm_relu_gate_backward_unchecked",
-           "soft_max_pool2d_backward", "max_pool2d_with_indices", "SOURCE"]
+           "soft_max_pool2d_backward", "max_pool2d_with_indices", "channels_last_rows",
+           "batch_norm_relu_gate_backward_channels_last", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("csrc") / "excitation_cpu.c"
 # 512-bit vectors where the CPU has them (an Intel Xeon with AVX-512 ran the 3x3/1 soft-pool
@@ -87,6 +88,8 @@ _SIGNATURES = {
     "exc_hardtanh_sigmoid_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _f32, _f32, _f32, _int], None),
     "exc_hardswish_backward": ([_ptr, _ptr, _ptr, _i64, _i64, _f32, _int], None),
     "exc_bn_relu_backward": ([_ptr] * 7 + [_f32, _ptr, _ptr] + [_i64] * 4 + [_f32, _int, _i64, _i64, _int], None),
+    "exc_bn_relu_backward_channels_last": ([_ptr] * 7 + [_f32, _ptr, _ptr] + [_i64] * 3 + [_f32, _int, _i64, _int],
+                                           _int),
     "exc_soft_max_pool2d_backward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_f32, _int, _int], _int),
     "exc_max_pool2d_forward": ([_ptr, _ptr, _ptr] + [_i64] * 14 + [_int], _int),
 }
@@ -408,6 +411,71 @@ def batch_norm_relu_gate_backward_unchecked(
         _run(lambda begin, end, threads: library.exc_bn_relu_backward(*args, begin, end, 1.0 / temp, gate_code,
                                                                      g_batch_stride, g_channel_stride, threads),
              planes, inner)
+    return dx, dz
+
+
+def channels_last_rows(t: Tensor) -> Optional[int]:
+    """The row stride of ``t`` ([N, C, *spatial]) if its channels are innermost and contiguous and its rows (one
+    per batch index and position) evenly spaced, else ``None``.
+
+    A dense channels-last tensor has rows of ``C`` values; a channel slice of a channels-last
+    concatenation (the gradient Inductor hands one part of a ``torch.cat``) has longer ones.
+    """
+    if t.dim() < 3 or t.stride(1) != 1:
+        return None
+    row = expected = None
+    for dim in [*range(t.dim() - 1, 1, -1), 0]:  # the position dims, innermost first, then the batch
+        size, stride = t.shape[dim], t.stride(dim)
+        if size == 1:
+            continue
+        if row is None:
+            row = expected = stride
+        if stride != expected:
+            return None
+        expected *= size
+    row = t.shape[1] if row is None else row
+    return row if row >= t.shape[1] else None
+
+
+def batch_norm_relu_gate_backward_channels_last(
+    grad: Tensor, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
+    bias: Optional[Tensor], eps: float, temp: float, residual: Optional[Tensor] = None, residual_grad: bool = False,
+    gate: str = "sigmoid",
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`batch_norm_relu_gate_backward` for channels-last ``x`` (and ``residual``), dense, and a channels-last
+    ``grad`` with evenly spaced rows (:func:`channels_last_rows`); ``dx`` (and ``dz``) come back channels-last.
+
+    What compiled CPU graphs call: Inductor lays out the activations around convolutions channels-last.
+    """
+    channels = x.shape[1]
+    g_row = channels_last_rows(grad)
+    if channels_last_rows(x) != channels or (residual is not None and channels_last_rows(residual) != channels):
+        raise ValueError("x (and residual) must be dense channels-last tensors")
+    if g_row is None or grad.shape != x.shape:
+        raise ValueError(f"grad must have x's shape {tuple(x.shape)} and channels-last rows, got {tuple(grad.shape)} "
+                         f"with strides {grad.stride()}")
+    _check_gate(gate)
+    library = _LIBRARY if _LIBRARY is not None else _load()
+    dx = torch.empty_like(x)  # empty_like keeps x's (channels-last) strides
+    dz = torch.empty_like(x) if residual_grad else None
+    rows = x.numel() // max(1, channels)
+    if rows == 0:
+        return dx, dz
+    threads = min(torch.get_num_threads(), rows) if x.numel() >= _PARALLEL_MIN_WORK and _OPENMP else 1
+    args = (grad.data_ptr(), x.data_ptr(), None if residual is None else residual.data_ptr(),
+            running_mean.data_ptr(), running_var.data_ptr(), None if weight is None else weight.data_ptr(),
+            None if bias is None else bias.data_ptr(), eps, dx.data_ptr(), None if dz is None else dz.data_ptr(),
+            channels)
+    if _OPENMP:
+        status = library.exc_bn_relu_backward_channels_last(*args, 0, rows, 1.0 / temp, _GATE_CODES[gate], g_row,
+                                                            max(1, threads))
+    else:
+        results: List[object] = []
+        _run(lambda begin, end, t: results.append(library.exc_bn_relu_backward_channels_last(
+            *args, begin, end, 1.0 / temp, _GATE_CODES[gate], g_row, t)), rows, channels)
+        status = max(results, default=0)
+    if status:
+        raise MemoryError("excitation: the channels-last BatchNorm -> ReLU kernel could not allocate its scratch")
     return dx, dz
 
 

@@ -237,6 +237,56 @@ static void bn_relu_backward_range(const float *g, const float *x, const float *
                                 end_plane, inv_temp, g_batch_stride, g_channel_stride, GATE_SIGMOID);
 }
 
+/* bn_relu_backward_planes for channels-last tensors ([N, H, W, C] in memory, what Inductor lays out for
+ * convolutions on the CPU): rows of `channels` contiguous values, row r of g at g + r * g_row_stride (a
+ * channel slice of a concatenation's gradient has a longer row), x, residual, dx and dz dense.  The
+ * per-channel alpha, beta live in `scratch` (2 * channels floats) so the loop over a row vectorises. */
+static inline __attribute__((always_inline)) void bn_relu_backward_rows_gate(
+    const float *g, const float *x, const float *residual, const float *alpha, const float *beta, float *dx,
+    float *dz_out, int64_t channels, int64_t begin_row, int64_t end_row, float inv_temp, int64_t g_row_stride,
+    const int gate) {
+    for (int64_t row = begin_row; row < end_row; ++row) {
+        const float *gp = g + row * g_row_stride;
+        const float *xp = x + row * channels;
+        float *dxp = dx + row * channels;
+        if (residual == NULL && dz_out == NULL) {
+            for (int64_t c = 0; c < channels; ++c)
+                dxp[c] = flush(flush(gp[c] * gate_of((xp[c] * alpha[c] + beta[c]) * inv_temp, gate)) * alpha[c]);
+        } else {
+            const float *rp = residual != NULL ? residual + row * channels : NULL;
+            float *dzp = dz_out != NULL ? dz_out + row * channels : NULL;
+            for (int64_t c = 0; c < channels; ++c) {
+                const float z = rp != NULL ? (xp[c] * alpha[c] + beta[c]) + rp[c] : xp[c] * alpha[c] + beta[c];
+                const float dz = flush(gp[c] * gate_of(z * inv_temp, gate));
+                if (dzp != NULL) dzp[c] = dz;
+                dxp[c] = flush(dz * alpha[c]);
+            }
+        }
+    }
+}
+
+static int bn_relu_backward_rows(const float *g, const float *x, const float *residual, const float *mean,
+                                 const float *var, const float *weight, const float *bias, float eps, float *dx,
+                                 float *dz_out, int64_t channels, int64_t begin_row, int64_t end_row, float inv_temp,
+                                 int gate, int64_t g_row_stride) {
+    float *alpha = (float *)malloc(2 * (size_t)channels * sizeof(float));
+    if (alpha == NULL) return 1;
+    float *beta = alpha + channels;
+    for (int64_t c = 0; c < channels; ++c) { /* the same per-channel arithmetic as bn_relu_backward_planes */
+        const float invstd = 1.0f / __builtin_sqrtf(var[c] + eps);
+        alpha[c] = weight != NULL ? invstd * weight[c] : invstd;
+        beta[c] = (bias != NULL ? bias[c] : 0.0f) - mean[c] * alpha[c];
+    }
+    if (gate == GATE_NORMAL_CDF)
+        bn_relu_backward_rows_gate(g, x, residual, alpha, beta, dx, dz_out, channels, begin_row, end_row, inv_temp,
+                                   g_row_stride, GATE_NORMAL_CDF);
+    else
+        bn_relu_backward_rows_gate(g, x, residual, alpha, beta, dx, dz_out, channels, begin_row, end_row, inv_temp,
+                                   g_row_stride, GATE_SIGMOID);
+    free(alpha);
+    return 0;
+}
+
 /* The window arithmetic of the soft-pool backward for the extended output columns [0, M):
  * given src[k] (window element k of output j is src[k][j]), D[k * stride + j] = the contribution
  * of output j to its window element k.  Generic version: any kernel size, one pass per step. */
@@ -620,6 +670,16 @@ void exc_bn_relu_backward(const float *g, const float *x, const float *residual,
     SPLIT(begin_plane, end_plane,
           bn_relu_backward_range(g, x, residual, mean, var, weight, bias, eps, dx, dz_out, channels, inner, part_begin,
                                  part_end, inv_temp, gate, g_batch_stride, g_channel_stride));
+}
+
+/* Returns 0, or 1 if a part could not allocate its per-channel scratch. */
+int exc_bn_relu_backward_channels_last(const float *g, const float *x, const float *residual, const float *mean,
+                                       const float *var, const float *weight, const float *bias, float eps, float *dx,
+                                       float *dz_out, int64_t channels, int64_t begin_row, int64_t end_row,
+                                       float inv_temp, int gate, int64_t g_row_stride, int threads) {
+    SPLIT_KEEPING_STATUS(begin_row, end_row,
+                         bn_relu_backward_rows(g, x, residual, mean, var, weight, bias, eps, dx, dz_out, channels, lo,
+                                               hi, inv_temp, gate, g_row_stride));
 }
 
 /* Returns 0, or the largest failure of any part: 1 (a buffer could not be allocated), 2 (window too large). */
