@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .fxpass.backend import backend
 from .fxpass.rewrite import excite
 
 __all__ = ["BenchRow", "BenchResult", "run_bench", "format_table"]
@@ -156,6 +157,9 @@ def _methods(model: nn.Module, model_name: str, temp: float, compile_: bool, pee
         compiled_ours = torch.compile(excited)
         methods["vanilla gradient, compiled"] = lambda x, t: _input_gradient(compiled_vanilla, x, t)
         methods["excitation (ours), compiled"] = lambda x, t: _input_gradient(compiled_ours, x, t)
+        # The other way to compile a pullback: the backend excites the graphs dynamo captures.
+        compiled_backend = torch.compile(model, backend=backend(temp=temp))
+        methods['excitation (ours), backend="excitation", compiled'] = lambda x, t: _input_gradient(compiled_backend, x, t)
         # Compiled, the exact default keeps z in place of relu(z); a compact gate comes on top of relu(z).
         compiled_compact = torch.compile(unfused["uint8"])
         methods["excitation (ours), unfused, uint8 saved gate, compiled"] = (

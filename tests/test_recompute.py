@@ -105,6 +105,45 @@ def test_compiled_graph_keeps_neither_z_nor_the_pool_input(backend):
     assert rel_err(grad, expected) < 1e-5 and kept_bytes - ours_bytes > 0.99 * z_bytes  # z, give or take a channel vector
 
 
+@pytest.mark.parametrize("batch_norm", [True, False], ids=["conv-bn-relu", "conv-relu"])
+def test_backend_graph_keeps_neither_z_nor_the_pool_input(batch_norm, monkeypatch):
+    """The "excitation" backend tags the same stem in dynamo's graph (no modules there): it keeps no more than vanilla."""
+    from excitation.fxpass import backend as backend_module
+
+    model = _frozen(PooledStem(batch_norm=batch_norm))
+    x = torch.randn(2, 3, 12, 12)
+    z_bytes = 2 * 8 * 12 * 12 * 4
+    expected = excitation.pullback(excitation.excite(model), x, TARGET)
+
+    def score(t):
+        return model(t)[:, TARGET]
+
+    _, vanilla_bytes = compiled_gradient_and_saved_bytes(score, x, "inductor")
+    grad, ours_bytes = compiled_gradient_and_saved_bytes(score, x, excitation.backend())
+    assert rel_err(grad, expected) < 1e-5 and ours_bytes <= vanilla_bytes
+    monkeypatch.setattr(backend_module, "tag_cheap_convolutions", lambda gm: 0)
+    grad, kept_bytes = compiled_gradient_and_saved_bytes(score, x, excitation.backend())
+    assert rel_err(grad, expected) < 1e-5 and kept_bytes - ours_bytes > 0.99 * z_bytes
+
+
+def test_backend_tags_only_a_cheap_convolution_feeding_a_pooled_relu():
+    """In dynamo's graph of googlenet only the 7x7 RGB stem qualifies, as ``excite`` picks ``conv1.conv``."""
+    from excitation.fxpass import recompute as recompute_module
+
+    model = _frozen(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True))
+    tagged = []
+
+    def inner(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in recompute_module._CONV2D and node.meta.get("recompute"):
+                tagged.append(tuple(node.args[1].meta["example_value"].shape))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=excitation.backend(inner=inner))(torch.randn(1, 3, 64, 64))
+    assert tagged == [(64, 3, 7, 7)]
+
+
 def test_every_other_runtime_runs_it_as_a_plain_convolution():
     model = _frozen(PooledStem())
     x = torch.randn(2, 3, 12, 12)

@@ -17,7 +17,8 @@ import torchvision
 
 import excitation
 
-from .helpers import ALL_FORMS_RELUS, AllForms, compiled_gradient_and_saved_bytes, frozen_conv_relu_conv, reference_pullback, rel_err
+from .helpers import (ALL_FORMS_RELUS, AllForms, compiled_gradient_and_saved_bytes, eval_with_statistics,
+                      frozen_conv_relu_conv, reference_pullback, rel_err)
 
 TARGET = 3
 EAGER_TOL = 1e-5
@@ -112,32 +113,42 @@ def test_compile_dynamic_shapes(name):
         assert rel_err(leaf.grad, excitation.gradient(case.model, x, TARGET)) > 0.05
 
 
-@pytest.mark.parametrize("c_kernels", [True, False], ids=["c_kernels", "torch_gate"])
-def test_compile_inlines_the_surrogates_and_export_keeps_the_ops(c_kernels, monkeypatch):
-    """Compiled, no surrogate op is called: on the CPU each ReLU's backward is one extern call of its C kernel
-    (``kernels/compiled.py``), or, without the kernels, the gate Inductor compiles; export keeps our ops."""
+def _compiled_ops(fn, x, backend=None, select=lambda out: out.sum()):
+    """Compile ``fn`` through AOTAutograd (inside ``backend(inner)`` if given), capturing its forward and backward
+    graphs: the input gradient of ``select(fn(x))``, the number of graphs and the ops they call."""
     from torch._dynamo.backends.common import aot_autograd
 
-    from excitation.kernels import compiled, native
-
-    if c_kernels and not native.available():
-        pytest.skip(f"the C kernels did not build here: {native.status()}")
-    if not c_kernels:
-        monkeypatch.setattr(compiled, "_c_kernels_built", lambda: False)
-    case = _case("all_forms")
     graphs = []
 
     def capture(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    inner = aot_autograd(fw_compiler=capture, bw_compiler=capture)
     torch._dynamo.reset()
-    leaf = _leaf(case.x)
-    torch.compile(case.excited, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture),
-                  fullgraph=True)(leaf)[:, TARGET].sum().backward()
-    case.check(leaf.grad)
-    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
-    assert len(graphs) == 2 and "aten.threshold_backward.default" not in targets
+    leaf = _leaf(x)
+    select(torch.compile(fn, backend=inner if backend is None else backend(inner), fullgraph=True)(leaf)).backward()
+    return leaf.grad, len(graphs), [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _with_or_without_c_kernels(c_kernels, monkeypatch):
+    from excitation.kernels import compiled, native
+
+    if c_kernels and not native.available():
+        pytest.skip(f"the C kernels did not build here: {native.status()}")
+    if not c_kernels:
+        monkeypatch.setattr(compiled, "_c_kernels_built", lambda: False)
+
+
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c_kernels", "torch_gate"])
+def test_compile_inlines_the_surrogates_and_export_keeps_the_ops(c_kernels, monkeypatch):
+    """Compiled, no surrogate op is called: on the CPU each ReLU's backward is one extern call of its C kernel
+    (``kernels/compiled.py``), or, without the kernels, the gate Inductor compiles; export keeps our ops."""
+    _with_or_without_c_kernels(c_kernels, monkeypatch)
+    case = _case("all_forms")
+    grad, n_graphs, targets = _compiled_ops(case.excited, case.x, select=lambda out: out[:, TARGET].sum())
+    case.check(grad)
+    assert n_graphs == 2 and "aten.threshold_backward.default" not in targets
     assert not [t for t in targets if t.startswith("excitation.surrogate_")]
     externs = sum(targets.count(f"excitation.{op}.default")
                   for op in ("relu_gate_backward_cpu", "batch_norm_relu_backward_cpu"))
@@ -296,6 +307,63 @@ def test_backend_with_options(case):
         for kind, n in report.counts().items():
             counts[kind] += n
     assert counts == excitation.report(case.excited).counts()
+
+
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c_kernels", "torch_gate"])
+def test_backend_runs_the_c_kernels_as_each_relu_backward(c_kernels, monkeypatch):
+    """On float32 CPU graphs the backend, like the compile view, makes each ReLU's backward one extern C call."""
+    _with_or_without_c_kernels(c_kernels, monkeypatch)
+    case = _case("all_forms")
+    grad, _, targets = _compiled_ops(case.model, case.x, lambda inner: excitation.backend(inner=inner),
+                                     select=lambda out: out[:, TARGET].sum())
+    case.check(grad, COMPILED_TOL)
+    externs = targets.count("excitation.relu_gate_backward_cpu.default")
+    if c_kernels:
+        assert externs == ALL_FORMS_RELUS and "aten.softplus_backward.default" not in targets
+    else:
+        assert externs == 0 and targets.count("aten.softplus_backward.default") == ALL_FORMS_RELUS
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trained"])
+def test_backend_fuses_a_frozen_batch_norm_into_its_relus_c_backward(frozen):
+    """A frozen eval-mode BatchNorm feeding a ReLU site alone: one C call for both backwards, values unchanged.
+
+    BatchNorms whose parameters need gradients keep the separate backward (the C kernel returns the
+    input's gradient only): their gradients must equal the eager pullback's.
+    """
+    from excitation.kernels import native
+
+    if not native.available():
+        pytest.skip(f"the C kernels did not build here: {native.status()}")
+    torch.manual_seed(0)
+    model = eval_with_statistics(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                               nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), frozen=frozen)
+    x = torch.randn(2, 3, 12, 12)
+    grad, _, targets = _compiled_ops(model, x, lambda inner: excitation.backend(inner=inner))
+    bn_params = {name: p.grad for name, p in model.named_parameters() if name.startswith(("1.", "4."))}
+    model.zero_grad(set_to_none=True)
+    leaf = _leaf(x)
+    excitation.excite(model, fuse=False)(leaf).sum().backward()
+    assert rel_err(grad, leaf.grad) <= COMPILED_TOL
+    fused = targets.count("excitation.batch_norm_relu_backward_cpu.default")
+    unfused = targets.count("excitation.relu_gate_backward_cpu.default")
+    if frozen:
+        assert (fused, unfused) == (2, 0)
+    else:
+        assert (fused, unfused) == (0, 2)
+        for name, value in bn_params.items():
+            assert rel_err(value, dict(model.named_parameters())[name].grad) <= COMPILED_TOL, name
+
+
+def test_backend_leaves_other_dtypes_to_the_compiler():
+    """A float64 graph has no C kernel: its sites keep the gate the compiler writes, with the same values."""
+    model, x, _ = frozen_conv_relu_conv()
+    model, x = model.double(), x.double()
+    grad, _, targets = _compiled_ops(model, x, lambda inner: excitation.backend(inner=inner))
+    expected = excitation.pullback(model, x, lambda out: out.sum((1, 2, 3)))
+    assert rel_err(grad, expected) <= 1e-12
+    assert "aten.softplus_backward.default" in targets
+    assert "excitation.relu_gate_backward_cpu.default" not in targets
 
 
 @pytest.mark.parametrize("inner", ["inductor", "aot_eager"])

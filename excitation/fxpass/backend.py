@@ -12,24 +12,30 @@ the way to excite models that do not trace.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from typing import Callable, List, Mapping, Optional, Sequence, Set, Union
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from ..gates import check_saved, check_temp
 from ..presets import resolve_preset
 from ..kernels import surrogate_relu
+from ..kernels.compiled import batch_norm_relu_with_c_backward, c_backward_applies, relu_with_c_backward
 from .dynamo_names import is_dynamo_graph, name_dynamo_nodes
+from .recompute import tag_cheap_convolutions
 from .report import Report
 from .rewrite import TempsSpec, excite_graph
 from .rules import RulesSpec, resolve_rules
+from .sites import SURROGATE_RELU_PARAMS, _bind
 
 _LOG = logging.getLogger("excitation")
 
-__all__ = ["ExcitationBackend", "backend", "excitation_backend", "mark_relu_outputs_for_recompute"]
+__all__ = ["ExcitationBackend", "backend", "excitation_backend", "mark_relu_outputs_for_recompute",
+           "use_c_backward"]
 
 
 class ExcitationBackend:
@@ -125,6 +131,8 @@ class ExcitationBackend:
         )
         if self.saved == "exact":
             mark_relu_outputs_for_recompute(gm)
+            if use_c_backward(gm) + tag_cheap_convolutions(gm):
+                gm.recompile()
         with self._lock:
             self.reports.append(result)
             unused = self.unused_temps
@@ -171,6 +179,77 @@ def mark_relu_outputs_for_recompute(gm: fx.GraphModule) -> int:
             node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
             tagged += 1
     return tagged
+
+
+_BATCH_NORM_PARAMS = tuple(inspect.signature(F.batch_norm).parameters)
+
+
+def _example(value: object) -> object:
+    """What dynamo recorded for a graph value (a fake tensor), or the value itself if it is no node."""
+    return value.meta.get("example_value") if isinstance(value, fx.Node) else value
+
+
+def _frozen_eval_batch_norm(z: object) -> Optional[dict]:
+    """The arguments of ``z`` if it is an eval-mode ``F.batch_norm`` call with frozen parameters and one user."""
+    if not (isinstance(z, fx.Node) and z.op == "call_function" and z.target is F.batch_norm and len(z.users) == 1):
+        return None
+    bound = dict(zip(_BATCH_NORM_PARAMS, z.args))
+    bound.update(z.kwargs)
+    if bound.get("training", False) is not False or not isinstance(bound.get("eps", 1e-5), (int, float)):
+        return None
+    tensors = [_example(bound.get(name)) for name in ("running_mean", "running_var", "weight", "bias")]
+    if not all(isinstance(t, torch.Tensor) for t in tensors[:2]) or any(
+        t is not None and not (isinstance(t, torch.Tensor) and not t.requires_grad) for t in tensors
+    ):
+        return None
+    x = _example(bound["input"])
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return None
+    return bound
+
+
+def use_c_backward(gm: fx.GraphModule) -> int:
+    """Give each exact ReLU site of a float32 CPU graph the C kernels' backward, as the compile view does.
+
+    ``torch.compile(excite(model))`` gets them through the compile view: Inductor's own loop for
+    the excitation gate is compute-bound on the CPU (a Sleef exponential and a division per
+    element), the C kernel is not.  Here a site calls
+    :func:`~excitation.kernels.compiled.relu_with_c_backward`, and a site fed by a frozen
+    eval-mode ``F.batch_norm`` alone calls
+    :func:`~excitation.kernels.compiled.batch_norm_relu_with_c_backward` in place of both (one C
+    pass for the gate and BatchNorm's input gradient).  Which sites qualify is read from the
+    example values dynamo records on each node (``meta["example_value"]``): a site without
+    one, on another device or dtype, or with a gate the kernels lack keeps ``surrogate_relu``.
+    Values are the same either way.  Call it after :func:`mark_relu_outputs_for_recompute`:
+    the new nodes keep the site's recompute tag.  Returns the number of sites changed; the
+    caller recompiles ``gm``.
+    """
+    changed = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not surrogate_relu:
+            continue
+        site = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
+        temp, gate, z = site["temp"], site["gate"], site["input"]
+        if site["saved"] != "exact" or not isinstance(temp, (int, float)) or not isinstance(gate, str):
+            continue
+        if not c_backward_applies(node.meta.get("example_value", _example(z)), gate):
+            continue
+        bn = _frozen_eval_batch_norm(z)
+        if bn is None:
+            node.target = relu_with_c_backward
+            node.args, node.kwargs = (z, float(temp), gate), {}
+        else:
+            with graph.inserting_before(node):
+                fused = graph.call_function(batch_norm_relu_with_c_backward, (
+                    bn["input"], bn.get("weight"), bn.get("bias"), bn["running_mean"], bn["running_var"],
+                    float(bn.get("eps", 1e-5)), float(temp), gate))
+            fused.meta = dict(node.meta)
+            node.replace_all_uses_with(fused)
+            graph.erase_node(node)
+            graph.erase_node(z)
+        changed += 1
+    return changed
 
 
 def backend(

@@ -2,7 +2,9 @@
 
 An excited graph is traced by dynamo through its *compile view*
 (:mod:`excitation.fxpass.compile_view`), whose ReLU sites call the functions here instead
-of :func:`~.ops.surrogate_relu` / :func:`~.fused.batch_norm_relu`.  Outside dynamo each
+of :func:`~.ops.surrogate_relu` / :func:`~.fused.batch_norm_relu`; the ``"excitation"``
+backend puts :func:`relu_with_c_backward` and :func:`batch_norm_relu_with_c_backward` into the
+graphs dynamo hands it (``fxpass/backend.py::use_c_backward``).  Outside dynamo each
 one is exactly the function it stands for.  Under dynamo they differ in two ways, neither of
 which changes a value:
 
@@ -41,7 +43,8 @@ from .fused import _batch_norm_eval, batch_norm_relu, batch_norm_relu_pre_activa
 from .ops import _call_surrogate_relu, surrogate_relu
 from .registry import NAMESPACE, recompute_in_backward
 
-__all__ = ["compiled_relu", "compiled_batch_norm_relu", "compiled_relu_concat"]
+__all__ = ["compiled_relu", "compiled_batch_norm_relu", "compiled_relu_concat", "relu_with_c_backward",
+           "batch_norm_relu_with_c_backward", "c_backward_applies"]
 
 
 @torch.compiler.assume_constant_result
@@ -64,13 +67,25 @@ def _dense(t: Tensor) -> bool:
     )
 
 
+def _in_layout_of(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` with the strides of ``ref`` (a dense tensor of its shape): one copy, none if they match.
+
+    Inductor may hand a site's gradient in another layout than its input: before a max-pool the
+    input is the convolution's channels-last output and the gradient the soft-pool backward's
+    NCHW one.  Copying the gradient alone into the input's layout is one transposing pass; the
+    general path (both to NCHW, the result back) is three: on vgg11_bn's four such sites,
+    compiled, that was 315 ms of copies in three calls at batch 4 (Intel Xeon).
+    """
+    return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
 # ------------------------------------------------------------------ extern backward ops
 @torch.library.custom_op(f"{NAMESPACE}::relu_gate_backward_cpu", mutates_args=(),
                          tags=(torch._C.Tag.flexible_layout,))
 def _relu_gate_backward_cpu(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """``grad * gate(z / temp)`` (floored, flushed) by the C kernel, in any layout; the result has ``z``'s strides."""
-    if grad.stride() == z.stride() and _dense(z):
-        return native.relu_gate_backward(grad, z, temp, gate)  # elementwise over the same block of memory
+    if _dense(z):
+        return native.relu_gate_backward(_in_layout_of(grad, z), z, temp, gate)  # elementwise over one block
     out = torch.empty_like(z)
     return out.copy_(native.relu_gate_backward(grad.contiguous(), z.contiguous(), temp, gate))
 
@@ -87,12 +102,15 @@ def _batch_norm_relu_backward_cpu(grad: Tensor, x: Tensor, running_mean: Tensor,
                                   gate: str) -> Tensor:
     """BatchNorm's input gradient at a BatchNorm -> ReLU site (eval mode), by the C kernel, in ``x``'s layout.
 
-    NCHW and channels-last tensors go straight to their kernel; anything else through contiguous copies.
+    NCHW and channels-last inputs go to their kernel, the gradient copied into the input's layout if
+    the kernel cannot read it as it is; anything else through contiguous copies.
     """
     per_channel = [t if t is None else t.contiguous() for t in (running_mean, running_var, weight, bias)]
-    if x.is_contiguous() and native.planes_contiguous(grad):
+    if x.is_contiguous():
+        grad = grad if native.planes_contiguous(grad) else _in_layout_of(grad, x)
         return native.batch_norm_relu_gate_backward_unchecked(grad, x, *per_channel, eps, temp, gate=gate)[0]
-    if native.channels_last_rows(x) == x.shape[1] and native.channels_last_rows(grad) is not None:
+    if native.channels_last_rows(x) == x.shape[1]:
+        grad = grad if native.channels_last_rows(grad) is not None else _in_layout_of(grad, x)
         return native.batch_norm_relu_gate_backward_channels_last(grad, x, *per_channel, eps, temp, gate=gate)[0]
     dx = native.batch_norm_relu_gate_backward_unchecked(grad.contiguous(), x.contiguous(), *per_channel, eps, temp,
                                                         gate=gate)[0]
@@ -146,6 +164,40 @@ class _CpuBatchNormReLU(torch.autograd.Function):
         dx = torch.ops.excitation.batch_norm_relu_backward_cpu(grad, x, running_mean, running_var, weight, bias,
                                                                ctx.eps, ctx.temp, ctx.gate)
         return dx, None, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------ what the "excitation" backend calls
+def c_backward_applies(example: object, gate: str) -> bool:
+    """Whether a graph site whose ReLU input looks like ``example`` (a tensor or fake tensor) gets the C backward.
+
+    Asked by the ``"excitation"`` backend at compile time, outside any trace: float32, on the
+    CPU, a gate the C kernels implement, and the kernels built on this machine.
+    """
+    return isinstance(example, Tensor) and _cpu_backward(example, gate)
+
+
+def relu_with_c_backward(z: Tensor, temp: float = 0.3, gate: str = "sigmoid") -> Tensor:
+    """``relu(z)`` whose backward is one extern call of ``excitation::relu_gate_backward_cpu``.
+
+    What the ``"excitation"`` backend puts at an exact ReLU site of a float32 CPU graph
+    (:func:`c_backward_applies` decided it at compile time): AOTAutograd traces the autograd
+    Function's backward into the joint graph, so Inductor calls the C kernel where it would
+    otherwise write the gate's loop (the module docstring says why).  The backend tags the node
+    for recompute itself, so no checkpoint region is needed here.
+    """
+    return _CpuReLU.apply(z, temp, gate)
+
+
+def batch_norm_relu_with_c_backward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+                                    running_var: Tensor, eps: float, temp: float = 0.3,
+                                    gate: str = "sigmoid") -> Tensor:
+    """``relu(batch_norm(x))`` in eval mode, whose backward is one extern call of ``excitation::batch_norm_relu_backward_cpu``.
+
+    What the ``"excitation"`` backend puts where a frozen eval-mode ``F.batch_norm`` feeds an
+    exact ReLU site alone (see :func:`relu_with_c_backward`): one C pass for the gate and
+    BatchNorm's input gradient, where the unfused site needs the gate's pass and BatchNorm's.
+    """
+    return _CpuBatchNormReLU.apply(x, weight, bias, running_mean, running_var, eps, temp, gate)
 
 
 # ------------------------------------------------------------------ what the compile view calls
