@@ -8,7 +8,7 @@ image (random weights, frozen, 224²) through:
 * ``torch.compile(model)``: the vanilla gradient, the denominator;
 * ``torch.compile(excite(model))``: the compile view (fused BatchNorm -> ReLU sites, C backward);
 * ``torch.compile(model, backend="excitation")``: the backend, with its C backward at each ReLU;
-* the same backend with the C backward turned off (what it ran before 2026-12-07).
+* the same backend with the C backward turned off (its stem recompute kept), to show what the C backward buys.
 
 Prints the median ms per call, the saved bytes (autograd's saved storages, as ``excitation
 bench`` counts them) and both as ratios to compiled vanilla, with the CPU named.  ``excitation

@@ -18,7 +18,9 @@ time within this machine's noise of the run without (googlenet 0.86 / 0.87, resn
 compiled resnet50 ~12 % (2026-12-06, AMD EPYC), and was left out.
 
 :func:`excitation.fxpass.recompute.recompute_cheap_convolutions` gives this class to the
-excited model's own clones of such convolutions (never to the user's modules).  Outside
+excited model's own clones of such convolutions (never to the user's modules); the
+``"excitation"`` backend tags the same convolutions in dynamo's graphs
+(:func:`excitation.fxpass.recompute.tag_cheap_convolutions`).  Outside
 ``torch.compile`` it is exactly ``nn.Conv2d``.
 """
 
