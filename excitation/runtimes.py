@@ -64,7 +64,9 @@ RUNTIMES: List[Runtime] = [
             "rule cannot be scripted and says so (`rules={'attention': False}` or `jit.trace`)", "test_jit_script"),
     Runtime("`torch.compile(model, backend=\"excitation\")`", "yes",
             "rewrites dynamo's graphs; works where `symbolic_trace` fails (data-dependent control flow); tags each "
-            "exact ReLU for recompute, as the checkpoint above does (`test_backend_keeps_the_pre_activation_in_place_of_relu_output`)",
+            "exact ReLU for recompute, as the checkpoint above does (`test_backend_keeps_the_pre_activation_in_place_of_relu_output`); "
+            "on float32 CPU graphs each ReLU's backward is one C call, as in the compile view "
+            "(`test_backend_runs_the_c_kernels_as_each_relu_backward`)",
             "test_backend_by_name"),
     Runtime("`torch.compile(model, backend=excitation.backend(temp=..., inner=...))`", "yes",
             "options and any inner backend", "test_backend_with_options"),

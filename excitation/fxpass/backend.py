@@ -47,6 +47,11 @@ class ExcitationBackend:
     module's path); each graph takes the keys it holds (a graph break spreads the sites over
     several graphs), and :attr:`unused_temps` lists the keys no graph has held so far.
 
+    On float32 CPU graphs each exact ReLU site's backward becomes one call of its C kernel
+    (:func:`use_c_backward`) unless ``c_backward=False`` or ``inner="eager"``: an inner step
+    that interprets the graph's surrogate calls itself (calibration's recorder) needs them as
+    they are.
+
     Attributes
     ----------
     reports : list of Report
@@ -65,6 +70,7 @@ class ExcitationBackend:
         rules: RulesSpec = None,
         saved: str = "exact",
         inner: Union[str, Callable] = "inductor",
+        c_backward: bool = True,
     ) -> None:
         self.preset, self.temp, self.pool_temp, self.gate, self.pool_backward = resolve_preset(
             preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward
@@ -86,6 +92,9 @@ class ExcitationBackend:
         if not (isinstance(inner, str) or callable(inner)):
             raise TypeError(f"inner must be a backend name such as 'inductor' or 'eager', or a callable; got {inner!r}.")
         self.inner = inner
+        if not isinstance(c_backward, bool):
+            raise TypeError(f"c_backward must be True or False, got {c_backward!r}.")
+        self.c_backward = c_backward
         self.reports: List[Report] = []
         self._lock = threading.Lock()
 
@@ -131,7 +140,9 @@ class ExcitationBackend:
         )
         if self.saved == "exact":
             mark_relu_outputs_for_recompute(gm)
-            if use_c_backward(gm) + tag_cheap_convolutions(gm):
+            # inner="eager" runs the graph as it is: its surrogate ops take the eager C kernels already.
+            retargeted = use_c_backward(gm) if self.c_backward and self.inner != "eager" else 0
+            if retargeted + tag_cheap_convolutions(gm):
                 gm.recompile()
         with self._lock:
             self.reports.append(result)
@@ -263,6 +274,7 @@ def backend(
     rules: RulesSpec = None,
     saved: str = "exact",
     inner: Union[str, Callable] = "inductor",
+    c_backward: bool = True,
 ) -> ExcitationBackend:
     """A ``torch.compile`` backend with these options: ``torch.compile(model, backend=excitation.backend(...))``.
 
@@ -270,10 +282,11 @@ def backend(
     :class:`ExcitationBackend`; ``calibrate`` returns them for models on the dynamo path).  ``inner``
     is the backend that compiles the excited graph (``"inductor"``,
     ``"aot_eager"``, ``"eager"`` or any callable backend).  ``preset``, ``pool_backward``, ``rules`` and
-    ``saved`` as in :func:`excitation.excite`.
+    ``saved`` as in :func:`excitation.excite`.  ``c_backward=False`` keeps the surrogate ops at every
+    site, where ``True`` gives float32 CPU sites the C kernels' backward (:func:`use_c_backward`).
     """
     return ExcitationBackend(preset=preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward,
-                             temps=temps, rules=rules, saved=saved, inner=inner)
+                             temps=temps, rules=rules, saved=saved, inner=inner, c_backward=c_backward)
 
 
 def excitation_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
