@@ -141,9 +141,9 @@ class ExcitationBackend:
         if self.saved == "exact":
             mark_relu_outputs_for_recompute(gm)
             # inner="eager" runs the graph as it is: its surrogate ops take the eager C kernels already.
-            retargeted = use_c_backward(gm) if self.c_backward and self.inner != "eager" else 0
-            if retargeted + tag_cheap_convolutions(gm):
+            if self.c_backward and self.inner != "eager" and use_c_backward(gm):
                 gm.recompile()
+            tag_cheap_convolutions(gm)  # after the sites take their final form; tags are meta, no new code
         with self._lock:
             self.reports.append(result)
             unused = self.unused_temps
