@@ -13,7 +13,7 @@ image (random weights, frozen, 224²) through:
 Prints the median ms per call, the saved bytes (autograd's saved storages, as ``excitation
 bench`` counts them) and both as ratios to compiled vanilla, with the CPU named.  ``excitation
 bench --compile`` has the first three rows too; this script adds the backend without the C
-backward, which is what the README's before / after for the backend comes from.
+backward (``c_backward=False``), the last column of docs/performance/intel-xeon.md.
 """
 
 from __future__ import annotations

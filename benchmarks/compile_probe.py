@@ -1,10 +1,9 @@
 """Which excitation configurations does ``torch.compile`` get right on this device?  A bisection aid.
 
-``python benchmarks/compile_probe.py [--device cuda]``.  In session 4 the compiled pullback of
-``tests.helpers.AllForms`` came out zero on an H200 (torch 2.11) while every CPU compile matched
-eager; this prints one row per configuration (fusion on/off, which rules, backend) with the
-relative difference of the compiled pullback to the eager one and to zero, so one GPU run shows
-where it breaks.  Rows: ``ok`` (matches eager to 1e-3: TF32 convolutions differ by ~1e-3),
+``python benchmarks/compile_probe.py [--device cuda]``.  Compiles ``tests.helpers.AllForms``
+in every configuration (fusion on/off, which rules, backend) and prints one row per configuration
+with the relative difference of the compiled pullback to the eager one and to zero, so one run on
+a device shows which configuration, if any, breaks there.  Rows: ``ok`` (matches eager to 1e-3: TF32 convolutions differ by ~1e-3),
 ``ZERO`` (the silent failure), ``WRONG`` (anything else).
 """
 

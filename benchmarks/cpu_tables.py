@@ -1,4 +1,4 @@
-"""The README's CPU tables: ours against vanilla, eager and compiled, per model and batch, on this machine.
+"""The CPU tables of docs/performance: ours against vanilla, eager and compiled, per model and batch, on this machine.
 
     python benchmarks/cpu_tables.py --out docs/bench/cpu-<cpu> [--models resnet50 googlenet] [--batches 4 8]
 

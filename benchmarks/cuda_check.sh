@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The one prepared script for a session that is lent a GPU (see the device tool's README):
+# The GPU checks in one script, for a machine with a CUDA device:
 # the CUDA tests, host cost per site, the gate's and the pool's kernel timings, the benchmark
-# tables, the compiled table and a profile (at most 8 files come back: keep it so).
+# tables, the compiled table and a profile, in at most 8 files under OUT_DIR.
 # Usage (from the repository root):  bash benchmarks/cuda_check.sh [OUT_DIR]
-# The GPU machine has no package index: the project is installed without build isolation
-# or dependencies (its image has torch, torchvision, tqdm, matplotlib, pytest, hypothesis),
-# and the peers come as wheels in .whl/ when they were carried (else their rows say so).
+# It needs no package index: the project is installed without build isolation or dependencies
+# (torch, torchvision, tqdm, matplotlib, pytest and hypothesis must be installed), and the peers
+# from wheels in .whl/ when present (else their rows say so).
 # Every step has its own time limit, so one that hangs costs its slot, not the run.
 # Switches: SWEEP=1 (Triton block sizes), KERNELS=0 (skip the gate and pool kernel timings), PLOT=0, COMPILE=0, PROFILE=0,
 # REPEATS=n, DEADLINE=seconds, MODELS="resnet50 googlenet" (the eager tables).
@@ -48,7 +48,7 @@ cat "$out/setup.txt"
 sweep=""; [ "${SWEEP:-0}" = 1 ] && sweep="--sweep"
 step 180 "$py" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_guarantees.py tests/test_runtimes.py tests/test_fusion.py \
     -k "cuda and not densenet and not resnet50" 2>&1 | tail -4 | tee -a "$out/setup.txt"
-# Which configurations torch.compile gets right here (session 4's compiled CUDA pullback was zero).
+# Which configurations torch.compile gets right here (flags a zero or wrong compiled pullback).
 step 150 "$py" benchmarks/compile_probe.py --device "$dev" 2>&1 | grep -v "warn" | tee -a "$out/setup.txt"
 {
     step 60 "$py" benchmarks/site_overhead.py --device "$dev"

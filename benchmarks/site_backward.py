@@ -7,7 +7,7 @@ compiled graphs compute it: ``torch.compile`` of the gate formula (the backward 
 before the C kernels ran there), our C kernel in NCHW and channels-last (what compiled CPU
 graphs now call, ``kernels/compiled.py``), and ``torch.compile`` of vanilla's ``threshold``
 backward.  Interleaved rounds; min and median per call.  This is the measurement behind the
-README's "compiled densenet121" paragraph: on a 2-core Intel Xeon (AVX-512), [4, 256, 28, 28]
+C kernels as the compiled CPU backward (docs/design.md): on a 2-core Intel Xeon (AVX-512), [4, 256, 28, 28]
 took 0.43 / 0.65 ms (min / median of 30 rounds) in Inductor's loop, 0.21 / 0.33 ms in the C kernel,
 0.22 / 0.28 ms in vanilla's loop (NCHW; channels-last alike).
 """

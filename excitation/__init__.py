@@ -7,10 +7,16 @@ pooling ``sum_w softmax(x_w / temp) x_w`` at max-pools.  Rules of the same kind
 cover ReLU6, LeakyReLU, SiLU, GELU, Hardswish, Hardsigmoid, LayerNorm and
 attention (:data:`RULES`; ``excite(model, rules=...)`` chooses among them).
 
->>> import excitation
+>>> import torch, excitation
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+...                             torch.nn.Flatten(), torch.nn.Linear(8 * 3 * 3, 5)).eval()
+>>> x = torch.rand(2, 3, 8, 8)
 >>> excited = excitation.excite(model)            # torch.fx pass; model untouched
->>> print(excitation.report(excited))             # what was rewritten
+>>> excitation.report(excited).counts()           # what was rewritten
+{'relu': 1, 'max_pool2d': 1}
 >>> pb = excitation.pullback(model, x, target=3)  # or with `excited`
+>>> pb.shape
+torch.Size([2, 3, 8, 8])
 >>> pb = excitation.pullback(model, x, 3, preset="semantic")  # the author's later rules
 
 Importing this package registers the ``excitation::`` ops with
@@ -31,7 +37,7 @@ from .kernels import surrogate_max_pool2d, surrogate_relu
 from .presets import DEFAULT_PRESET, POOL_BACKWARDS, PRESETS, Preset
 from .quantus import quantus_explain_func
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "excite",

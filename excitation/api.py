@@ -36,7 +36,25 @@ _CACHE_LOCK = threading.Lock()
 
 
 def clear_cache() -> None:
-    """Forget every excited model :func:`pullback` built on the fly (e.g. after editing a model's modules)."""
+    """Forget every excited model :func:`pullback` built on the fly (e.g. after editing a model's modules).
+
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    Nothing.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> first = excitation.prepare(net)
+    >>> excitation.clear_cache()
+    >>> excitation.prepare(net) is first
+    False
+    """
     with _CACHE_LOCK:
         _CACHE.clear()
 
@@ -72,6 +90,36 @@ def prepare(
     compiled with ``excitation.backend(..., inner="eager")``), and one ``INFO``
     line on the ``"excitation"`` logger says so.  :func:`path_of` tells which path a
     prepared module took.  ``excite(model)`` still raises the fx error.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A plain or excited model.
+    excited : bool
+        The excited module (``True``) or the plain one :func:`gradient` runs.
+    preset, temp, pool_temp, gate, pool_backward, temps
+        As for :func:`excitation.excite`; only for plain models.
+
+    Returns
+    -------
+    nn.Module
+        The cached module; ``excitation.report(...)`` works on it.
+
+    Raises
+    ------
+    ValueError
+        Bad options.
+    excitation.ExcitationError
+        Neither path can excite the model without a silent vanilla gradient.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> excitation.prepare(net) is excitation.prepare(net)   # cached
+    True
+    >>> excitation.api.path_of(excitation.prepare(net))
+    'fx'
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -297,6 +345,27 @@ def pullback(
     Tensor
         Same shape as ``x``.  The model runs in eval mode (dropout off, no
         BatchNorm update); its parameters' ``.grad`` are left untouched.
+
+    Raises
+    ------
+    ValueError
+        Bad options (``temp``, ``gate``, ``temps``), an empty batch, a target out of range, an
+        output without a class dimension.
+    TypeError
+        An integer input or a non-integer target.
+    excitation.ExcitationError
+        The model cannot be excited on either path (fx or dynamo) without a silent vanilla gradient.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> x = torch.rand(2, 4)
+    >>> pb = excitation.pullback(net, x, target=[0, 2])
+    >>> pb.shape
+    torch.Size([2, 4])
+    >>> bool(torch.allclose(pb, excitation.gradient(net, x, target=[0, 2])))
+    False
     """
     module = prepare(model, excited=True, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
                      pool_backward=pool_backward, temps=temps)
@@ -304,7 +373,38 @@ def pullback(
 
 
 def gradient(model: nn.Module, x: Tensor, target: Target, *, create_graph: bool = False) -> Tensor:
-    """The vanilla input gradient ``d(sum_i out[i, target_i]) / dx``, in eval mode, for comparison."""
+    """The vanilla input gradient ``d(sum_i out[i, target_i]) / dx``, in eval mode, for comparison.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A plain model (an excited one is run through its original, un-excited graph).
+    x : Tensor
+        Input batch [N, ...], on the model's device and dtype.
+    target : int, sequence of ints, LongTensor [N] or callable
+        The class per sample, or ``callable(output) -> Tensor [N]``.
+    create_graph : bool
+        Keep the graph of the gradient for higher-order derivatives.
+
+    Returns
+    -------
+    Tensor
+        Same shape as ``x``.  The model runs in eval mode; its parameters' ``.grad`` are untouched.
+
+    Raises
+    ------
+    ValueError
+        An empty batch, a target out of range or of the wrong shape, an output without a class dimension.
+    TypeError
+        An integer input or a non-integer target.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> excitation.gradient(net, torch.rand(2, 4), target=1).shape
+    torch.Size([2, 4])
+    """
     module = prepare(model, excited=False)
     return _input_gradient(module, x, target, create_graph)
 
@@ -323,10 +423,44 @@ def pullbacks(
 ) -> Tensor:
     """Pullbacks of K classes per input in one backward pass: a Tensor [N, K, ...].
 
-    ``targets`` is a sequence or LongTensor [K] (the same classes for every
-    input) or a LongTensor [N, K].  One forward pass; the K backward passes run
-    batched with ``torch.func.vmap`` over the cotangents of a ``torch.func.vjp``.
-    Options as for :func:`pullback`.
+    One forward pass; the K backward passes run batched with ``torch.func.vmap`` over the
+    cotangents of a ``torch.func.vjp`` (on the dynamo path, for models fx cannot trace, one
+    pullback per target through the same compiled graphs).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A plain model (excited on the fly and cached) or the result of :func:`excitation.excite`.
+    x : Tensor
+        Input batch [N, ...], on the model's device and dtype.
+    targets : sequence of ints, LongTensor [K] or LongTensor [N, K]
+        The same K classes for every input, or K classes per input.
+    preset, temp, pool_temp, gate, pool_backward, temps
+        As for :func:`excitation.excite`; only for plain models.
+
+    Returns
+    -------
+    Tensor
+        Shape [N, K, ...]: ``result[:, k]`` equals ``pullback(model, x, targets[k])``.
+
+    Raises
+    ------
+    TypeError
+        ``targets`` holds floats or booleans.
+    ValueError
+        ``targets`` is not of shape [K] or [N, K] with K >= 1, a target is out of range, or the
+        model's output is not [N, classes].
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> x = torch.rand(2, 4)
+    >>> grid = excitation.pullbacks(net, x, targets=[0, 1, 2])
+    >>> grid.shape
+    torch.Size([2, 3, 4])
+    >>> bool(torch.allclose(grid[:, 1], excitation.pullback(net, x, target=1), atol=1e-6))
+    True
     """
     module = prepare(model, excited=True, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
                      pool_backward=pool_backward, temps=temps)

@@ -29,7 +29,36 @@ IMAGENET_NORMALIZE = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 class Normalized(nn.Module):
-    """``model((x - mean) / std)``: lets an ascent run in pixel space."""
+    """``model((x - mean) / std)``: a model that takes ``[0, 1]`` pixels, so an ascent runs in pixel space.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier that expects normalised inputs (shared, not copied).
+    mean, std : sequence of float
+        Per-channel normalisation, e.g. ``excitation.IMAGENET_NORMALIZE``.
+    device : torch.device, optional
+        Where to keep the ``mean`` / ``std`` buffers (they also follow ``.to(...)``).
+
+    Returns
+    -------
+    Normalized
+        An ``nn.Module``; ``forward(x)`` returns ``model((x - mean) / std)``.
+
+    Raises
+    ------
+    ValueError
+        A ``std`` entry is not positive.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    ...                           torch.nn.LazyLinear(5))
+    >>> model = excitation.Normalized(net, *excitation.IMAGENET_NORMALIZE).eval()
+    >>> model(torch.rand(1, 3, 8, 8)).shape
+    torch.Size([1, 5])
+    """
 
     def __init__(
         self, model: nn.Module, mean: Sequence[float], std: Sequence[float], device: Optional[torch.device] = None
@@ -105,6 +134,23 @@ def ascend(
     Returns
     -------
     Tensor, or (Tensor, list of Tensor) with ``return_history``.
+
+    Raises
+    ------
+    ValueError
+        ``direction`` is not ``"pullback"`` or ``"gradient"``, ``steps`` is negative, ``step_size`` or
+        ``radius`` is not a finite positive number, or an input / target is invalid (as for
+        :func:`excitation.pullback`).
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    ...                           torch.nn.Linear(4 * 6 * 6, 5))
+    >>> x = torch.rand(2, 3, 8, 8)
+    >>> moved = excitation.ascend(net, x, target=1, steps=3, step_size=0.5, radius=1.0, progress=False)
+    >>> moved.shape, bool(((moved - x).flatten(1).norm(dim=1) <= 1.0 + 1e-5).all())
+    (torch.Size([2, 3, 8, 8]), True)
     """
     if direction not in ("pullback", "gradient"):
         raise ValueError(f"direction={direction!r}; use 'pullback' or 'gradient'.")

@@ -136,6 +136,21 @@ def calibrate(
         ``{site key: temp}``, the keys of ``excitation.report(...).sites[i].node``: fx node
         names, or on the dynamo path (models fx cannot trace) the stable dynamo site keys,
         as ``prepare(model).report().sites[i].node`` shows them.
+
+    Raises
+    ------
+    ValueError
+        ``batches`` is empty, a batch is not a valid input (integer dtype, empty, wrong device),
+        or ``scale_factor`` / ``min_temp`` is not a finite positive number.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> temps = excitation.calibrate(net, torch.randn(64, 4), progress=False)
+    >>> sorted(temps)
+    ['_1']
+    >>> pb = excitation.pullback(net, torch.randn(2, 4), target=0, temps=temps)
     """
     scale_factor = check_temp(scale_factor, argument="scale_factor")
     min_temp = check_temp(min_temp, argument="min_temp")

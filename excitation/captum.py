@@ -1,4 +1,4 @@
-"""A Captum attribution class for the excitation pullback.
+"""Captum with excitation pullbacks: the pullback as an attribution class, and any Captum class on pullbacks.
 
 >>> from captum.attr import NoiseTunnel
 >>> from excitation.captum import ExcitationPullback
@@ -7,23 +7,33 @@
 >>> smooth = NoiseTunnel(explainer).attribute(x, target=3, nt_type="smoothgrad", nt_samples=8, stdevs=0.1)
 
 It also works with ``captum.metrics.infidelity`` and ``captum.metrics.sensitivity_max``.
+
+:func:`wrap` runs any gradient-based Captum class on an excited copy of the model,
+so every gradient it takes is a pullback (e.g. Integrated Gradients becomes the
+path integral of pullbacks):
+
+>>> from captum.attr import IntegratedGradients, LayerGradCam
+>>> from excitation.captum import wrap
+>>> ig = wrap(IntegratedGradients)(model, preset="semantic")
+>>> attr = ig.attribute(x, baselines=0 * x, target=3, n_steps=16)
+>>> cam = wrap(LayerGradCam)(model, model.features[-1], preset="semantic")   # the layer is mapped by name
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Type
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 try:
-    from captum.attr._utils.attribution import GradientAttribution
+    from captum.attr._utils.attribution import Attribution, GradientAttribution
     from captum.log import log_usage
 except ImportError as exc:  # pragma: no cover - captum is in the eval extra
     raise ImportError("excitation.captum needs Captum: pip install 'excitation[eval]'") from exc
 
-__all__ = ["ExcitationPullback"]
+__all__ = ["ExcitationPullback", "wrap", "PULLBACK_OPTIONS"]
 
 
 class ExcitationPullback(GradientAttribution):
@@ -80,3 +90,85 @@ class ExcitationPullback(GradientAttribution):
         out = pullback(self.forward_func, inputs.detach(), target.reshape(-1).long(), preset=self.preset,
                        temp=self.temp, pool_temp=self.pool_temp).detach()
         return out.abs() if (self.abs if abs is None else abs) else out
+
+
+#: Keyword arguments of :func:`wrap`'s constructors that go to :func:`excitation.excite`, not to the Captum class.
+PULLBACK_OPTIONS = ("preset", "temp", "pool_temp", "gate", "pool_backward", "temps")
+
+# These override nn.ReLU backward hooks; an excited model has no nn.ReLU modules left (each ReLU site is a
+# surrogate op), so they would silently return plain pullbacks.
+_RELU_HOOK_CLASSES = ("GuidedBackprop", "Deconvolution", "GuidedGradCam")
+
+
+def _excited_module(original: nn.Module, excited: nn.Module, value: Any) -> Any:
+    """``value`` itself, or -- for a submodule of ``original`` -- the excited model's module of the same name."""
+    if not isinstance(value, nn.Module):
+        return value
+    name = next((n for n, m in original.named_modules() if m is value), None)
+    if name is None:
+        return value
+    called = {node.target for node in getattr(getattr(excited, "graph", None), "nodes", ()) if node.op == "call_module"}
+    if getattr(excited, "graph", None) is not None and name not in called:
+        raise ValueError(f"layer {name!r} is not called as a module in the excited model (the pass fuses BatchNorm "
+                         f"into its ReLU and inlines containers): pass a Conv2d or Linear layer, e.g. one of "
+                         f"{sorted(called)[-3:]}.")
+    return excited.get_submodule(name)
+
+
+def wrap(attribution_cls: Type["Attribution"]) -> Callable[..., "Attribution"]:
+    """A constructor of ``attribution_cls`` whose gradients are excitation pullbacks.
+
+    ``wrap(Cls)(model, *args, preset=..., temp=..., **kwargs)`` builds ``Cls(excited, *args, **kwargs)``
+    where ``excited`` is the excited copy of ``model`` that :func:`excitation.pullback` uses
+    (cached per model and options; ``model`` itself is never modified).
+
+    Parameters
+    ----------
+    attribution_cls : type
+        A Captum attribution class that differentiates its forward function
+        (``IntegratedGradients``, ``Saliency``, ``InputXGradient``, ``GradientShap``,
+        ``NoiseTunnel``-wrappable classes, layer classes such as ``LayerGradCam``).
+
+    Returns
+    -------
+    callable
+        ``(model, *args, **kwargs) -> attribution_cls instance``.  Keywords in
+        :data:`PULLBACK_OPTIONS` go to :func:`excitation.excite`; the rest, and
+        ``args``, to ``attribution_cls``.  A submodule of ``model`` among them (a
+        layer) is replaced by the excited model's module of the same name.
+
+    Raises
+    ------
+    TypeError
+        If ``attribution_cls`` is not a Captum attribution class.
+    ValueError
+        For Guided Backprop, Deconvolution and Guided Grad-CAM, which rewrite ``nn.ReLU``
+        backwards that the excited model no longer has (use the explainer
+        ``"guided-pullback-cam"`` of :mod:`excitation.evaluation.explainers`).
+    """
+    if not (isinstance(attribution_cls, type) and issubclass(attribution_cls, Attribution)):
+        raise TypeError(f"wrap needs a Captum attribution class (e.g. captum.attr.IntegratedGradients), got "
+                        f"{attribution_cls!r}.")
+    if attribution_cls.__name__ in _RELU_HOOK_CLASSES:
+        raise ValueError(f"{attribution_cls.__name__} hooks nn.ReLU modules, which the excited model replaces by "
+                         f"surrogate ops: wrapped it would return plain pullbacks.  Use the evaluation explainer "
+                         f"'guided-pullback-cam' for the guided variant.")
+
+    def construct(model: nn.Module, *args: Any, **kwargs: Any) -> Attribution:
+        from .api import prepare
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"wrap({attribution_cls.__name__}) needs the model as an nn.Module, got "
+                            f"{type(model).__name__}.")
+        options: Dict[str, Any] = {k: kwargs.pop(k) for k in PULLBACK_OPTIONS if k in kwargs}
+        excited = prepare(model, excited=True, **options)
+        args = tuple(_excited_module(model, excited, a) for a in args)
+        kwargs = {k: _excited_module(model, excited, v) for k, v in kwargs.items()}
+        attribution = attribution_cls(excited, *args, **kwargs)
+        attribution.pullback_options = options  # type: ignore[attr-defined]
+        return attribution
+
+    construct.__name__ = construct.__qualname__ = f"Pullback{attribution_cls.__name__}"
+    construct.__doc__ = (f"{attribution_cls.__name__} on the excited copy of ``model``: "
+                         f"``(model, *args, preset=..., temp=..., **kwargs)``.")
+    return construct

@@ -1,4 +1,4 @@
-"""The ``excitation`` command: ``demo``, ``explain``, ``bench``, ``zoo``, ``evaluate`` and ``extract``.
+"""The ``excitation`` command: ``demo``, ``explain``, ``app``, ``bench``, ``zoo``, ``evaluate`` and ``extract``.
 
 Every subcommand has ``--help``.  Errors print one line, ``excitation: error: ...``,
 and exit with status 2; ``--traceback`` shows the full trace instead.
@@ -55,7 +55,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     columns = [name(t) for t in args.targets] + ([f"{name(args.extra)} (extra)"] if args.extra is not None else [])
     rows = [Path(p).stem for p in args.images]
     grids = pullbacks(model, images, targets, preset=args.preset, temp=args.temp)
-    out = pullback_grid(images.cpu(), grids.cpu(), rows, columns, args.out, title=f"{args.model}: excitation pullbacks")
+    out = pullback_grid(images.cpu(), grids.cpu(), rows, columns, args.out, title=f"{args.model}: excitation pullbacks",
+                        view=args.view)
     print(f"wrote {out}")
     if args.steps > 0:
         n, k = len(images), len(targets)
@@ -67,8 +68,20 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         by_gr = ascend(model, repeated, wanted, direction="gradient", **common).view(n, k, *images.shape[1:])
         acc_path = Path(args.out).with_name(Path(args.out).stem + "_accentuation.png")
         accentuation_grid(images.cpu(), by_pb.cpu(), by_gr.cpu(), rows, columns, acc_path,
-                          title=f"{args.model}: accentuation, pullback vs gradient")
+                          title=f"{args.model}: accentuation, pullback vs gradient",
+                          view=args.view)
         print(f"wrote {acc_path}")
+    return 0
+
+
+# -------------------------------------------------------------------------- app
+def _cmd_app(args: argparse.Namespace) -> int:
+    from .app import build_app, launch, load_app_model
+
+    if args.weights_file and not args.model:
+        raise ValueError("--weights-file needs --model NAME (the default scene model has its own weights).")
+    demo = build_app(app_model=load_app_model(args.model, args.weights_file, args.weights))
+    launch(demo, host=args.host, port=args.port)
     return 0
 
 
@@ -153,8 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--radius", type=float, default=50.0, help="L2 ball radius, [0,1] pixels")
     explain.add_argument("--preset", choices=list(PRESETS), help="rule set (default: paper); see excitation.PRESETS")
     explain.add_argument("--temp", type=float, help="ReLU gate temperature (default: the preset's, 0.3 / 0.6)")
+    explain.add_argument("--view", choices=["heatmap", "overlay", "rgb"], default="heatmap",
+                         help="how pullbacks (and accentuation changes) are drawn: a signed heatmap (default), "
+                              "a heatmap over the image, or an image around grey (the paper's convention)")
     explain.add_argument("--device", default="cpu", help="cpu or cuda")
     explain.set_defaults(func=_cmd_explain)
+
+    app = sub.add_parser("app", help="a local web page: pullback vs gradient and accentuation for one image",
+                         description="Serve a local Gradio page (needs the app extra: pip install 'excitation[app]').")
+    app.add_argument("--model", help="torchvision/timm model name or module:function (default: the in-repo scene model)")
+    app.add_argument("--weights-file", help="a local state dict for --model")
+    app.add_argument("--weights", help="torchvision weight set, for class names and preprocessing (with --weights-file: "
+                                       "no download)")
+    app.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    app.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    app.set_defaults(func=_cmd_app)
 
     bench = sub.add_parser("bench", help="time pullbacks against the vanilla gradient and peers",
                            description="Time pullbacks against the vanilla gradient and peers (one process, "

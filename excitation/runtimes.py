@@ -1,8 +1,8 @@
-"""Which PyTorch runtimes keep the excitation backward, as a table the README shows.
+"""Which PyTorch runtimes keep the excitation backward, as a table the documentation shows.
 
-``tests/test_runtimes.py`` has one test per row (named in the last column), and
-``tests/test_readme.py`` checks that the README's "Runtimes" table is exactly
-:func:`markdown_table`, so the documentation cannot drift from what is tested.
+``tests/test_runtimes.py`` has one test per row (named in the last column), and the
+documentation's Runtimes page is generated from :func:`markdown_table` when it is built
+(``docs/_ext/excitation_docs.py``), so it cannot drift from what is tested.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ RUNTIMES: List[Runtime] = [
     Runtime("`torch.compile(excited, fullgraph=True)`, CPU (Inductor C++)", "yes",
             "no graph breaks; matches eager to 1e-4 (kernels reorder float sums)", "test_compile_cpu"),
     Runtime("`torch.compile(excited, dynamic=True)`", "yes",
-            "one graph for every input size; failed before session 6 as soon as a graph held two ReLUs (a "
-            "module-level float constant became a symbolic input that dynamo could not pass to a backward)",
+            "one graph for every input size; the gates' constants are read through "
+            "`torch.compiler.assume_constant_result`, so dynamo never makes them symbolic inputs of a backward",
             "test_compile_dynamic_shapes"),
     Runtime("what `torch.compile` sees", "yes",
             "the surrogates' forward and backward inlined as ATen ops (no `excitation::surrogate_*` call left for "
@@ -36,12 +36,12 @@ RUNTIMES: List[Runtime] = [
             "test_compiled_relu_keeps_the_pre_activation_in_place_of_its_output`). "
             "`torch.export` of the same model keeps the ops",
             "test_compile_inlines_the_surrogates_and_export_keeps_the_ops"),
-    Runtime("`torch.compile`, CUDA", "unverified since the fusion",
-            "passed on an NVIDIA H200 (torch 2.11) in session 3; failed there for all_forms in session 4 (zero "
-            "compiled pullback) after the BatchNorm -> ReLU fusion; the fixes since (unfused under compile, no raw "
-            "Triton launch under tracers) and session 6's recompute of relu(z) are not re-run on a GPU: run "
-            "benchmarks/cuda_check.sh first; "
-            "skipped on CPU-only machines such as CI", "test_compile_cuda"),
+    Runtime("`torch.compile`, CUDA", "unverified at this version",
+            "the test runs wherever a GPU is present and is skipped on CPU-only machines such as CI; "
+            "`bash benchmarks/cuda_check.sh` runs it with `benchmarks/compile_probe.py`, which compiles the "
+            "all-forms model per rule, per backend and with fusion on and off, and flags any compiled pullback "
+            "that is zero or differs from eager",
+            "test_compile_cuda"),
     Runtime("`torch.export.export(excited, (x,))` + `ep.module()`", "yes",
             "the graph holds `excitation::surrogate_relu` / `surrogate_batch_norm_relu` / `surrogate_max_pool2d`",
             "test_export"),
@@ -74,7 +74,7 @@ RUNTIMES: List[Runtime] = [
 
 
 def markdown_table() -> str:
-    """The README's "Runtimes" table."""
+    """The "Runtimes" table, as Markdown."""
     lines = ["| runtime | works | notes | test |", "|---|---|---|---|"]
     for row in RUNTIMES:
         lines.append(f"| {row.name} | {row.status} | {row.notes} | `{row.test}` |")

@@ -90,3 +90,52 @@ def test_quantus_metric_runs_with_the_explain_func():
         model=model, x_batch=x.numpy(), y_batch=y, a_batch=None, device="cpu",
         explain_func=excitation.quantus_explain_func, explain_func_kwargs={"temp": 0.5})
     assert len(scores) == 4 and np.all(np.isfinite(scores)) and np.all(np.asarray(scores) > 0)
+
+
+# ------------------------------------------------------------------ excitation.captum.wrap
+
+def _relu_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval()
+
+
+def test_wrapped_integrated_gradients_is_the_path_integral_of_pullbacks():
+    from captum.attr import IntegratedGradients
+
+    from excitation.captum import wrap
+
+    model, x = _relu_model(), _x()
+    y = torch.tensor([0, 3, 2, 1])
+    base = torch.full_like(x, 0.25)
+    m = 8
+    ig = wrap(IntegratedGradients)(model, preset="semantic")
+    got = ig.attribute(x, baselines=base, target=y, n_steps=m, method="riemann_middle")
+    mean = sum(excitation.pullback(model, base + (k + 0.5) / m * (x - base), y, preset="semantic")
+               for k in range(m)) / m
+    torch.testing.assert_close(got, mean * (x - base), rtol=1e-5, atol=1e-7)
+    # And it is not the gradient's path integral.
+    plain = IntegratedGradients(model).attribute(x, baselines=base, target=y, n_steps=m, method="riemann_middle")
+    assert not torch.allclose(got, plain, atol=1e-6)
+
+
+def test_wrap_maps_layers_by_name_and_keeps_the_model():
+    from captum.attr import GuidedBackprop, LayerGradCam, Saliency
+
+    from excitation.captum import wrap
+
+    model, x = _relu_model(), _x()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    y = torch.tensor([0, 1, 2, 3])
+    saliency = wrap(Saliency)(model, preset="semantic").attribute(x, target=y, abs=False)
+    torch.testing.assert_close(saliency, excitation.pullback(model, x, y, preset="semantic"))
+    cam = wrap(LayerGradCam)(model, model[0], preset="semantic")
+    assert cam.layer is not model[0] and isinstance(cam.layer, nn.Conv2d)
+    assert cam.attribute(x, target=y).shape == (4, 1, 8, 8)
+    with pytest.raises(ValueError, match="guided-pullback-cam"):
+        wrap(GuidedBackprop)
+    with pytest.raises(TypeError, match="Captum attribution class"):
+        wrap(nn.ReLU)
+    with pytest.raises(ValueError, match="not called as a module"):
+        wrap(LayerGradCam)(model, model[1])          # the ReLU became a surrogate op
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(isinstance(m, nn.ReLU) for m in model if not isinstance(m, (nn.Conv2d, nn.Flatten, nn.Linear)))

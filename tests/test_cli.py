@@ -3,6 +3,9 @@
 import subprocess
 import sys
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -75,6 +78,38 @@ def test_explain_with_local_weights_writes_both_grids(local_weights):
     assert out.stat().st_size > 10_000 and (folder / "fig_accentuation.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("view", ["heatmap", "overlay", "rgb"])
+def test_explain_figures_are_the_apis_figures(local_weights, tmp_path, view):
+    """Both figures the command writes, pixel for pixel what the API draws from the same pullbacks."""
+    from excitation import ascend, pullbacks
+    from excitation.figures import accentuation_grid, pullback_grid
+    from excitation.images import load_image
+    from excitation.models import load_classifier
+
+    folder, images = local_weights
+    weights = str(folder / "resnet18.pt")
+    out = tmp_path / "cli.png"
+    code = main(["explain", "--model", "resnet18", "--weights-file", weights, "--images", images[0], "--targets", "0",
+                 "7", "--out", str(out), "--steps", "1", "--radius", "5", "--step-size", "2", "--view", view])
+    assert code == 0
+    loaded = load_classifier("resnet18", weights_file=weights)
+    model = loaded.pixel_model("cpu")
+    x = torch.stack([load_image(images[0], loaded.preprocess)])
+    rows, columns = [Path(images[0]).stem], ["class 0", "class 7"]
+    api = pullback_grid(x, pullbacks(model, x, [0, 7]), rows, columns, tmp_path / "api.png",
+                        title="resnet18: excitation pullbacks", view=view)
+    common = dict(steps=1, step_size=2.0, radius=5.0, progress=False)
+    wanted, repeated = torch.tensor([0, 7]), x.repeat_interleave(2, 0)
+    by_pb = ascend(model, repeated, wanted, direction="pullback", **common).view(1, 2, *x.shape[1:])
+    by_gr = ascend(model, repeated, wanted, direction="gradient", **common).view(1, 2, *x.shape[1:])
+    api_acc = accentuation_grid(x, by_pb, by_gr, rows, columns, tmp_path / "api_acc.png",
+                                title="resnet18: accentuation, pullback vs gradient", view=view)
+    for cli_path, api_path in ((out, api), (tmp_path / "cli_accentuation.png", api_acc)):
+        with Image.open(cli_path) as a, Image.open(api_path) as b:
+            assert a.size == b.size
+            assert np.array_equal(np.asarray(a), np.asarray(b)), f"{cli_path.name} differs from the API's figure"
+
+
 def test_explain_weights_names_come_from_metadata(local_weights, monkeypatch):
     folder, images = local_weights
     # No download here: the weights enum must still provide class names and transforms.
@@ -102,6 +137,8 @@ def test_explain_download_failure_is_one_clear_line(local_weights, monkeypatch, 
         (["explain", "--model", "resnet18", "--weights", "NOPE", "--images", "x.png", "--targets", "0"], "not a weight set"),
         (["explain", "--model", "resnet18", "--images", "x.png", "--targets", "0"], "pass --weights"),
         (["explain", "--model", "resnet18", "--weights-file", "missing.pt", "--images", "x.png", "--targets", "0"], "does not exist"),
+        (["app", "--model", "resnet18", "--weights-file", "missing.pt"], "does not exist"),
+        (["app", "--weights-file", "w.pt"], "needs --model"),
     ],
 )
 def test_cli_errors_are_one_line(argv, match, capsys):

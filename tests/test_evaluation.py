@@ -371,7 +371,7 @@ def test_cli_on_a_generated_image_folder_with_random_weights(tmp_path, capsys):
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{k}.png")
     out = tmp_path / "res" / "ev"
     rc = main(["evaluate", "--model", "resnet18", "--images", str(tmp_path / "imgs"), "--n", "3", "--size", "32",
-               "--explainers", "pullback", "--metrics", "Sparseness", "--temps", "0.3", "--out", str(out),
+               "--explainers", "pullback", "--metrics", "Sparseness", "--temp-sweep", "0.3", "--out", str(out),
                "--no-progress"])
     assert rc == 0
     data = json.loads(out.with_suffix(".json").read_text())
@@ -421,8 +421,8 @@ def test_demo_headline_evaluation_matches_a_direct_evaluate_call():
     assert "evaluation on 4 held-out images" in text and f"Δ {d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]" in text
 
 
-def test_readme_evidence_tables_are_the_committed_runs():
-    readme = (ROOT / "README.md").read_text()
+def test_evidence_page_tables_are_the_committed_runs():
+    readme = (ROOT / "docs" / "evidence.md").read_text()
     for name in ("digits", "digits_sweep", "digits_peers", "digits_road"):
         text = (ROOT / "docs" / "evidence" / f"{name}.md").read_text()
         table = text.split("# Evaluation\n\n", 1)[1].split("\n\n![metrics]", 1)[0]
@@ -439,3 +439,142 @@ def test_readme_evidence_tables_are_the_committed_runs():
     delta = paired_difference(road["results"]["pullback"]["ROAD"]["per_image"],
                               road["results"]["gradient"]["ROAD"]["per_image"])
     assert road["n"] == 449 and f"Δ {delta.mean:+.3g} [{delta.low:+.3g}, {delta.high:+.3g}] ✗" in readme
+
+
+# ------------------------------------------------------------------ CAM, LRP and pullback-based Captum explainers
+
+class _CamNet(nn.Module):
+    """conv -> ReLU -> conv -> ReLU (the CAM block) -> mean -> linear; no pools, so the pullback is the gate alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(4, 5, 3, padding=1, stride=2), nn.ReLU())
+        self.head = nn.Linear(5, 4)
+        self.cam_layer = "features"
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class _SoftReLU(torch.autograd.Function):
+    """ReLU forward; backward grad * Phi(z / 0.6) (preset 'semantic'), clipped at zero when guided."""
+
+    @staticmethod
+    def forward(ctx, z, guided):
+        ctx.save_for_backward(z)
+        ctx.guided = guided
+        return z.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        g = grad * torch.special.ndtr(z / 0.6)
+        return (g.clamp_min(0) if ctx.guided else g), None
+
+
+def _by_hand(net, x, guided):
+    """The activations of the CAM block (kept for grad) and the logits, with soft (optionally guided) ReLUs."""
+    f = net.features
+    a = _SoftReLU.apply(f[2](_SoftReLU.apply(f[0](x), guided)), guided)
+    return a, net.head(a.mean(dim=(2, 3)))
+
+
+def _cam_from(a, out, y, size, mode):
+    (da,) = torch.autograd.grad(out[torch.arange(len(y)), y].sum(), a, retain_graph=True)
+    cam = torch.relu((da.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    return torch.nn.functional.interpolate(cam, size=size, mode=mode)
+
+
+def test_grad_cam_is_its_definition_and_one_channel():
+    net, x, y = _CamNet().eval(), torch.rand(2, 3, 8, 8), torch.tensor([1, 2])
+    got = make_explainer("grad-cam")(net, x, y)
+    feats = {}
+    handle = net.features.register_forward_hook(lambda m, i, o: feats.setdefault("a", o))
+    out = net(x)
+    handle.remove()
+    want = _cam_from(feats["a"], out, y, (8, 8), "bilinear")
+    assert got.shape == (2, 1, 8, 8)
+    torch.testing.assert_close(got, want.detach())
+
+
+def test_guided_pullback_cam_is_guided_pullback_times_pullback_grad_cam():
+    net, x, y = _CamNet().eval(), torch.rand(2, 3, 8, 8), torch.tensor([0, 3])
+    got = make_explainer("guided-pullback-cam")(net, x, y)
+    a, out = _by_hand(net, x, guided=False)
+    cam = _cam_from(a, out, y, (8, 8), "nearest")
+    xg = x.clone().requires_grad_(True)
+    _, out_g = _by_hand(net, xg, guided=True)
+    (guided,) = torch.autograd.grad(out_g[torch.arange(2), y].sum(), xg)
+    torch.testing.assert_close(got, (guided * cam).detach(), rtol=1e-5, atol=1e-8)
+    # The unguided product would differ: the clip matters.
+    xs = x.clone().requires_grad_(True)
+    _, out_s = _by_hand(net, xs, guided=False)
+    (soft,) = torch.autograd.grad(out_s[torch.arange(2), y].sum(), xs)
+    assert not torch.allclose(got, (soft * cam).detach(), atol=1e-7)
+
+
+def test_integrated_pullback_is_captum_ig_on_the_excited_model():
+    from captum.attr import IntegratedGradients
+
+    net, x, y = _CamNet().eval(), torch.rand(2, 3, 8, 8), torch.tensor([1, 2])
+    got = make_explainer("integrated-pullback")(net, x, y)
+    ig = IntegratedGradients(excitation.excite(net, preset="semantic"))
+    want = ig.attribute(x, baselines=torch.zeros_like(x), target=y, n_steps=16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_guided_grad_cam_is_captums_and_lrp_conserves_on_a_bias_free_mlp():
+    from captum.attr import GuidedGradCam
+
+    net, x, y = _CamNet().eval(), torch.rand(2, 3, 8, 8), torch.tensor([1, 2])
+    work = copy.deepcopy(net)
+    want = GuidedGradCam(work, work.features).attribute(x.clone().requires_grad_(True), target=y)
+    torch.testing.assert_close(make_explainer("guided-grad-cam")(net, x, y), want.detach())
+    pytest.importorskip("zennit")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False)).eval()
+    xs = torch.rand(4, 3, 2, 2)
+    ys = mlp(xs).argmax(1)
+    relevance = make_explainer("lrp")(mlp, xs, ys)
+    assert relevance.shape == xs.shape
+    # Flat rule first, epsilon rule on the dense layer: the relevance sums to the logit.
+    torch.testing.assert_close(relevance.sum(dim=(1, 2, 3)), mlp(xs)[torch.arange(4), ys].detach(), rtol=1e-4, atol=1e-6)
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["grad-cam", "guided-grad-cam", "lrp", "integrated-pullback", "guided-pullback-cam"])
+def test_new_explainers_leave_the_model_unchanged(name):
+    if name == "lrp":
+        pytest.importorskip("zennit")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    state = copy.deepcopy(net.state_dict())
+    structure = repr(net)
+    x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 2])
+    out = make_explainer(name)(net, x, y)
+    assert out.shape[0] == 2 and out.shape[-2:] == (8, 8) and torch.isfinite(out).all()
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert repr(net) == structure and net[2].inplace and _hooks(net) == 0 and not net.training
+
+
+def test_cam_layer_errors_name_the_fix():
+    from excitation.evaluation.explainers import cam_layer_name
+
+    net = _CamNet()
+    net.cam_layer = "featurez"
+    with pytest.raises(ValueError, match="names no submodule"):
+        cam_layer_name(net)
+    with pytest.raises(ValueError, match="cam_layer"):
+        cam_layer_name(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    assert cam_layer_name(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Conv2d(1, 1, 1))) == "2"

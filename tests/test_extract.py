@@ -262,7 +262,7 @@ def test_a_malformed_die_hook_is_refused(monkeypatch, value):
 
 
 # ------------------------------------------------------------------------- --compile
-def test_compile_gives_the_eager_store_within_float16_rounding(images, tmp_path, monkeypatch):
+def test_compile_gives_the_eager_store_within_float16_rounding(images, tmp_path):
     """``--compile`` (torch.compile, excitation backend, inductor) against the eager path, on ``micro``.
 
     ``micro`` is the smallest model that still has a ReLU site, so inductor builds few kernels; one
@@ -270,11 +270,13 @@ def test_compile_gives_the_eager_store_within_float16_rounding(images, tmp_path,
     """
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "compile_threads", 1)
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     extract("tests.extract_tiny:micro", images, eager, size=SIZE, batch=8, progress=False)
-    code = main(["extract", "--model", "tests.extract_tiny:micro", "--images", str(images), "--out", str(compiled),
-                 "--size", str(SIZE), "--batch", "8", "--compile", "--no-progress"])  # 3 chunks, one shape
+    # torch's own patch: pytest's monkeypatch would delete the config entry on undo (a config module
+    # keeps its values outside __dict__), breaking every later compile in the process.
+    with inductor_config.patch(compile_threads=1):
+        code = main(["extract", "--model", "tests.extract_tiny:micro", "--images", str(images), "--out",
+                     str(compiled), "--size", str(SIZE), "--batch", "8", "--compile", "--no-progress"])  # 3 chunks
     assert code == 0
     e, c = load_extract(eager), load_extract(compiled)
     assert c.metadata["options"]["compile"] is True and e.metadata["options"]["compile"] is False

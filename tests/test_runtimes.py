@@ -2,7 +2,7 @@
 
 Every cell asserts two things: the result matches the eager pullback, and it is
 *not* the vanilla gradient (torch.export silently dropping an autograd.Function's
-backward is the failure this guards against).  The rows of the README's
+backward is the failure this guards against).  The rows of the documentation's
 "Runtimes" table name these tests (see excitation/runtimes.py).
 """
 

@@ -69,7 +69,7 @@ def test_zoo_model(name):
     assert row.unhandled == {}
     assert row.rel_diff is not None and row.rel_diff > 1e-3, "pullback equals the vanilla gradient"
     excited = excitation.excite(model)
-    # The subnormal census of issue 15 on every family (a count, so it holds on any CPU): the
+    # The subnormal census on every family (a count, so it holds on any CPU): the
     # backward of the pullback returns no subnormal float from any op.  The forward is the
     # model's own, bit for bit, subnormals included (swin's masked softmax makes ~44k), so it is
     # counted apart and must match vanilla's forward count; vanilla's *backward* is not always

@@ -1,5 +1,7 @@
 """``excitation demo``: the method working on models trained in-repo, with numbers.
 
+0. Ground truth on natural-image scenes: the in-repo scene ResNet on held-out scenes, pointing
+   game and energy inside the object's mask, pullback against gradient, and the scene figure.
 1. Held-out accuracy of the two digits models (A: DigitsA, B: DigitsB).
 2. Pullback grid: one test image of each of five digits x five target digits + one extra.
 3. Accentuation grid: those images pushed towards each target, along pullbacks and along gradients.
@@ -62,6 +64,10 @@ class DemoResult:
     seconds: float = 0.0
     # Headline Quantus metrics on the first held-out images (None without Quantus or with eval_n=0).
     evaluation: Optional[Any] = None
+    # Pointing game and energy on held-out scenes, pullback and gradient (None with scenes_n=0).
+    scenes: Optional[Any] = None
+    # What was left out and how to get it: one line each.
+    skipped: List[str] = field(default_factory=list)
 
     def rate(self, direction: str, radius: float = BUDGET["radius"], table: str = "transfer") -> Tuple[float, float, float]:
         """(rate, low, high): the rate and its 95 % Wilson interval."""
@@ -71,7 +77,16 @@ class DemoResult:
 
     def summary(self) -> str:
         trials = self.baseline[1]
-        lines = [
+        lines = []
+        if self.scenes is not None:
+            ev = self.scenes
+            lines.append(f"ground truth on {ev.n} held-out scene targets (in-repo scene ResNet; mean, and pullback − "
+                         f"gradient with its paired 95% CI; `excitation evaluate --dataset scenes` for the full table):")
+            for m in ev.metrics:
+                d = ev.versus_gradient("pullback", m)
+                lines.append(f"  {m:<24} pullback {ev.interval('pullback', m).mean:6.3f} | gradient "
+                             f"{ev.interval('gradient', m).mean:6.3f} | Δ {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+        lines += [
             f"held-out accuracy: model A {self.accuracy['a']:.1%}, model B {self.accuracy['b']:.1%}",
             "transfer test: accentuate held-out images on model A towards another class, classify with model B",
             f"  ({trials} image/target pairs, {BUDGET['steps']} steps of radius/5; unperturbed, B predicts the "
@@ -93,6 +108,7 @@ class DemoResult:
                 d = ev.versus_gradient("pullback", m)
                 lines.append(f"  {m:<24} pullback {ev.interval('pullback', m).mean:8.3g} | gradient "
                              f"{ev.interval('gradient', m).mean:8.3g} | Δ {d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]")
+        lines += [f"skipped: {line}" for line in self.skipped]
         lines.append(f"figures: {', '.join(str(p) for p in self.figures)}  ({self.seconds:.1f} s)")
         return "\n".join(lines)
 
@@ -106,18 +122,37 @@ def _first_of_each(x: Tensor, y: Tensor, digits) -> Tensor:
     return torch.stack([x[(y == d).nonzero()[0, 0]] for d in digits])
 
 
-def run_demo(out_dir: Path = Path("out"), *, progress: bool = True, seed: int = 0, eval_n: int = 16) -> DemoResult:
-    """Run the demo; write ``pullback_grid.png`` and ``accentuation_grid.png`` to ``out_dir``.
+def run_demo(out_dir: Path = Path("out"), *, progress: bool = True, seed: int = 0, eval_n: int = 16,
+             scenes_n: int = 64) -> DemoResult:
+    """Run the demo; write ``scenes.png``, ``pullback_grid.png`` and ``accentuation_grid.png`` to ``out_dir``.
 
-    ``eval_n`` held-out images also get the headline Quantus metrics (pullback vs gradient);
-    0 skips them, as does a missing Quantus (the ``eval`` extra).
+    Parameters
+    ----------
+    out_dir : Path
+        Folder for the figures.
+    progress : bool
+        Show progress bars.
+    seed : int
+        Seed of the transfer test's target draw and of the headline metrics.
+    eval_n : int
+        Held-out digits that also get the headline Quantus metrics (pullback vs gradient); 0 skips
+        them.  Without Quantus (the ``eval`` extra) they are skipped and :attr:`DemoResult.skipped` says so.
+    scenes_n : int
+        Held-out scenes for the pointing game and energy (0 skips them and the scene figure).
+
+    Returns
+    -------
+    DemoResult
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
+    result_scenes, scene_figures, skipped = _scenes(out_dir, scenes_n, progress) if scenes_n > 0 else (None, [], [])
     (_, _), (x_test, y_test) = load_digits()
     model_a, model_b = load_model("a"), load_model("b")
-    result = DemoResult(accuracy={"a": _accuracy(model_a, x_test, y_test), "b": _accuracy(model_b, x_test, y_test)})
+    result = DemoResult(accuracy={"a": _accuracy(model_a, x_test, y_test), "b": _accuracy(model_b, x_test, y_test)},
+                        scenes=result_scenes, skipped=skipped)
+    result.figures += scene_figures
 
     # Figures: five digits x (five targets + one extra).
     rows = _first_of_each(x_test, y_test, DIGITS)
@@ -126,7 +161,7 @@ def run_demo(out_dir: Path = Path("out"), *, progress: bool = True, seed: int = 
     columns = [f"→ {t}" for t in DIGITS] + [f"→ {EXTRA} (extra)"]
     grids = pullbacks(model_a, rows, targets)
     result.figures.append(pullback_grid(rows, grids, labels, columns, out_dir / "pullback_grid.png",
-                                        title="Excitation pullbacks of model A (per-cell min-max)"))
+                                        title="Excitation pullbacks of model A (one signed scale per row)"))
     n, k = len(rows), len(targets)
     repeated = rows.repeat_interleave(k, 0)
     wanted = torch.tensor(targets).repeat(n)
@@ -160,8 +195,40 @@ def run_demo(out_dir: Path = Path("out"), *, progress: bool = True, seed: int = 
             result.white_box[(direction, radius)] = (int((model_a(moved).argmax(1) == pair_targets).sum()), trials)
     if eval_n > 0:
         result.evaluation = _headline_evaluation(model_a, x_test[:eval_n], seed, progress)
+        if result.evaluation is None:
+            result.skipped.append("the Quantus metrics on held-out digits need Quantus: "
+                                  "pip install 'excitation[eval]'")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _has_captum() -> bool:
+    try:
+        import captum  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _scenes(out_dir: Path, n: int, progress: bool):
+    """The scene model's pointing game and energy (pullback vs gradient), and the scene figure."""
+    from ..evaluation import evaluate
+    from ..evaluation.scenes import HELD_OUT_SEED, scene_figure, scene_targets
+    from ..scenes import load_model, make_scenes
+
+    skipped: List[str] = []
+    model = load_model("resnet")
+    targets = scene_targets(make_scenes(n, HELD_OUT_SEED))
+    headline = evaluate(model, targets.x, targets.target, masks=targets.mask, explainers=["pullback"],
+                        metrics=["PointingGame", "EnergyPointingGame"], progress=progress)
+    columns = ["pullback", "pullback-semantic", "gradient"]
+    if _has_captum():
+        columns += ["guided-backprop", "integrated-gradients", "grad-cam"]
+    else:
+        skipped.append("Guided Backprop, Integrated Gradients and Grad-CAM columns of the scene figure need "
+                       "Captum: pip install 'excitation[eval]'")
+    figure = scene_figure(model, make_scenes(8, HELD_OUT_SEED), out_dir / "scenes.png", explainers=columns)
+    return headline, [figure], skipped
 
 
 def _headline_evaluation(model: nn.Module, x: Tensor, seed: int, progress: bool):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .explainers import DEFAULT_EXPLAINERS, EXPLAINERS
+from .localisation import LOCALISATION_METRICS
 from .metrics import DEFAULT_METRICS, METRICS
 
 __all__ = ["add_parser", "run"]
@@ -19,22 +20,35 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         description="Explainers x Quantus metrics, one score per image, paired bootstrap 95 % intervals of "
                     "(explainer - gradient). Default: the in-repo digits model on its held-out images (offline). "
                     "Writes a Markdown table, a JSON file and one figure.")
-    p.add_argument("--model", help="digits-a (default), digits-b, or a torchvision/timm classifier name")
+    p.add_argument("--dataset", choices=["digits", "images", "scenes"],
+                   help="digits: the in-repo digits models on held-out digits (the default without --images); "
+                        "images: --model on the --images folder (the default with --images); scenes: the in-repo "
+                        "scene models on held-out scenes with ground-truth masks (localisation, Focus, faithfulness)")
+    p.add_argument("--model", nargs="+", help="digits-a (default), digits-b, a torchvision/timm classifier name, or "
+                                              "with --dataset scenes: resnet and/or vgg (default both)")
     p.add_argument("--weights", help="torchvision weight set or timm tag (e.g. IMAGENET1K_V2)")
     p.add_argument("--weights-file", help="a local state dict instead of downloading")
     p.add_argument("--images", help="image folder (ImageFolder or flat) or .txt list; needs --model")
-    p.add_argument("--n", type=int, help="use the first N images (default: all)")
+    p.add_argument("--n", type=int, help="use the first N images (default: all; with --dataset scenes: 1000 scenes)")
+    p.add_argument("--faithfulness-n", type=int, default=128,
+                   help="--dataset scenes: targets for the faithfulness, robustness and randomisation metrics "
+                        "(default 128; 0 skips them)")
+    p.add_argument("--focus-n", type=int, default=200,
+                   help="--dataset scenes: 2x2 mosaics for Focus (default 200; 0 skips it)")
     p.add_argument("--size", type=int, help="center-crop side (default: the weights' own)")
     p.add_argument("--targets", choices=["predicted", "label"], default="predicted",
                    help="explain the predicted class (default) or the folder label")
-    p.add_argument("--explainers", nargs="+", default=DEFAULT_EXPLAINERS, choices=list(EXPLAINERS),
-                   help=f"default: {' '.join(DEFAULT_EXPLAINERS)} (gradient is always added)")
-    p.add_argument("--metrics", nargs="+", default=DEFAULT_METRICS, choices=METRICS,
-                   help=f"default: {' '.join(DEFAULT_METRICS)}. ROAD (Remove And Debias, most relevant pixels "
+    p.add_argument("--explainers", nargs="+", choices=list(EXPLAINERS),
+                   help=f"default: {' '.join(DEFAULT_EXPLAINERS)}; with --dataset scenes every explainer "
+                        f"(gradient is always added)")
+    p.add_argument("--metrics", nargs="+", choices=METRICS + list(LOCALISATION_METRICS),
+                   help=f"default: {' '.join(DEFAULT_METRICS)}; with --dataset scenes the localisation metrics "
+                        f"{' '.join(LOCALISATION_METRICS)}, which need ground-truth masks. ROAD (Remove And Debias, most relevant pixels "
                         "first, area under 'still the explained class', lower is better) solves one sparse system per "
                         "image and percentage on the CPU: cheap on 8x8 digits, ~0.5 s per image and percentage at "
                         "224x224 (9 percentages)")
-    p.add_argument("--temps", nargs="+", type=float, help="also sweep the pullback's ReLU temperature")
+    p.add_argument("--temp-sweep", nargs="+", type=float, metavar="TEMP",
+                   help="also sweep the pullback's ReLU temperature over these values, and run calibrate()")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of Quantus' random subsets and perturbations")
     p.add_argument("--out", default="evaluation", help="output prefix: PREFIX.md, PREFIX.json, PREFIX.png")
@@ -49,15 +63,27 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n is not None and args.n < 2:
         raise ValueError(f"--n must be at least 2 (intervals need several images), got {args.n}.")
-    if args.temps and any(t <= 0 for t in args.temps):
-        raise ValueError(f"--temps must be positive, got {args.temps}.")
-    model, x, y, description = load_inputs(args.model, weights=args.weights, weights_file=args.weights_file,
+    if args.temp_sweep and any(t <= 0 for t in args.temp_sweep):
+        raise ValueError(f"--temp-sweep must be positive, got {args.temp_sweep}.")
+    if args.dataset == "scenes":
+        return _run_scenes(args)
+    if args.dataset == "digits" and args.images:
+        raise ValueError("--dataset digits uses the held-out digits; --images goes with --dataset images.")
+    needing = [m for m in (args.metrics or []) if m in LOCALISATION_METRICS]
+    if needing:
+        raise ValueError(f"the metrics {needing} need ground-truth masks, which only --dataset scenes has; "
+                         f"add --dataset scenes or drop them.")
+    if args.model and len(args.model) > 1:
+        raise ValueError(f"--model takes one name here, got {args.model}; several are for --dataset scenes.")
+    model_name = args.model[0] if args.model else None
+    model, x, y, description = load_inputs(model_name, weights=args.weights, weights_file=args.weights_file,
                                            images=args.images, n=args.n, targets=args.targets, size=args.size,
                                            progress=not args.no_progress)
-    result = evaluate(model, x, y, explainers=args.explainers, metrics=args.metrics, temps=args.temps,
+    result = evaluate(model, x, y, explainers=args.explainers or DEFAULT_EXPLAINERS,
+                      metrics=args.metrics or DEFAULT_METRICS, temp_sweep=args.temp_sweep,
                       batch_size=args.batch_size, seed=args.seed, description=description,
                       progress=not args.no_progress)
-    if args.temps:
+    if args.temp_sweep:
         from ..calibrate import calibrate
 
         temps = calibrate(model, x[: args.batch_size], progress=False)
@@ -72,4 +98,30 @@ def run(args: argparse.Namespace) -> int:
     result.figure(png)
     print(f"wrote {md}, {js}, {png}")
     print(f"cost: {result.seconds:.1f} s")
+    return 0
+
+
+def _run_scenes(args: argparse.Namespace) -> int:
+    from .scenes import HELD_OUT_SEED, SCENE_MODELS, evaluate_scenes, scene_figure
+
+    conflicts = [flag for flag, value in (("--images", args.images), ("--weights", args.weights),
+                                          ("--weights-file", args.weights_file), ("--size", args.size))
+                 if value is not None]
+    if args.targets != "predicted":
+        conflicts.append("--targets")
+    if conflicts:
+        raise ValueError(f"--dataset scenes generates its own held-out scenes, models and targets (every present "
+                         f"class); {' '.join(conflicts)} do not apply to it. Drop them, or use --dataset images.")
+    models = args.model or list(SCENE_MODELS)
+    report = evaluate_scenes(models, n=args.n or 1000, explainers=args.explainers, metrics=args.metrics,
+                             faithfulness_n=args.faithfulness_n, focus_n=args.focus_n, temp_sweep=args.temp_sweep,
+                             batch_size=args.batch_size, progress=not args.no_progress)
+    print(report.table())
+    written = report.write(args.out)
+    from ..scenes import load_model, make_scenes
+
+    figure = Path(args.out).with_name(Path(args.out).name + "_scenes.png")
+    scene_figure(load_model(models[0]), make_scenes(8, HELD_OUT_SEED), figure)
+    print(f"wrote {', '.join(str(p) for p in written + [figure])}")
+    print(f"cost: {report.seconds:.1f} s")
     return 0

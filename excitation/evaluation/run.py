@@ -18,11 +18,15 @@ import torch.nn as nn
 from torch import Tensor
 
 from .explainers import Explainer, resolve_explainers
-from .metrics import DEFAULT_METRICS, HIGHER_IS_BETTER, METRICS, in_eval_mode, mprt, run_metric
+from .localisation import HIGHER_IS_BETTER as LOCALISATION_HIGHER_IS_BETTER
+from .metrics import DEFAULT_METRICS, METRICS, in_eval_mode, mprt, run_metric
+from .metrics import HIGHER_IS_BETTER as METRIC_HIGHER_IS_BETTER
 from .road import road
 from .stats import Interval, bootstrap_mean, paired_difference
 
-__all__ = ["evaluate", "Evaluation", "load_inputs"]
+__all__ = ["evaluate", "Evaluation", "load_inputs", "HIGHER_IS_BETTER"]
+
+HIGHER_IS_BETTER: Dict[str, bool] = {**METRIC_HIGHER_IS_BETTER, **LOCALISATION_HIGHER_IS_BETTER}
 
 
 
@@ -52,6 +56,8 @@ class Evaluation:
     seconds: float = 0.0
     seconds_by_explainer: Dict[str, float] = field(default_factory=dict)
     calibrated: Dict[str, float] = field(default_factory=dict)
+    # Targets left out of a localisation metric (their mask is empty: the object is fully hidden).
+    excluded: Dict[str, int] = field(default_factory=dict)
 
     def interval(self, explainer: str, metric: str) -> Interval:
         return bootstrap_mean(self.scores[explainer][metric])
@@ -79,6 +85,10 @@ class Evaluation:
         lines.append("")
         lines.append(f"N = {self.n} images; mean [bootstrap 95 % CI]; Δ = explainer − gradient, paired bootstrap "
                      f"95 % CI (✓ better, ✗ worse, else not resolved). {self.description}")
+        if self.excluded:
+            lines.append("Left out as undefined (an empty target mask, the object fully hidden; for MaskAUC also a "
+                         "mask covering the image; for TargetSpecificity also a scene without another object): "
+                         + ", ".join(f"{m} {k} of {self.n}" for m, k in self.excluded.items()) + ".")
         lines.append(f"Cost: {self.seconds:.1f} s in all (" + ", ".join(
             f"{k} {v:.1f} s" for k, v in self.seconds_by_explainer.items()) + ").")
         if self.mprt_curves:
@@ -90,12 +100,14 @@ class Evaluation:
                                   "faithful):", self.road_curves, lambda p: f"{p} %")
         if self.sweep:
             lines.append("")
-            lines.append("Temperature sweep (pullback, preset 'paper', mean per metric):")
+            swept = [m for m in self.metrics if m != "MPRT"]
+            lines.append("Temperature sweep (pullback, mean per metric; the ReLU temperature of each preset):")
             lines.append("")
-            lines.append("| temp | " + " | ".join(self.metrics) + " |")
-            lines.append("|---" * (len(self.metrics) + 1) + "|")
+            lines.append("| preset | temp | " + " | ".join(swept) + " |")
+            lines.append("|---" * (len(swept) + 2) + "|")
             for row in self.sweep:
-                lines.append(f"| {row['temp']} | " + " | ".join(f"{row[m]:.3g}" for m in self.metrics) + " |")
+                lines.append(f"| {row.get('preset', 'paper')} | {row['temp']} | "
+                             + " | ".join(f"{row[m]:.3g}" for m in swept) + " |")
         if self.calibrated:
             values = np.array(list(self.calibrated.values()))
             lines.append("")
@@ -108,7 +120,7 @@ class Evaluation:
                                "seconds_by_explainer": self.seconds_by_explainer, "metrics": self.metrics,
                                "explainers": self.explainers, "mprt_curves": self.mprt_curves,
                                "road_curves": self.road_curves, "sweep": self.sweep,
-                               "calibrated": self.calibrated, "results": {}}
+                               "calibrated": self.calibrated, "excluded": self.excluded, "results": {}}
         for e in self.explainers:
             out["results"][e] = {}
             for m in self.metrics:
@@ -171,9 +183,12 @@ class Evaluation:
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
         first = len(self.metrics) + curve_panels
+        presets = list(dict.fromkeys(row.get("preset", "paper") for row in self.sweep))
         for ax, m in zip(axes[0][first:], swept):
-            temps = [row["temp"] for row in self.sweep]
-            ax.plot(temps, [row[m] for row in self.sweep], marker="o", ms=3, color="tab:blue", label="pullback")
+            for preset in presets:
+                rows = [row for row in self.sweep if row.get("preset", "paper") == preset]
+                ax.plot([row["temp"] for row in rows], [row[m] for row in rows], marker="o", ms=3,
+                        label=f"pullback ({preset})")
             ax.axhline(self.interval("gradient", m).mean, color="tab:gray", ls="--", label="gradient")
             ax.set_xscale("log")
             ax.set_xlabel("ReLU temp", fontsize=7)
@@ -196,7 +211,10 @@ def evaluate(
     *,
     explainers: Union[None, Sequence[Union[str, Explainer]], Dict[str, Any]] = None,
     metrics: Optional[Sequence[str]] = None,
-    temps: Optional[Sequence[float]] = None,
+    masks: Optional[Tensor] = None,
+    other_masks: Optional[Tensor] = None,
+    temp_sweep: Optional[Sequence[float]] = None,
+    sweep_presets: Sequence[str] = ("paper",),
     batch_size: int = 64,
     seed: int = 0,
     description: str = "",
@@ -218,18 +236,50 @@ def evaluate(
         From :data:`excitation.evaluation.METRICS` (default: Infidelity, FaithfulnessCorrelation,
         MaxSensitivity, Sparseness, ROAD).  ``"MPRT"`` also records the per-layer curve, ``"ROAD"``
         the mean "still correct" curve per removal percentage.
-    temps : floats, optional
-        Also sweep the pullback's ReLU temperature: metric means per temperature.
+    masks, other_masks : Tensor, optional
+        Ground truth for the localisation metrics (:data:`LOCALISATION_METRICS`): ``masks`` [N, H, W]
+        bool, the pixels of the explained object; ``other_masks`` [N, H, W], another object's pixels
+        (all ``False`` where there is none), for ``TargetSpecificity``.  A target whose mask is empty
+        (its object fully hidden) scores NaN, is left out of every mean and is counted in
+        :attr:`Evaluation.excluded`.
+    temp_sweep : floats, optional
+        Also sweep the pullback's ReLU temperature under each of ``sweep_presets``: metric means
+        per preset and temperature (every metric but MPRT).
+    sweep_presets : preset names
+        The presets the sweep runs under (default: ``("paper",)``).
     seed : int
         Seeds Quantus' random subsets and perturbations, identically for every explainer.
+
+    Returns
+    -------
+    Evaluation
+        Per-image scores, intervals, tables (:meth:`Evaluation.table`) and figures.
+
+    Raises
+    ------
+    ValueError
+        An unknown metric, shapes that do not match, or a localisation metric without ``masks``.
     """
+    from .localisation import LOCALISATION_METRICS, localisation_scores, target_specificity
+
     start = time.perf_counter()
     metrics = list(DEFAULT_METRICS if metrics is None else metrics)
-    unknown = [m for m in metrics if m not in METRICS]
+    known = list(METRICS) + list(LOCALISATION_METRICS)
+    unknown = [m for m in metrics if m not in known]
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}.")
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(known)}.")
     if x.dim() != 4 or target.shape != (x.shape[0],):
         raise ValueError(f"x must be [N, C, H, W] and target [N], got {tuple(x.shape)} and {tuple(target.shape)}.")
+    localising = [m for m in metrics if m in LOCALISATION_METRICS]
+    if localising and masks is None:
+        raise ValueError(f"the metrics {localising} compare attributions with a ground-truth mask, and no masks "
+                         f"were given: pass masks= (for example `excitation evaluate --dataset scenes`) or "
+                         f"choose from {', '.join(METRICS)}.")
+    if masks is not None and tuple(masks.shape) != (x.shape[0], *x.shape[2:]):
+        raise ValueError(f"masks must be [N, H, W] = {(x.shape[0], *x.shape[2:])}, got {tuple(masks.shape)}.")
+    if "TargetSpecificity" in metrics and (other_masks is None or other_masks.shape != masks.shape):
+        raise ValueError("TargetSpecificity needs other_masks [N, H, W] (another object's pixels, all False where "
+                         "there is none) beside masks.")
     metric_options = metric_options or {}
     model = in_eval_mode(model)  # a training-mode model is copied, never switched
     with torch.no_grad():
@@ -237,6 +287,18 @@ def evaluate(
     chosen = resolve_explainers(explainers)
     names = [n for n in chosen if n != "gradient"] + ["gradient"]
     from tqdm.auto import tqdm
+
+    def score(m: str, a: Tensor, explainer: Explainer) -> np.ndarray:
+        if m == "TargetSpecificity":
+            return target_specificity(a, masks, other_masks, **metric_options.get(m, {}))
+        if m in LOCALISATION_METRICS:
+            return localisation_scores(m, a, masks, **metric_options.get(m, {}))
+        return run_metric(m, model, x, target, a, explainer, classes=classes, batch_size=batch_size, seed=seed,
+                          **metric_options.get(m, {}))
+
+    def attribute(explainer: Explainer) -> Tensor:
+        return torch.cat([explainer(model, x[i:i + batch_size], target[i:i + batch_size])
+                          for i in range(0, len(x), batch_size)])
 
     scores: Dict[str, Dict[str, np.ndarray]] = {}
     curves: Dict[str, Dict[str, float]] = {}
@@ -246,8 +308,7 @@ def evaluate(
     for name in names:
         explainer = chosen[name]
         t0 = time.perf_counter()
-        a = torch.cat([explainer(model, x[i:i + batch_size], target[i:i + batch_size])
-                       for i in range(0, len(x), batch_size)])
+        a = attribute(explainer)
         scores[name] = {}
         for m in metrics:
             bar.set_postfix_str(f"{name}: {m}")
@@ -260,28 +321,32 @@ def evaluate(
                 scores[name][m] = found.auc
                 road_curves[name] = {f"{p:g}": float(c) for p, c in zip(found.percentages, found.curves.mean(0))}
             else:
-                scores[name][m] = run_metric(m, model, x, target, a, explainer, classes=classes,
-                                             batch_size=batch_size, seed=seed, **metric_options.get(m, {}))
+                scores[name][m] = score(m, a, explainer)
             bar.update(1)
         seconds[name] = time.perf_counter() - t0
     bar.close()
+    # Undefined scores (NaN) are left out of every mean; count them on the reference explainer, whose
+    # NaNs come from the ground truth alone (an empty mask; for MaskAUC also a mask covering the image;
+    # for TargetSpecificity also a scene with no other object).
+    excluded = {m: int(np.isnan(scores["gradient"][m]).sum()) for m in localising}
+    excluded = {m: k for m, k in excluded.items() if k}
     sweep: List[Dict[str, Any]] = []
-    if temps:
+    if temp_sweep:
         sweep_metrics = [m for m in metrics if m != "MPRT"]
-        for temp in tqdm(list(temps), desc="temperature sweep", disable=not progress):
-            chosen_t = resolve_explainers(["pullback"], temp=float(temp))["pullback"]
-            a = torch.cat([chosen_t(model, x[i:i + batch_size], target[i:i + batch_size])
-                           for i in range(0, len(x), batch_size)])
-            row: Dict[str, Any] = {"temp": float(temp)}
+        settings = [(p, float(t)) for p in sweep_presets for t in temp_sweep]
+        for preset, temp in tqdm(settings, desc="temperature sweep", disable=not progress):
+            label = "pullback" if preset == "paper" else f"pullback-{preset}"
+            chosen_t = resolve_explainers([label], temp=temp)[label]
+            a = attribute(chosen_t)
+            row: Dict[str, Any] = {"preset": preset, "temp": temp}
             for m in sweep_metrics:
-                row[m] = float(np.nanmean(run_metric(m, model, x, target, a, chosen_t, classes=classes,
-                                                     batch_size=batch_size, seed=seed, **metric_options.get(m, {}))))
+                row[m] = float(np.nanmean(score(m, a, chosen_t)))
             for m in metrics:
                 row.setdefault(m, float("nan"))
             sweep.append(row)
     return Evaluation(scores=scores, metrics=metrics, explainers=names, n=int(len(x)), description=description,
                       mprt_curves=curves, road_curves=road_curves, sweep=sweep, seconds=time.perf_counter() - start,
-                      seconds_by_explainer=seconds)
+                      seconds_by_explainer=seconds, excluded=excluded)
 
 
 def load_inputs(model_name: Optional[str] = None, *, weights: Optional[str] = None, weights_file: Optional[str] = None,

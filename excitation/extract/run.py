@@ -210,6 +210,31 @@ def extract(
         ``"cpu"`` / ``"cuda"`` (rank ``LOCAL_RANK``'s GPU under torchrun), DataLoader workers,
         ``"raise"`` or ``"skip"`` for undecodable images (skipped ones are recorded in the
         metadata and have ``valid == False``), tqdm bars.
+
+    Returns
+    -------
+    ExtractResult
+        What this rank did: images, chunks computed out of the total, seconds, images/s, the
+        time spent writing the store, and the skipped images.  Read the store with
+        :func:`excitation.load_extract`.
+
+    Raises
+    ------
+    ValueError
+        Bad options (``on_error``, ``dtype``, ``batch``, ``workers``, ``ascend_steps``, targets), a
+        module without ``size``, or an image collection with no images.
+    excitation.extract.store.ExtractStoreError
+        ``out`` holds a store made with other options (the message lists them).
+    ImportError
+        zarr is not installed (``pip install "excitation[store]"``).
+
+    Examples
+    --------
+    .. code-block:: python
+
+        result = excitation.extract("resnet18", "images/", "store", weights_file="resnet18.pt", batch=8)
+        data = excitation.load_extract("store")
+        data["pullback"][0]  # (3, H, W) float16, reads one chunk
     """
     from ..models import load_classifier, pixel_transform
 

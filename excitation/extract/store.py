@@ -156,6 +156,35 @@ def load_extract(store: "str | Path", *, allow_incomplete: bool = False) -> Extr
     indexing it reads only the chunks it touches.  ``.metadata`` holds the run's options,
     throughput, machine, versions and skipped images.  An unfinished store raises
     :class:`ExtractStoreError` unless ``allow_incomplete=True``.
+
+    Parameters
+    ----------
+    store : path
+        The folder ``excitation extract --out`` wrote.
+    allow_incomplete : bool
+        Open a store whose run has not finished (its committed chunks are complete; the others
+        may hold anything).
+
+    Returns
+    -------
+    Extract
+        A read-only mapping of array names to zarr arrays, ``"path"`` to the image list, and
+        ``.metadata``.
+
+    Raises
+    ------
+    ExtractStoreError
+        ``store`` is not an extract store, or its run has not finished.
+    ImportError
+        zarr is not installed (``pip install "excitation[store]"``).
+
+    Examples
+    --------
+    .. code-block:: python
+
+        data = excitation.load_extract("STORE")
+        data["pullback"][0]                 # one image's pullback, reading one chunk
+        data["path"][0], data["target"][0]  # its file and target
     """
     zarr = _zarr()
     store = Path(store)

@@ -284,6 +284,39 @@ def backend(
     ``"aot_eager"``, ``"eager"`` or any callable backend).  ``preset``, ``pool_backward``, ``rules`` and
     ``saved`` as in :func:`excitation.excite`.  ``c_backward=False`` keeps the surrogate ops at every
     site, where ``True`` gives float32 CPU sites the C kernels' backward (:func:`use_c_backward`).
+
+    Parameters
+    ----------
+    preset, temp, pool_temp, gate, pool_backward, rules, saved
+        As for :func:`excitation.excite`.
+    temps : mapping or callable, optional
+        Per-site temperatures keyed by dynamo site keys or module paths (what
+        :func:`excitation.calibrate` returns for a model on the dynamo path).
+    inner : str or callable
+        The backend that compiles each excited graph: ``"inductor"`` (default), ``"aot_eager"``,
+        ``"eager"`` (the rewritten graph as it is, forward bit for bit) or any callable backend.
+    c_backward : bool
+        Run each float32 CPU ReLU site's backward as one C kernel call (default ``True``).
+
+    Returns
+    -------
+    ExcitationBackend
+        A callable ``(GraphModule, example_inputs) -> compiled`` for ``torch.compile(backend=...)``.
+
+    Raises
+    ------
+    ValueError
+        Bad options (checked when the backend is created, not at the first compile).
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> compiled = torch.compile(net, backend=excitation.backend(temp=0.5, inner="eager"))
+    >>> x = torch.rand(2, 4, requires_grad=True)
+    >>> compiled(x)[:, 0].sum().backward()  # the backward is the excitation pullback
+    >>> x.grad.shape
+    torch.Size([2, 4])
     """
     return ExcitationBackend(preset=preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward,
                              temps=temps, rules=rules, saved=saved, inner=inner, c_backward=c_backward)

@@ -236,6 +236,33 @@ def excite_graph(
 
     Options as for :func:`excite`.  All checks run before the first edit, so a failure
     leaves ``gm`` as it was.
+
+    Parameters
+    ----------
+    gm : torch.fx.GraphModule
+        The graph to rewrite, in place (torch-level or ATen).
+    preset, temp, pool_temp, gate, pool_backward, temps, rules, saved, fuse
+        As for :func:`excite`.
+
+    Returns
+    -------
+    Report
+        What was rewritten and what was left alone.
+
+    Raises
+    ------
+    ValueError
+        Bad options; ``gm`` is then unchanged.
+    excitation.InplaceAliasError
+        An in-place ReLU mutates a tensor whose views are read later.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> gm = torch.fx.symbolic_trace(net)
+    >>> excitation.excite_graph(gm).counts()
+    {'relu': 1, 'max_pool2d': 0}
     """
     preset, temp, pool_temp, gate, pool_backward = resolve_preset(
         preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward
@@ -341,7 +368,7 @@ def excite(
         What each ReLU keeps for its backward: its pre-activation (exact), or its
         gate already evaluated in 2 or 1 bytes, which cuts the pullback's memory
         overhead over the vanilla gradient to a half or a quarter at a small error
-        (see the README's Performance section).  Sites fused with their BatchNorm
+        (see the documentation's Performance pages).  Sites fused with their BatchNorm
         (``fuse``) are always exact: they keep only what vanilla keeps.
     fuse : bool
         Fuse each ReLU with the ``nn.BatchNorm`` before it (and a residual sum
@@ -357,6 +384,29 @@ def excite(
         New module objects (its own ``training`` flag and hooks) sharing the
         original's parameter and buffer tensors.  ``excitation.report(result)``
         lists what was rewritten.  The original model is not modified.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module``, a ``GraphModule`` or an ``ExportedProgram``.
+    ValueError
+        Bad options (``temp``, ``gate``, ``temps``, ``rules``, ``saved``, ``preset``).
+    excitation.ExcitationTraceError
+        ``torch.fx.symbolic_trace`` cannot trace the model (the message names the submodule and
+        line, and the ways out: the ``"excitation"`` compile backend or ``torch.export``).
+    excitation.InplaceAliasError
+        An in-place ReLU mutates a tensor whose views are read later.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> excited = excitation.excite(net, temp=0.5)
+    >>> excitation.report(excited).counts()
+    {'relu': 1, 'max_pool2d': 0}
+    >>> x = torch.rand(2, 4)
+    >>> bool(torch.equal(excited(x), net(x)))
+    True
     """
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
@@ -402,7 +452,28 @@ def _uncompiled(model: Any) -> Any:
 
 
 def is_excited(model: Any) -> bool:
-    """True if ``model`` came out of :func:`excite` (also once ``torch.compile`` wrapped it)."""
+    """True if ``model`` came out of :func:`excite` (also once ``torch.compile`` wrapped it).
+
+    Parameters
+    ----------
+    model : object
+        Anything; only excited models (possibly compiled) give ``True``.
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    Nothing.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> excitation.is_excited(net), excitation.is_excited(excitation.excite(net))
+    (False, True)
+    """
     model = _uncompiled(model)
     return isinstance(model, fx.GraphModule) and isinstance(getattr(model, REPORT_ATTR, None), Report)
 
@@ -425,6 +496,29 @@ def report(model: nn.Module) -> Report:
     """The :class:`Report` of an excited model: every rewritten site and every activation left alone.
 
     For a dynamo-path module from :func:`excitation.prepare`, the sites of all graphs compiled so far.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A result of :func:`excite` (possibly compiled) or of :func:`excitation.prepare`.
+
+    Returns
+    -------
+    Report
+        ``.sites`` (each rewritten site, its rule and temperature), ``.unhandled``, ``.smooth``;
+        ``.counts()`` by kind; ``print(report)`` summarises it.
+
+    Raises
+    ------
+    excitation.ExcitationError
+        ``model`` is not an excited model.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> print(excitation.report(excitation.excite(net)))  # doctest: +ELLIPSIS
+    excitation: rewrote 1 relu, 0 max_pool2d sites ...
     """
     if getattr(model, "excitation_path", None) == "dynamo":
         return model.report()

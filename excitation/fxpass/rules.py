@@ -145,7 +145,7 @@ _SITES_TEXT = {
 
 
 def rules_table() -> str:
-    """The README's rule table: every rule, its sites, backward and default temperature."""
+    """The rule table the documentation shows: every rule, its sites, backward and default temperature."""
     lines = ["| rule | sites | backward (forward unchanged) | default temp |", "|---|---|---|---|"]
     for rule in RULES.values():
         named = {"temp": "`temp` (0.3)", "pool_temp": "`pool_temp` (= `temp`)", None: "none"}

@@ -221,11 +221,10 @@ class _EagerBatchNormReLU(torch.autograd.Function):
     It runs BatchNorm through ``_batch_norm_impl_index``, the entry point ``torch.batch_norm``
     uses (same kernel, same bits), and keeps what that returns for the backward, so the
     backward is vanilla's own BatchNorm backward kernel (cuDNN's on CUDA) after the gate: three
-    kernels, against six for the plain-torch formula.  On the H200 machine the formula made a
-    fused site cost 240 us of host time per forward + backward against 140 us unfused; with this
-    Function the next run measured 203 us fused against 247 us unfused (that machine's numbers
-    move by up to 2x between runs).  A backward with ``create_graph`` takes the plain formula,
-    which is differentiable.
+    kernels, against six for the plain-torch formula.  On an H200 a fused site costs about 203 us
+    of host time per forward + backward with this Function, against 247 us unfused and 240 us for
+    the formula (numbers on that machine move by up to 2x between runs).  A backward with
+    ``create_graph`` takes the plain formula, which is differentiable.
     """
 
     @staticmethod

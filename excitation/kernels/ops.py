@@ -49,7 +49,7 @@ __all__ = [
 #: the gate itself, already evaluated, in 2 bytes (``"bfloat16"``) or 1 byte (``"uint8"``,
 #: steps of 1/255).  Vanilla's in-place ReLU keeps nothing beyond its output, so the
 #: pre-activation is the whole memory overhead of a pullback; the compact gates cut it
-#: to a half or a quarter (errors measured in the README, Performance).
+#: to a half or a quarter (errors measured in docs/performance).
 SAVED_MODES = ("exact", "bfloat16", "uint8")
 
 IntOrPair = Union[int, Sequence[int]]
@@ -303,7 +303,8 @@ def _soft_max_pool2d_backward_op(
     CPU than the eager implementation, which works over cache-sized chunks of planes
     (resnet50's stem pool at batch 8: 800-965 ms against 44-52 ms, 2-core box), so a
     compiled CPU graph calls the eager one as an extern kernel: compiled resnet50's
-    pullback went from 1.11x to 1.02-1.03x of compiled vanilla, googlenet's from 1.88x to 1.14x.
+    pullback takes 1.02-1.03x compiled vanilla with it and 1.11x without, googlenet 1.14x
+    against 1.88x.
     """
     # A real kernel call (the tracer is above it), so the C kernel may run here too.
     return pool2d_backward(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward)
@@ -420,6 +421,26 @@ def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: s
     saved : str
         What the backward keeps (see :data:`SAVED_MODES`): ``"exact"`` (the
         pre-activation), ``"bfloat16"`` or ``"uint8"`` (the evaluated gate, 2 or 1 byte).
+
+    Returns
+    -------
+    Tensor
+        ``torch.relu(z)``, bit for bit, with the soft-gated backward attached.
+
+    Raises
+    ------
+    KeyError
+        An unknown ``gate``, when the backward runs.  This is the raw op that rewritten graphs
+        call: it does not validate ``temp`` (a non-positive one is a caller's bug);
+        :func:`excitation.excite` and :func:`excitation.pullback` validate every option.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> z = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    >>> excitation.surrogate_relu(z, temp=0.3).sum().backward()
+    >>> z.grad  # sigmoid(z / 0.3), where the vanilla gradient is [0, 0, 1]
+    tensor([0.0344, 0.5000, 0.9987])
     """
     if saved == "exact" and gate == "sigmoid" and _eager_cpu_sigmoid_site(z):
         return _EagerCpuSigmoidReLU.apply(z, temp)
@@ -482,6 +503,36 @@ def surrogate_max_pool2d(
     window, positions outside the input excluded (``pool_backward="soft"``), or of the
     same sum with its softmax weights held constant (``"weights"``: ``g * softmax(x / temp)``).
     Arguments follow :func:`torch.nn.functional.max_pool2d`; ``temp`` is the softmax temperature.
+
+    Parameters
+    ----------
+    x : Tensor
+        Input [N, C, H, W] or [C, H, W], floating point.
+    kernel_size, stride, padding, dilation, ceil_mode, return_indices
+        As for :func:`torch.nn.functional.max_pool2d`.
+    temp : float
+        The soft pool's temperature (> 0).
+    pool_backward : {"soft", "weights"}
+        What the backward differentiates (:data:`excitation.POOL_BACKWARDS`).
+
+    Returns
+    -------
+    Tensor, or (Tensor, Tensor) with ``return_indices``
+        ``F.max_pool2d``'s output (and indices), bit for bit.
+
+    Raises
+    ------
+    RuntimeError
+        Arguments ``F.max_pool2d`` itself rejects.  Like :func:`surrogate_relu`, the raw op does
+        not validate ``temp`` or ``pool_backward``; :func:`excitation.excite` does.
+
+    Examples
+    --------
+    >>> import torch, excitation
+    >>> x = torch.tensor([[[[1.0, 2.0], [3.0, 3.1]]]], requires_grad=True)
+    >>> excitation.surrogate_max_pool2d(x, 2, temp=0.3).sum().backward()
+    >>> x.grad.flatten()  # vanilla sends all of it to 3.1; the soft pool's gradient spreads it
+    tensor([-0.0030, -0.0363,  0.3540,  0.6853])
     """
     args = (*pool_arguments(kernel_size, stride, padding, dilation, 2), bool(ceil_mode), temp, pool_backward)
     out_hw = _eager_cpu_pool_site(x, *args[:5])

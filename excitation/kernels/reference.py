@@ -10,7 +10,7 @@ and is differentiable (``create_graph``).
 No subnormal floats.  A soft gate of a strongly negative pre-activation underflows:
 ``sigmoid(z / temp)`` is below 1e-38 once ``z / temp < -87``, and ``g * gate`` even
 sooner.  Arithmetic on subnormal floats takes a microcode assist per element on many x86
-cores (resnet50's backward ran 2.1-3.2x slower on an Intel Xeon, see the README), and such
+cores (resnet50's backward ran 2.1-3.2x slower on an Intel Xeon), and such
 values are 30 orders of magnitude below any gradient an explanation can use.  So the
 contract is, for every excitation backward:
 

@@ -277,8 +277,8 @@ def soft_max_pool2d_backward_chunked(
     / col2im).  The one tensor of input size this allocates is the result; everything else is
     per chunk of planes.  On the CPU the chunks are a few planes (~128 Ki outputs, 512 KiB per
     float32 temporary, measured best of 16 Ki-1 Mi on the 2-core box): the ~9 passes per window
-    offset then run in cache (resnet50's stem pool 75-103 -> 47-55 ms, googlenet's 3x3/1 pools
-    79-152 -> 53-60 ms, when introduced), and no clamped or padded copy of the whole input is
+    offset then run in cache (resnet50's stem pool 47-55 ms against 75-103 ms unchunked,
+    googlenet's 3x3/1 pools 53-60 against 79-152 ms), and no clamped or padded copy of the whole input is
     made (a fresh 100 MB CPU tensor costs ~35 ms of page faults before any work).  Elsewhere
     one chunk holds every plane.
     """
