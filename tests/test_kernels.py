@@ -410,3 +410,13 @@ def test_compiled_relu_keeps_the_pre_activation_in_place_of_its_output(monkeypat
     monkeypatch.setattr(ops, "recompute_in_backward", lambda z: False)
     grad, both_bytes = compiled_gradient_and_saved_bytes(ours, x, backend)
     assert both_bytes == vanilla_bytes + z_bytes and rel_err(grad, eager) < 1e-5
+
+
+@pytest.mark.parametrize("temp", [0.0, -1.0, float("nan")])
+def test_the_raw_ops_refuse_a_temperature_that_is_not_positive(temp):
+    # A non-positive temp would make sigmoid(z / temp) a gate of 1 or 0: the plain ReLU gradient, silently.
+    x = torch.randn(1, 1, 4, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="temp must be > 0"):
+        surrogate_relu(x, temp=temp)
+    with pytest.raises(ValueError, match="temp must be > 0"):
+        surrogate_max_pool2d(x, 2, temp=temp)

@@ -186,11 +186,15 @@ class Evaluation:
         presets = list(dict.fromkeys(row.get("preset", "paper") for row in self.sweep))
         for ax, m in zip(axes[0][first:], swept):
             for preset in presets:
-                rows = [row for row in self.sweep if row.get("preset", "paper") == preset]
+                # Undefined means (a metric with no defined score at this N) would leave a log axis empty.
+                rows = [row for row in self.sweep if row.get("preset", "paper") == preset and np.isfinite(row[m])]
                 ax.plot([row["temp"] for row in rows], [row[m] for row in rows], marker="o", ms=3,
                         label=f"pullback ({preset})")
-            ax.axhline(self.interval("gradient", m).mean, color="tab:gray", ls="--", label="gradient")
-            ax.set_xscale("log")
+            reference = self.interval("gradient", m).mean
+            if np.isfinite(reference):
+                ax.axhline(reference, color="tab:gray", ls="--", label="gradient")
+            if any(np.isfinite(row[m]) for row in self.sweep):
+                ax.set_xscale("log")
             ax.set_xlabel("ReLU temp", fontsize=7)
             ax.set_title(f"{m} vs temperature", fontsize=9)
             ax.tick_params(labelsize=7)
@@ -340,7 +344,8 @@ def evaluate(
             a = attribute(chosen_t)
             row: Dict[str, Any] = {"preset": preset, "temp": temp}
             for m in sweep_metrics:
-                row[m] = float(np.nanmean(score(m, a, chosen_t)))
+                values = score(m, a, chosen_t)
+                row[m] = float(np.mean(values[np.isfinite(values)])) if np.isfinite(values).any() else float("nan")
             for m in metrics:
                 row.setdefault(m, float("nan"))
             sweep.append(row)

@@ -429,10 +429,11 @@ def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: s
 
     Raises
     ------
+    ValueError
+        A ``temp`` that is not positive (it would silently give a gate of 1, the plain ReLU gradient).
     KeyError
-        An unknown ``gate``, when the backward runs.  This is the raw op that rewritten graphs
-        call: it does not validate ``temp`` (a non-positive one is a caller's bug);
-        :func:`excitation.excite` and :func:`excitation.pullback` validate every option.
+        An unknown ``gate``, when the backward runs.  :func:`excitation.excite` and
+        :func:`excitation.pullback` validate every option before any site runs.
 
     Examples
     --------
@@ -442,6 +443,9 @@ def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: s
     >>> z.grad  # sigmoid(z / 0.3), where the vanilla gradient is [0, 0, 1]
     tensor([0.0344, 0.5000, 0.9987])
     """
+    if not temp > 0:
+        raise ValueError(f"surrogate_relu: temp must be > 0, got {temp}; a small positive temp approaches the "
+                         f"vanilla gradient.")
     if saved == "exact" and gate == "sigmoid" and _eager_cpu_sigmoid_site(z):
         return _EagerCpuSigmoidReLU.apply(z, temp)
     if saved == "exact" and recompute_in_backward(z):
@@ -522,9 +526,11 @@ def surrogate_max_pool2d(
 
     Raises
     ------
+    ValueError
+        A ``temp`` that is not positive.
     RuntimeError
-        Arguments ``F.max_pool2d`` itself rejects.  Like :func:`surrogate_relu`, the raw op does
-        not validate ``temp`` or ``pool_backward``; :func:`excitation.excite` does.
+        Arguments ``F.max_pool2d`` itself rejects.  The raw op does not validate
+        ``pool_backward``; :func:`excitation.excite` does.
 
     Examples
     --------
@@ -534,6 +540,8 @@ def surrogate_max_pool2d(
     >>> x.grad.flatten()  # vanilla sends all of it to 3.1; the soft pool's gradient spreads it
     tensor([-0.0030, -0.0363,  0.3540,  0.6853])
     """
+    if not temp > 0:
+        raise ValueError(f"surrogate_max_pool2d: temp must be > 0, got {temp}.")
     args = (*pool_arguments(kernel_size, stride, padding, dilation, 2), bool(ceil_mode), temp, pool_backward)
     out_hw = _eager_cpu_pool_site(x, *args[:5])
     if out_hw is not None:
