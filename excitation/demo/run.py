@@ -213,14 +213,15 @@ def _has_captum() -> bool:
 def _scenes(out_dir: Path, n: int, progress: bool):
     """The scene model's pointing game and energy (pullback vs gradient), and the scene figure."""
     from ..evaluation import evaluate
-    from ..evaluation.scenes import HELD_OUT_SEED, scene_figure, scene_targets
+    from ..evaluation.scenes import HELD_OUT_SEED, SCENE_METRIC_OPTIONS, scene_figure, scene_targets
     from ..scenes import load_model, make_scenes
 
     skipped: List[str] = []
     model = load_model("resnet")
     targets = scene_targets(make_scenes(n, HELD_OUT_SEED))
     headline = evaluate(model, targets.x, targets.target, masks=targets.mask, explainers=["pullback"],
-                        metrics=["PointingGame", "EnergyPointingGame"], progress=progress)
+                        metrics=["PointingGame", "EnergyPointingGame"], progress=progress,
+                        metric_options=SCENE_METRIC_OPTIONS)
     columns = ["pullback", "pullback-semantic", "gradient"]
     if _has_captum():
         columns += ["guided-backprop", "integrated-gradients", "grad-cam"]
