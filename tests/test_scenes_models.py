@@ -11,10 +11,11 @@ from excitation.scenes.models import MODELS, WEIGHTS_DIR, evaluate_model, load_m
 from excitation.scenes.train import HELD_OUT_SEED, TEST_SEED, TRAIN_SEED
 
 NAMES = sorted(MODELS)
-# The committed models reach mAP 0.98-0.99 and exact match 0.87-0.90 on 2000 held-out scenes
-# (excitation/scenes/weights/training.json), short of the 0.90 exact-match aim: these floors catch a
-# broken model or generator, not the aim.
-MAP_FLOOR, EXACT_FLOOR = 0.95, 0.83
+# The aim the committed weights meet on the 2000 held-out scenes recorded in training.json.
+TARGET_MAP, TARGET_EXACT = 0.95, 0.90
+# A fresh check on 256 other held-out scenes: exact match has a standard error of ~0.02 there,
+# so its floor sits three of them below the aim (it catches a broken model or generator).
+MAP_FLOOR, EXACT_FLOOR = 0.95, 0.84
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def test_weights_are_small_and_recorded(name):
     assert path.stat().st_size <= 5 * 2**20
     record = json.loads((WEIGHTS_DIR / "training.json").read_text())[name]
     assert record["train_seed"] == TRAIN_SEED and record["held_out_seed"] == HELD_OUT_SEED
-    assert record["held_out_map"] >= MAP_FLOOR and record["held_out_exact_match"] >= EXACT_FLOOR
+    assert record["held_out_scenes"] >= 2000
+    assert record["held_out_map"] >= TARGET_MAP and record["held_out_exact_match"] >= TARGET_EXACT
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert sum(v.numel() for k, v in state.items() if not k.endswith("num_batches_tracked")) >= record["parameters"]
 

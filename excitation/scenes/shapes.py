@@ -150,7 +150,7 @@ def sample_object(rng: np.random.Generator, cls: int, size: int) -> ObjectSpec:
     )
 
 
-def _local(spec: ObjectSpec, size: int) -> Tuple[np.ndarray, np.ndarray]:
+def local_coordinates(spec: ObjectSpec, size: int) -> Tuple[np.ndarray, np.ndarray]:
     """Pixel centres in the object's unit frame, two ``[size, size]`` float64 arrays."""
     centres = np.arange(size, dtype=np.float64) + 0.5
     dx = (centres - spec.cx)[None, :]
@@ -192,7 +192,7 @@ def object_mask(spec: ObjectSpec, size: int, uv: "Tuple[np.ndarray, np.ndarray] 
     -------
     numpy.ndarray
     """
-    u, v = uv if uv is not None else _local(spec, size)
+    u, v = uv if uv is not None else local_coordinates(spec, size)
     name = CLASSES[spec.cls]
     if name in _POLYGONS:
         return _inside_polygon(u, v, _POLYGONS[name])
@@ -223,7 +223,7 @@ def object_colours(spec: ObjectSpec, size: int, uv: "Tuple[np.ndarray, np.ndarra
     -------
     numpy.ndarray
     """
-    u, v = uv if uv is not None else _local(spec, size)
+    u, v = uv if uv is not None else local_coordinates(spec, size)
     texture = TEXTURES[spec.texture]
     colour = np.asarray(spec.colour, dtype=np.float64)
     shade = np.asarray(spec.shade, dtype=np.float64)

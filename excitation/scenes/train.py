@@ -7,14 +7,13 @@ closed under them), then writes ``weights/<model>.pt`` (float32 state dict) and
 records seeds, wall time, CPU, library versions, held-out mAP and exact-match in
 ``weights/training.json``.
 
-The committed weights come from two stages per model, both recorded under
-``stages`` in ``training.json``::
+The committed weights come from::
 
-    python -m excitation.scenes.train --model resnet --threads 1
-    python -m excitation.scenes.train --model resnet --threads 1 --resume --epochs 5 --lr 1e-3
+    python -m excitation.scenes.train                                  # both models, 15 epochs each
+    python -m excitation.scenes.train --model vgg --resume --epochs 3 --lr 1e-3
 
-(and the same for ``vgg``).  One thread per model, two models side by side, is
-faster than two threads on a busy two-core machine.
+``training.json`` records the machine and the times.  ``--resume`` continues from the
+weights in ``--out`` as a further stage; every stage is then recorded under ``stages``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .generate import _render_batch
+from .generate import render_batch
 from .models import MODELS, WEIGHTS_DIR, evaluate_model
 
 #: Seed of the training scenes.
@@ -170,9 +169,9 @@ def main(argv: Optional[list] = None) -> None:
     size = DEFAULTS["size"]
 
     start = time.perf_counter()
-    images, labels, _ = _render_batch(args.n, args.seed, size, masks=False, progress=True)
+    images, labels, _ = render_batch(args.n, args.seed, size, masks=False, progress=True)
     train = (torch.from_numpy(images), torch.from_numpy(labels))
-    held_images, held_labels, _ = _render_batch(args.held_out, HELD_OUT_SEED, size, masks=False, progress=True)
+    held_images, held_labels, _ = render_batch(args.held_out, HELD_OUT_SEED, size, masks=False, progress=True)
     held = (torch.from_numpy(held_images).float() / 255.0, torch.from_numpy(held_labels))
     render_s = time.perf_counter() - start
     print(f"rendered {args.n} training + {args.held_out} held-out scenes in {render_s:.0f} s")
