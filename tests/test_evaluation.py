@@ -611,3 +611,46 @@ def test_cli_dataset_scenes_refuses_options_that_do_not_apply(capsys):
     assert "--images do not apply" in capsys.readouterr().err
     assert main(["evaluate", "--metrics", "PointingGame"]) == 2
     assert "need ground-truth masks" in capsys.readouterr().err
+
+
+def test_scene_summary_cells_are_the_means_and_paired_differences():
+    from excitation.evaluation.run import Evaluation
+    from excitation.evaluation.scenes import SceneReport
+
+    scores = {"pullback": {"PointingGame": np.array([1.0, 1.0, 0.0, 1.0]),
+                           "TargetSpecificity": np.array([0.5, np.nan, 0.3, np.nan])},
+              "gradient": {"PointingGame": np.array([0.0, 1.0, 0.0, 0.0]),
+                           "TargetSpecificity": np.array([0.1, np.nan, 0.1, np.nan])}}
+    ev = Evaluation(scores=scores, metrics=["PointingGame", "TargetSpecificity"], explainers=["pullback", "gradient"], n=4)
+    report = SceneReport(localisation={"m": ev}, focus={"m": {"pullback": np.array([0.9, 0.7]),
+                                                              "gradient": np.array([0.5, 0.5])}},
+                         accuracy={"m": {"mAP": 0.97, "exact": 0.91}}, n_scenes=3)
+    text = report.summary()
+    pullback_row = next(line for line in text.splitlines() if line.startswith("| pullback |"))
+    cells = [cell.strip() for cell in pullback_row.strip("|").split("|")][1:]
+    # PointingGame 3/4 vs 1/4; TargetSpecificity over the two finite pairs: 0.4 vs 0.1; Focus 0.8 vs 0.5.
+    assert cells[0].startswith("0.750 (+0.500 [")
+    assert cells[1].startswith("0.400 (+0.300 [")
+    assert cells[2].startswith("0.800 (+0.300 [")
+    assert "| gradient | 0.250 | 0.100 | 0.500 |" in text
+    assert "exact match 91.0%" in text and "Focus on 2 mosaics" in text
+    assert text in report.table()
+
+
+def test_evaluate_takes_the_dynamo_path_for_a_model_fx_cannot_trace():
+    """timm's ConViT fails symbolic_trace; evaluate's pullback is then the dynamo path's, as pullback's is."""
+    from excitation.evaluation.localisation import pointing_game
+    from tests.extract_tiny import convit
+
+    model = convit()
+    with pytest.raises(excitation.ExcitationTraceError):
+        excitation.excite(model)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(4, 3, 32, 32, generator=gen)
+    target = torch.tensor([0, 1, 2, 3])
+    masks = torch.zeros(4, 32, 32, dtype=torch.bool)
+    masks[:, 8:20, 4:24] = True
+    ev = evaluate(model, x, target, explainers=["pullback"], metrics=["PointingGame"], masks=masks, progress=False)
+    assert excitation.api.path_of(excitation.prepare(model)) == "dynamo"
+    expected = pointing_game(excitation.pullback(model, x, target), masks)
+    assert np.allclose(ev.scores["pullback"]["PointingGame"], expected)

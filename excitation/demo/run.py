@@ -123,7 +123,7 @@ def _first_of_each(x: Tensor, y: Tensor, digits) -> Tensor:
 
 
 def run_demo(out_dir: Path = Path("out"), *, progress: bool = True, seed: int = 0, eval_n: int = 16,
-             scenes_n: int = 64) -> DemoResult:
+             scenes_n: int = 256) -> DemoResult:
     """Run the demo; write ``scenes.png``, ``pullback_grid.png`` and ``accentuation_grid.png`` to ``out_dir``.
 
     Parameters

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .explainers import Explainer, resolve_explainers
 from .run import Evaluation, evaluate
-from .stats import bootstrap_mean, paired_difference
+from .stats import Interval, bootstrap_mean, paired_difference
 
 __all__ = ["SceneTargets", "SceneReport", "scene_targets", "evaluate_scenes", "scene_figure",
            "SCENE_EXPLAINERS", "SCENE_METRICS", "SCENE_FAITHFULNESS_METRICS", "HELD_OUT_SEED", "SCENE_MODELS"]
@@ -96,6 +96,15 @@ def scene_targets(scenes: Any) -> SceneTargets:
     return SceneTargets(x=scenes.images[rows], target=cols.long(), mask=masks[rows, cols], other=other, scene=rows)
 
 
+#: The localisation metrics of :meth:`SceneReport.summary`: one per question (does the map point at the
+#: object, how much of its energy is there, how much of its mass, does it follow the explained object).
+SUMMARY_METRICS = ("PointingGame", "EnergyPointingGame", "RelevanceMassAccuracy", "TargetSpecificity")
+
+
+def _delta(d: Interval) -> str:
+    return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+
+
 @dataclass
 class SceneReport:
     """What ``excitation evaluate --dataset scenes`` measured, per scene model."""
@@ -137,9 +146,42 @@ class SceneReport:
                      + ", ".join(f"{k} {v:.3f}" for k, v in AUTHOR_FOCUS_RESNET50.items()) + ".")
         return lines
 
+    def summary(self, metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+        """Markdown: one compact table per model, each cell ``mean (explainer - gradient [paired 95 % interval])``.
+
+        The localisation metrics in ``metrics`` (those this report has) and Focus, for every explainer.
+        """
+        lines: List[str] = []
+        for name, ev in self.localisation.items():
+            chosen = [m for m in metrics if m in ev.metrics]
+            focus = self.focus.get(name, {})
+            acc = self.accuracy.get(name, {})
+            about = f"{self.n_scenes} held-out scenes, {ev.n} targets"
+            if acc:
+                about += f"; held-out mAP {acc['mAP']:.3f}, exact match {acc['exact']:.1%}"
+            lines += [f"**Scene model `{name}`** ({about}). Mean, and in brackets explainer − gradient with its "
+                      "paired 95 % interval" + (f"; Focus on {len(next(iter(focus.values())))} mosaics." if focus else "."),
+                      "", "| explainer | " + " | ".join(chosen + (["Focus"] if focus else [])) + " |",
+                      "|---" * (len(chosen) + 1 + bool(focus)) + "|"]
+            for e in ev.explainers:
+                cells = []
+                for m in chosen:
+                    mean = ev.interval(e, m).mean
+                    cells.append(f"{mean:.3f}" if e == "gradient" else f"{mean:.3f} ({_delta(ev.versus_gradient(e, m))})")
+                if focus and e in focus:
+                    mean = float(np.mean(focus[e]))
+                    cells.append(f"{mean:.3f}" if e == "gradient"
+                                 else f"{mean:.3f} ({_delta(paired_difference(focus[e], focus['gradient']))})")
+                elif focus:
+                    cells.append("-")
+                lines.append(f"| {e} | " + " | ".join(cells) + " |")
+            lines.append("")
+        return "\n".join(lines).rstrip()
+
     def table(self) -> str:
         """The whole report as Markdown."""
-        lines: List[str] = [f"Held-out scenes: {self.n_scenes} (seed {self.seed}); every present class is a target."]
+        lines: List[str] = [f"Held-out scenes: {self.n_scenes} (seed {self.seed}); every present class is a target.",
+                            "", "## Summary", "", self.summary()]
         for name, ev in self.localisation.items():
             acc = self.accuracy.get(name, {})
             lines += ["", f"## Scene model `{name}`"
