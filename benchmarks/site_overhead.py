@@ -15,7 +15,7 @@ import time
 import torch
 
 from excitation.kernels.fused import batch_norm_relu
-from excitation.kernels.ops import _call_surrogate_max_pool2d, _call_surrogate_relu
+from excitation.kernels.ops import _call_surrogate_max_pool2d, call_surrogate_relu
 
 
 def _per_call(fn, z: torch.Tensor, calls: int) -> float:
@@ -40,12 +40,12 @@ def main() -> None:
     rows = {
         "baseline: sum + backward only": lambda t: t,
         "torch.relu (vanilla)": torch.relu,
-        "surrogate_relu, classic Function (plain eager)": lambda t: _call_surrogate_relu.eager.apply(t, 0.3, "sigmoid", "exact"),
+        "surrogate_relu, classic Function (plain eager)": lambda t: call_surrogate_relu.eager.apply(t, 0.3, "sigmoid", "exact"),
         "surrogate_relu, custom op (export, tracers)": lambda t: torch.ops.excitation.surrogate_relu(t, 0.3, "sigmoid", "exact"),
-        "surrogate_relu, setup_context twin (torch.func)": lambda t: _call_surrogate_relu.twin.apply(t, 0.3, "sigmoid", "exact"),
-        "surrogate_relu, normal_cdf gate (plain eager)": lambda t: _call_surrogate_relu.eager.apply(t, 0.3, "normal_cdf", "exact"),
+        "surrogate_relu, setup_context twin (torch.func)": lambda t: call_surrogate_relu.twin.apply(t, 0.3, "sigmoid", "exact"),
+        "surrogate_relu, normal_cdf gate (plain eager)": lambda t: call_surrogate_relu.eager.apply(t, 0.3, "normal_cdf", "exact"),
         "BatchNorm2d + torch.relu (vanilla)": lambda t: torch.relu(bn(t)),
-        "BatchNorm2d + surrogate_relu (unfused)": lambda t: _call_surrogate_relu(bn(t), 0.3, "sigmoid", "exact"),
+        "BatchNorm2d + surrogate_relu (unfused)": lambda t: call_surrogate_relu(bn(t), 0.3, "sigmoid", "exact"),
         "batch_norm_relu (fused, plain eager)": lambda t: batch_norm_relu(t, bn, None, 0.3),
         "F.max_pool2d 2x2 (vanilla)": lambda t: torch.nn.functional.max_pool2d(t, 2),
         "surrogate_max_pool2d 2x2 (plain eager)": lambda t: _call_surrogate_max_pool2d.eager.apply(

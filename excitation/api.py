@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .errors import ExcitationTraceError
 from .fxpass.rewrite import TempsSpec, check_not_compiled, excite, is_excited, report
+from .fxpass.rules import RulesSpec
 from .fxpass.tracing import TRACE_GATE, clone_module_tree
 from .presets import resolve_preset
 
@@ -59,6 +60,14 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
+def _rules_key(rules: RulesSpec) -> Any:
+    if rules is None or isinstance(rules, str):
+        return rules
+    if isinstance(rules, dict):
+        return tuple(sorted(rules.items()))
+    return tuple(rules)
+
+
 def _temps_key(temps: TempsSpec) -> Any:
     if temps is None or callable(temps):
         return temps
@@ -78,6 +87,7 @@ def prepare(
     gate: Optional[str] = None,
     pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
+    rules: RulesSpec = None,
 ) -> nn.Module:
     """The module :func:`pullback` (``excited=True``) or :func:`gradient` would run, in eval mode.
 
@@ -97,7 +107,7 @@ def prepare(
         A plain or excited model.
     excited : bool
         The excited module (``True``) or the plain one :func:`gradient` runs.
-    preset, temp, pool_temp, gate, pool_backward, temps
+    preset, temp, pool_temp, gate, pool_backward, temps, rules
         As for :func:`excitation.excite`; only for plain models.
 
     Returns
@@ -128,17 +138,17 @@ def prepare(
     if excited and getattr(model, "excitation_path", None) == "dynamo":
         return model  # already a CompiledExcited from an earlier prepare()
     if excited and is_excited(model):
-        if any(value is not None for value in options) or temps is not None:
+        if any(value is not None for value in options) or temps is not None or rules is not None:
             found = report(model)
             raise ValueError(
                 f"model is already excited (preset {found.preset!r}, temp={found.temp}, gate={found.gate!r}); the "
-                f"preset, temp, pool_temp, gate, pool_backward and temps options apply only to plain models. "
+                f"preset, temp, pool_temp, gate, pool_backward, temps and rules options apply only to plain models. "
                 f"Re-excite it with excitation.excite(model, ...) instead."
             )
         return model
     if excited:
         options = resolve_preset(preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward)
-    key = ("excited", *options, _temps_key(temps)) if excited else ("vanilla",)
+    key = ("excited", *options, _temps_key(temps), _rules_key(rules)) if excited else ("vanilla",)
     identity = _identity(model)
     with _CACHE_LOCK:
         cached = _CACHE.get(model, {}).get(key)
@@ -148,7 +158,7 @@ def prepare(
         name, temp, pool_temp, gate, pool_backward = options
         try:
             prepared = excite(model, preset=name, temp=temp, pool_temp=pool_temp, gate=gate,
-                              pool_backward=pool_backward, temps=temps)
+                              pool_backward=pool_backward, temps=temps, rules=rules)
             prepared.excitation_path = "fx"
         except ExcitationTraceError as exc:
             from .dynamo_path import DEFAULT_INNER, CompiledExcited
@@ -157,7 +167,7 @@ def prepare(
             log.info("excitation: %s does not trace with torch.fx (%s); using the torch.compile path "
                      "(excitation.backend, inner %r)", type(model).__name__, reason, DEFAULT_INNER)
             prepared = CompiledExcited(model, trace_error=reason, preset=name, temp=temp, pool_temp=pool_temp,
-                                       gate=gate, pool_backward=pool_backward, temps=temps)
+                                       gate=gate, pool_backward=pool_backward, temps=temps, rules=rules)
     else:
         prepared = clone_module_tree(model)
     prepared.eval()

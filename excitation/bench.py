@@ -358,7 +358,7 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-#: Why compiled rows on CUDA may say "no" (measured on an H200, resnet50: see docs/performance/nvidia-h200.md).
+#: Why compiled rows on CUDA may say "no": cuDNN's TF32 convolutions (docs/performance/nvidia-h200.md).
 TF32_NOTE = (
     "cuDNN ran float32 convolutions in TF32 (PyTorch's default), so programs with different kernel choices "
     "differ beyond float32 rounding: compiled vs eager differ by ~1 % for the pullback and ~10 % for the vanilla "

@@ -48,6 +48,7 @@ from .errors import ExcitationError, with_suggestions
 from .fxpass.backend import ExcitationBackend
 from .fxpass.report import Report
 from .fxpass.rewrite import TempsSpec
+from .fxpass.rules import RulesSpec
 from .fxpass.tracing import clone_module_tree
 
 __all__ = ["CompiledExcited", "ACTIVATION_FUNCTIONS", "DEFAULT_INNER", "count_activation_calls"]
@@ -60,7 +61,7 @@ RECOMPILE_LIMIT = 64
 #: The inner backend of the automatic dynamo path: ``"eager"`` runs dynamo's (rewritten) torch-level
 #: graph as it is, so the forward is the model's bit for bit.  ``"aot_eager"`` re-traces it to ATen
 #: and reorders a few reductions (cpubone_nano, qwen3_vit: forward off by ~7e-7), and its
-#: compiled backward costs more (timm zoo: first call ~2x, steady state ~1.5x vanilla).
+#: compiled backward costs more, on the first call and after (measured in docs/design-measurements.md).
 DEFAULT_INNER = "eager"
 
 # Every element-wise activation or max-pool callable a model may reach at run time, in
@@ -185,6 +186,7 @@ class CompiledExcited(nn.Module):
         gate: Optional[str] = None,
         pool_backward: Optional[str] = None,
         temps: TempsSpec = None,
+        rules: RulesSpec = None,
         inner: Any = DEFAULT_INNER,
     ) -> None:
         super().__init__()
@@ -193,7 +195,7 @@ class CompiledExcited(nn.Module):
         self.trace_error = trace_error
         # A callable inner step may interpret the graph's surrogate calls (calibration's recorder does).
         self.backend = ExcitationBackend(preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
-                                         pool_backward=pool_backward, temps=temps, inner=inner,
+                                         pool_backward=pool_backward, temps=temps, rules=rules, inner=inner,
                                          c_backward=not callable(inner))
         self.backend.warn_unused_temps = False  # _check_temps() checks after each call instead
         counting = _CountingBackend(self.backend)

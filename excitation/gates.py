@@ -22,6 +22,8 @@ from torch import Tensor
 
 __all__ = [
     "GATE_FLOOR",
+    "GATE_CODES",
+    "SAVED_MODES",
     "GATES",
     "ACTIVATION_GATES",
     "sigmoid_gate",
@@ -45,6 +47,15 @@ __all__ = [
 #: into subnormal floats, which cost a microcode assist per element on many x86 cores, and gates this
 #: small change no explanation (kernels/reference.py has the whole contract).
 GATE_FLOOR = 2.0**-64
+#: Each gate's code in the compiled kernels: ``GATE_SIGMOID`` / ``GATE_NORMAL_CDF`` in
+#: ``kernels/csrc/excitation_cpu.c`` and the ``GATE`` argument of the Triton kernels.
+GATE_CODES = {"sigmoid": 0, "normal_cdf": 1}
+#: What a surrogate ReLU keeps for its backward: the pre-activation (``"exact"``), or
+#: the gate itself, already evaluated, in 2 bytes (``"bfloat16"``) or 1 byte (``"uint8"``,
+#: steps of 1/255).  Vanilla's in-place ReLU keeps nothing beyond its output, so the
+#: pre-activation is the whole memory overhead of a pullback; the compact gates cut it
+#: to a half or a quarter (errors measured in docs/performance).
+SAVED_MODES = ("exact", "bfloat16", "uint8")
 #: ``sigmoid(u) < GATE_FLOOR`` exactly when ``u`` is below this (``-ln(2^64 - 1)``).
 SIGMOID_FLOOR_LOGIT = -math.log(2.0**64 - 1.0)
 #: ``Phi(u) < GATE_FLOOR`` exactly when ``u`` is below this (``scipy.special.ndtri(2**-64)``).
@@ -223,8 +234,7 @@ def check_gate(gate: object, *, argument: str = "gate") -> str:
 
 def check_saved(saved: object) -> str:
     """Return ``saved`` if it names what a surrogate ReLU may keep for its backward, else raise."""
-    modes = ("exact", "bfloat16", "uint8")
-    if saved not in modes:
+    if saved not in SAVED_MODES:
         raise ValueError(
             f"saved={saved!r} is not known; use 'exact' (the pre-activation, default), 'bfloat16' or "
             f"'uint8' (the gate itself in 2 or 1 bytes: less memory, a small measured error)."

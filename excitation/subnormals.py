@@ -1,8 +1,8 @@
 """Subnormal floats: count them op by op, and measure what they cost on this CPU.
 
 Why this module: arithmetic on subnormal floats takes a microcode assist per element on many
-x86 cores (an Intel Xeon ran a naive soft-gate pullback of resnet50 at 2-3x the vanilla
-gradient's time; flush-to-zero brought it back to ~1.1x), while other CPUs barely notice.  A
+x86 cores, enough to multiply the time of a naive soft-gate pullback, which flush-to-zero
+recovers (measured in docs/design-measurements.md), while other CPUs barely notice.  A
 *count* of subnormals is the same on every machine, so tests assert counts
 (:class:`SubnormalCounter`), and ``excitation bench`` reports the cost on the machine it runs on
 (:func:`flush_to_zero_cost`).

@@ -101,7 +101,8 @@ def seconds_per_call(fn: Callable[[], object], calls: int = 1) -> float:
 
 #: Each timed round lasts at least this long (several calls of a small model), so that one
 #: preempted call or page-faulting allocation does not decide a ratio: with one call per round a
-#: batch-1 model of 3-10 ms read 1.26 and 1.42 in two runs a minute apart (mobilenet_v3_small).
+#: small batch-1 model's ratio moved far beyond the noise between two runs a minute apart
+#: (measured in docs/design-measurements.md).
 _MIN_ROUND_SECONDS = 0.03
 
 

@@ -24,3 +24,12 @@ def micro() -> nn.Module:
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return net.eval()
+
+
+def convit() -> nn.Module:
+    """timm's ConViT (convit_tiny), shrunk to 32 x 32 inputs: torch.fx cannot trace it, so it takes the dynamo path."""
+    import timm
+
+    torch.manual_seed(2)
+    return timm.create_model("convit_tiny", pretrained=False, num_classes=5, img_size=32, patch_size=8, embed_dim=16,
+                             depth=1, num_heads=1, local_up_to_layer=1).eval()

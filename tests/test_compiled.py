@@ -7,7 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import excitation
 from excitation.kernels import compiled, native
-from excitation.kernels.fused import _batch_norm_eval
+from excitation.kernels.fused import batch_norm_eval
 from excitation.kernels.reference import relu_backward
 
 from .helpers import eval_with_statistics, rel_err, saved_bytes
@@ -42,7 +42,7 @@ def test_batch_norm_relu_backward_op_matches_the_contract_in_every_layout(gate, 
     grad, x = grads[grad_layout] * 0.5, xs[x_layout]
     mean, var, weight, bias = _bn_tensors(shape[1])
     dx = torch.ops.excitation.batch_norm_relu_backward_cpu(grad, x, mean, var, weight, bias, 1e-5, 0.3, gate)
-    z = _batch_norm_eval(x.double(), weight.double(), bias.double(), mean.double(), var.double(), 1e-5)
+    z = batch_norm_eval(x.double(), weight.double(), bias.double(), mean.double(), var.double(), 1e-5)
     scale = (weight.double() * torch.rsqrt(var.double() + 1e-5)).reshape(1, -1, 1, 1)
     expected = relu_backward(grad.double(), z, 0.3, gate) * scale
     assert dx.stride() == torch.empty_like(x).stride()  # what the fake promises Inductor

@@ -12,9 +12,11 @@ import doctest
 import inspect
 import importlib
 import importlib.util
+import io
 import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,38 @@ def test_tracked_text_has_no_process_notes():
 def test_readme_has_no_process_notes():
     hits = process_talk("README.md", (ROOT / "README.md").read_text())
     assert not hits, "\n".join(hits[:20])
+
+
+# ----------------------------------------------------------------------------- machines in comments
+# Comments say why; a number measured on one machine goes to docs/design-measurements.md with its machine.
+MACHINE = re.compile(r"\b(?:EPYC|Xeon|H100|H200)\b")
+# (file, substring of the line): docstrings about how machines are named in reports, not measurements.
+MACHINE_ALLOWED = [("excitation/bench.py", 'cloud VMs report a bare "AMD EPYC"')]
+_STATEMENT_START = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING}
+
+
+def comment_lines(source: str):
+    """(line number, text) of every comment and of every docstring or other standalone string expression."""
+    previous = tokenize.NEWLINE
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            yield token.start[0], token.string
+        elif token.type == tokenize.STRING and previous in _STATEMENT_START:
+            for offset, line in enumerate(token.string.splitlines()):
+                yield token.start[0] + offset, line
+        if token.type not in (tokenize.COMMENT, tokenize.NL):
+            previous = token.type
+
+
+def test_library_comments_name_no_machine():
+    hits = []
+    for path in sorted((ROOT / "excitation").rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        for number, text in comment_lines(path.read_text(encoding="utf-8")):
+            if MACHINE.search(text) and not any(name == f and s in text for f, s in MACHINE_ALLOWED):
+                hits.append(f"{name}:{number}: {text.strip()[:160]}")
+    assert not hits, ("comments say why; move a measured number with its machine to "
+                      "docs/design-measurements.md:\n" + "\n".join(hits))
 
 
 # ----------------------------------------------------------------------------- generated references

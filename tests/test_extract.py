@@ -29,9 +29,9 @@ from excitation.extract import ExtractStoreError, chunk_bounds, chunk_count, ext
 from excitation.images import list_images, load_image  # noqa: E402
 from excitation.models import pixel_transform  # noqa: E402
 from excitation.extract.dist import PeerLostError, World  # noqa: E402
-from excitation.extract.faults import DieHook  # noqa: E402
-from excitation.extract.run import TEST_DIE_ENV  # noqa: E402
+from excitation.extract.faults import TEST_DIE_ENV, DieHook  # noqa: E402
 from tests.extract_tiny import micro, tiny  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tests.extract_tiny:tiny"
@@ -294,6 +294,33 @@ def test_compile_gives_the_eager_store_within_float16_rounding(images, tmp_path)
     assert np.abs(vanilla - pb_e[:8]).max() > 20 * 1e-3 * scale
     with pytest.raises(ExtractStoreError, match=r"compile: True -> False"):
         extract("tests.extract_tiny:micro", images, compiled, size=SIZE, batch=8, progress=False)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
+def test_a_model_fx_cannot_trace_takes_the_dynamo_path(images, tmp_path, compile):
+    """timm's ConViT fails ``symbolic_trace``; extract excites it through dynamo, as ``pullback`` does."""
+    import torch._inductor.config as inductor_config
+
+    from tests.extract_tiny import convit
+
+    model = convit()
+    with pytest.raises(excitation.ExcitationTraceError):
+        excitation.excite(model)
+    out = tmp_path / "convit"
+    with inductor_config.patch(compile_threads=1):
+        code = main(["extract", "--model", "tests.extract_tiny:convit", "--images", str(images), "--out", str(out),
+                     "--size", "32", "--batch", "8", "--dtype", "float32", "--no-progress"]
+                    + (["--compile"] if compile else []))
+    assert code == 0
+    data = load_extract(out)
+    assert data["valid"][:].all()
+    pixel_model = Normalized(model, *IMAGENET_NORMALIZE).eval()
+    x = torch.stack([load_image(p, pixel_transform(int(round(32 * 256 / 224)), 32)) for p in data["path"][:8]])
+    target = torch.from_numpy(data["target"][:8])
+    expected = excitation.pullback(pixel_model, x, target)
+    got = torch.from_numpy(data["pullback"][:8])
+    assert rel_err(got, expected) < (1e-4 if compile else 1e-6)
+    assert rel_err(got, excitation.gradient(pixel_model, x, target)) > 1e-3
 
 
 # ------------------------------------------------------------------------ refusals

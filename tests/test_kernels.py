@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from excitation.kernels import surrogate_max_pool2d, surrogate_relu
-from excitation.kernels.ops import _call_surrogate_relu, pool2d_backward
+from excitation.kernels.ops import call_surrogate_relu, pool2d_backward
 from excitation.kernels.reference import (
     max_pool2d_output_size,
     soft_max_pool2d_backward,
@@ -58,7 +58,7 @@ def test_relu_backward_is_finite_at_extremes():
 
 def _generic_eager(z: torch.Tensor) -> torch.Tensor:
     """The generic classic-Function mechanism, which the CPU fast path must equal bit for bit."""
-    return _call_surrogate_relu.eager.apply(z, 0.3, "sigmoid", "exact")
+    return call_surrogate_relu.eager.apply(z, 0.3, "sigmoid", "exact")
 
 
 def _cpu_site_input(shape=(2, 8, 9, 9)) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import excitation
-from excitation.kernels.ops import _call_surrogate_max_pool2d, _call_surrogate_relu
+from excitation.kernels.ops import _call_surrogate_max_pool2d, call_surrogate_relu
 from excitation.kernels.registry import mechanism
 
 from .helpers import rel_err
@@ -42,7 +42,7 @@ def test_the_three_relu_mechanisms_agree(saved):
     z = torch.randn(2, 3, 5, 7, dtype=torch.float64)
     g = torch.randn_like(z)
     results = []
-    for run in (_call_surrogate_relu.eager.apply, _call_surrogate_relu.twin.apply, torch.ops.excitation.surrogate_relu):
+    for run in (call_surrogate_relu.eager.apply, call_surrogate_relu.twin.apply, torch.ops.excitation.surrogate_relu):
         leaf = z.clone().requires_grad_(True)
         out = run(leaf, 0.3, "sigmoid", saved)
         assert torch.equal(out, torch.relu(z))

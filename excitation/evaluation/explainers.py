@@ -50,9 +50,17 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["Explainer", "EXPLAINERS", "DEFAULT_EXPLAINERS", "make_explainer", "resolve_explainers", "cam_layer_name"]
+__all__ = ["Explainer", "EXPLAINERS", "DEFAULT_EXPLAINERS", "make_explainer", "resolve_explainers", "cam_layer_name",
+           "in_eval_mode"]
 
 Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def in_eval_mode(model: nn.Module) -> nn.Module:
+    """``model`` if it is in eval mode, else an eval-mode deep copy (metrics need eval; the model is never changed)."""
+    if not any(m.training for m in model.modules()):
+        return model
+    return copy.deepcopy(model).eval()
 
 
 def _pullback(preset: Optional[str] = None, temp: Optional[float] = None) -> Explainer:

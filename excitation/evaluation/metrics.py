@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .explainers import Explainer
+from .explainers import Explainer, in_eval_mode
 from .road import road
 
 __all__ = ["METRICS", "DEFAULT_METRICS", "HIGHER_IS_BETTER", "numpy_trapz_shim", "per_sample_normalise",
@@ -88,15 +88,6 @@ HIGHER_IS_BETTER: Dict[str, bool] = {
 }
 
 
-def in_eval_mode(model: nn.Module) -> nn.Module:
-    """``model`` if it is in eval mode, else an eval-mode deep copy (Quantus needs eval; the model is never changed)."""
-    if not any(m.training for m in model.modules()):
-        return model
-    import copy
-
-    return copy.deepcopy(model).eval()
-
-
 def _features(x: np.ndarray) -> int:
     return int(np.prod(x.shape[2:]))
 
@@ -134,8 +125,8 @@ def _build(name: str, x: np.ndarray, classes: int, options: Dict[str, Any]):
 
 METRICS: List[str] = ["Infidelity", "FaithfulnessCorrelation", "FaithfulnessEstimate", "MonotonicityCorrelation",
                       "MaxSensitivity", "RandomLogit", "Sparseness", "MPRT", "ROAD"]
-# ROAD is in the default set because it is cheap on the default digits (~8 ms per imputation of an 8x8 image);
-# on 224x224 images one imputation is ~0.5 s of CPU (scipy's sparse solve), hours for 1000 images.
+# ROAD is in the default set because it is cheap on the default 8x8 digits: each imputation is a sparse
+# solve (scipy) that grows with the pixel count, so on 224x224 images it dominates (docs/evaluation.md).
 DEFAULT_METRICS: List[str] = ["Infidelity", "FaithfulnessCorrelation", "MaxSensitivity", "Sparseness", "ROAD"]
 
 

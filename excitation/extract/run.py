@@ -25,10 +25,10 @@ from ..images import ImageList
 from .data import collect, load
 from . import store as _store
 from .dist import World, init_world
-from .faults import TEST_DIE_ENV, DieHook
+from .faults import DieHook
 from .sharding import chunk_bounds, chunk_count, rank_chunks
 
-__all__ = ["extract", "ExtractResult", "parse_targets", "TEST_DIE_ENV"]
+__all__ = ["extract", "ExtractResult", "parse_targets"]
 
 TargetSpec = Union[str, int, Sequence[int]]
 
@@ -292,15 +292,14 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
          progress, images, size) -> ExtractResult:
     """The loop of :func:`extract`, once the arguments are checked and the process group joined."""
     from ..api import gradient as vanilla_gradient
-    from ..api import pullback, pullbacks
+    from ..api import prepare, pullback, pullbacks
     from ..ascent import Normalized, ascend
-    from ..fxpass import excite
     from ..fxpass.backend import backend
 
     die = DieHook.from_env()  # test-only (see .faults); read first, so a bad value fails before any work
     pixel_model = (Normalized(net, *norm, device=dev) if norm is not None else net).to(dev).eval()
-    # Copy first: .to(dev) on a CPU model returns the same object, and the caller's model is never touched.
-    excited = excite(pixel_model, preset=preset, temp=temp, rules=list(rules) if rules else None).to(dev).eval()
+    # prepare() excites a copy (the caller's model is never touched), through dynamo where fx cannot trace it.
+    excited = prepare(pixel_model, preset=preset, temp=temp, rules=list(rules) if rules else None)
     compiled = torch.compile(pixel_model, backend=backend(preset=preset, temp=temp, rules=list(rules) if rules else None)) \
         if compile else None
 

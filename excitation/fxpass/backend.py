@@ -30,7 +30,7 @@ from .recompute import tag_cheap_convolutions
 from .report import Report
 from .rewrite import TempsSpec, excite_graph
 from .rules import RulesSpec, resolve_rules
-from .sites import SURROGATE_RELU_PARAMS, _bind
+from .sites import SURROGATE_RELU_PARAMS, bind_arguments
 
 _LOG = logging.getLogger("excitation")
 
@@ -163,8 +163,8 @@ def mark_relu_outputs_for_recompute(gm: fx.GraphModule) -> int:
     """Tag each exact surrogate ReLU so AOTAutograd's partitioner recomputes ``relu(z)`` in the backward.
 
     The graph then keeps ``z`` alone, where it would keep ``z`` and ``relu(z)`` (a
-    convolution's backward reads its input even for an input gradient only): compiled
-    resnet50 at batch 8 kept 692 MiB against vanilla's 382 before, 402 after.  This is what
+    convolution's backward reads its input even for an input gradient only), so compiled
+    saved bytes come close to vanilla's (measured in docs/design-measurements.md).  This is what
     the checkpoint in :func:`excitation.kernels.surrogate_relu` does for graphs dynamo
     traces; a backend sees the graph after dynamo, so it writes the checkpoint policy's tag
     directly (AOTAutograd copies ``meta["recompute"]`` onto the ops each node traces to).
@@ -240,7 +240,7 @@ def use_c_backward(gm: fx.GraphModule) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not surrogate_relu:
             continue
-        site = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
+        site = bind_arguments(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
         temp, gate, z = site["temp"], site["gate"], site["input"]
         if site["saved"] != "exact" or not isinstance(temp, (int, float)) or not isinstance(gate, str):
             continue

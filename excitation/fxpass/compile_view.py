@@ -30,7 +30,7 @@ from torch import fx
 from ..kernels import RecomputedConv2d, batch_norm_relu, surrogate_relu
 from ..kernels.compiled import compiled_batch_norm_relu, compiled_relu, compiled_relu_concat
 from ..kernels.fused import batch_norm_relu_pre_activation
-from .sites import SURROGATE_RELU_PARAMS, _bind
+from .sites import SURROGATE_RELU_PARAMS, bind_arguments
 
 __all__ = ["compile_view", "compiled_forward"]
 
@@ -46,10 +46,10 @@ def _site(gm: fx.GraphModule, node: object) -> Optional[dict]:
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
     if node.target is surrogate_relu:
-        bound = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
+        bound = bind_arguments(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
         return dict(bound, kind="relu") if bound["saved"] == "exact" else None
     if node.target is batch_norm_relu:
-        bound = _bind(_BATCH_NORM_RELU_PARAMS, node.args, node.kwargs)
+        bound = bind_arguments(_BATCH_NORM_RELU_PARAMS, node.args, node.kwargs)
         x = bound["x"]
         if bound["saved"] != "exact" or (
             isinstance(x, fx.Node) and x.op == "call_module" and isinstance(gm.get_submodule(x.target), RecomputedConv2d)

@@ -33,7 +33,7 @@ from typing import Dict
 
 from torch import fx
 
-from .sites import SITE_NODE_META, _normalise_path
+from .sites import SITE_NODE_META, normalise_path
 
 __all__ = ["name_dynamo_nodes", "is_dynamo_graph"]
 
@@ -51,7 +51,7 @@ def _owner(node: fx.Node) -> str:
     if not stack:
         return ""
     relative, _ = list(stack.values())[-1]
-    return _normalise_path(relative)
+    return normalise_path(relative)
 
 
 def _op_name(node: fx.Node) -> str:

@@ -22,13 +22,14 @@ from ..kernels.registry import dynamo_compiling
 from .compile_view import compiled_forward
 from .report import Report
 from .scripting import to_scriptable
+from .tracing import adopt_module_tree
 
 try:  # private in torch 2.x; GraphModule.__deepcopy__ re-sets the attributes listed there
     from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 except ImportError:  # pragma: no cover
     _USER_PRESERVED_ATTRIBUTES_KEY = "_user_preserved_attributes"
 
-__all__ = ["ExcitedGraphModule", "REPORT_ATTR", "adopt_module_tree", "make_excited"]
+__all__ = ["ExcitedGraphModule", "REPORT_ATTR", "make_excited"]
 
 REPORT_ATTR = "excitation_report"
 _LOG = logging.getLogger("excitation")
@@ -86,21 +87,6 @@ def _dispatching_forward(eager: Callable, view: Callable) -> Callable:
 def _rebuild_excited(rebuild: Callable, args: Tuple[Any, ...]) -> "ExcitedGraphModule":
     gm = rebuild(*args)
     return make_excited(gm, getattr(gm, REPORT_ATTR))
-
-
-def adopt_module_tree(gm: fx.GraphModule, root: nn.Module) -> None:
-    """Give ``gm`` every child, parameter and buffer of ``root`` (not only those the graph uses).
-
-    ``GraphModule`` copies only what its graph touches; taking the whole tree makes
-    ``state_dict()`` keys equal the original model's, so checkpoints load into either.
-    """
-    for name, child in root.named_children():
-        setattr(gm, name, child)
-    for name, param in root._parameters.items():
-        gm._parameters[name] = param
-    for name, buf in root._buffers.items():
-        gm.register_buffer(name, buf, persistent=name not in root._non_persistent_buffers_set)
-    gm.training = root.training
 
 
 def make_excited(gm: fx.GraphModule, report: Report) -> ExcitedGraphModule:

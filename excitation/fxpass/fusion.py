@@ -17,7 +17,7 @@ from torch import fx
 
 from ..kernels import surrogate_relu
 from ..kernels.fused import FUSABLE_BATCH_NORMS, batch_norm_relu
-from .sites import SITE_NODE_META, SURROGATE_RELU_PARAMS, _bind
+from .sites import SITE_NODE_META, SURROGATE_RELU_PARAMS, bind_arguments
 
 __all__ = ["fuse_batch_norm_relu", "unfuse", "FUSED_META"]
 
@@ -27,7 +27,7 @@ FUSED_META = "excitation_fused"
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
-def _batch_norm_call(gm: fx.GraphModule, node: object) -> bool:
+def batch_norm_call(gm: fx.GraphModule, node: object) -> bool:
     """``node`` is ``bn(x)`` of a fusable BatchNorm class, with one user."""
     return (
         isinstance(node, fx.Node)
@@ -42,7 +42,7 @@ def _batch_norm_call(gm: fx.GraphModule, node: object) -> bool:
 
 def _pattern(gm: fx.GraphModule, source: object) -> Optional[Tuple[fx.Node, Optional[fx.Node], Optional[fx.Node]]]:
     """``(bn node, residual, add node)`` if ``source`` (a ReLU's input) is ``bn(x)`` or ``bn(x) + residual``."""
-    if _batch_norm_call(gm, source):
+    if batch_norm_call(gm, source):
         return source, None, None
     is_add = isinstance(source, fx.Node) and (
         (source.op == "call_function" and source.target in _ADDS) or (source.op == "call_method" and source.target == "add")
@@ -51,7 +51,7 @@ def _pattern(gm: fx.GraphModule, source: object) -> Optional[Tuple[fx.Node, Opti
         return None
     first, second = source.args
     for bn, residual in ((first, second), (second, first)):
-        if _batch_norm_call(gm, bn) and isinstance(residual, fx.Node) and residual is not bn:
+        if batch_norm_call(gm, bn) and isinstance(residual, fx.Node) and residual is not bn:
             return bn, residual, source
     return None
 
@@ -65,7 +65,7 @@ def fuse_batch_norm_relu(gm: fx.GraphModule) -> Dict[str, str]:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not surrogate_relu:
             continue
-        bound = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
+        bound = bind_arguments(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
         found = _pattern(gm, bound["input"])
         if found is None:
             continue

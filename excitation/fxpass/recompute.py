@@ -33,7 +33,7 @@ from ..kernels import (
 )
 from ..kernels.compiled import batch_norm_relu_with_c_backward, relu_with_c_backward
 from ..kernels.recompute import RECOMPUTE_MAX_MACS, cheap_to_recompute
-from .fusion import _batch_norm_call
+from .fusion import batch_norm_call
 
 __all__ = ["recompute_cheap_convolutions", "tag_cheap_convolutions"]
 
@@ -46,7 +46,7 @@ def _relu_fed_by(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
     if user.op == "call_function" and user.target is batch_norm_relu:
         # A fused residual would make z depend on more than this convolution.
         return user if user.args[0] is node and (len(user.args) < 3 or user.args[2] is None) else None
-    if _batch_norm_call(gm, user):
+    if batch_norm_call(gm, user):
         (user,) = user.users
     if user.op == "call_function" and user.target is surrogate_relu:
         return user

@@ -23,11 +23,12 @@ from ..kernels import ExcitedMultiheadAttention, RecomputedConv2d, surrogate_max
 from ..kernels.fused import batch_norm_relu
 from ..kernels.ops import pool_arguments
 from .fusion import unfuse
+from .tracing import copy_graph_module
 from .sites import (
     SURROGATE_POOL_PARAMS,
     SURROGATE_RELU_PARAMS,
     SiteMatch,
-    _bind,
+    bind_arguments,
     match_site,
 )
 
@@ -112,8 +113,6 @@ __all__ = ["to_scriptable"]
 
 def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of excited ``gm`` that ``torch.jit.script`` can compile, with the same forward and backward."""
-    from .tracing import copy_graph_module
-
     new = copy_graph_module(gm)
     for module in new.modules():  # clones: the excited model keeps its classes
         if type(module) is RecomputedConv2d:
@@ -143,7 +142,7 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
             if not module.users:
                 graph.erase_node(module)
         elif node.target is surrogate_relu:
-            bound = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
+            bound = bind_arguments(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
             with graph.inserting_after(node):
                 replacement = graph.call_function(
                     torch.ops.excitation.surrogate_relu,
@@ -152,7 +151,7 @@ def to_scriptable(gm: fx.GraphModule) -> fx.GraphModule:
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)
         elif node.target is surrogate_max_pool2d:
-            bound = _bind(SURROGATE_POOL_PARAMS, node.args, node.kwargs)
+            bound = bind_arguments(SURROGATE_POOL_PARAMS, node.args, node.kwargs)
             constants = [bound[k] for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")]
             if any(isinstance(value, fx.Node) for value in constants):
                 raise TypeError(

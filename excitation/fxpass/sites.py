@@ -312,7 +312,7 @@ class SiteMatch:
         return KIND_TO_RULE[self.kind]
 
 
-def _bind(params: Sequence[Tuple[str, Any]], args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def bind_arguments(params: Sequence[Tuple[str, Any]], args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
     bound = {name: default for name, default in params}
     for (name, _), value in zip(params, args):
         bound[name] = value
@@ -346,11 +346,11 @@ def site_name(gm: GraphModule, node: Node) -> str:
         path, module_type = list(stack.values())[-1]
         type_name = module_type if isinstance(module_type, str) else f"{module_type.__module__}.{module_type.__qualname__}"
         if type_name in _SITE_MODULE_TYPES and path:
-            return _normalise_path(path)
+            return normalise_path(path)
     return node.name
 
 
-def _normalise_path(path: str) -> str:
+def normalise_path(path: str) -> str:
     # dynamo writes "L['self'].layer1[0].relu" style paths; export writes "layer1.0.relu".
     if path.startswith("L['self']"):
         path = path[len("L['self']"):].lstrip(".")
@@ -441,10 +441,10 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         if node.target in _RELU_METHODS:
             return SiteMatch(node, "relu", "method", node.args[0], _RELU_METHODS[node.target])
         if node.target == "softmax":
-            bound = _bind(_SOFTMAX, node.args, node.kwargs)
+            bound = bind_arguments(_SOFTMAX, node.args, node.kwargs)
             return _general_site(node, "softmax", "method", bound, False)
         if node.target == "prelu":
-            return _general_site(node, "prelu", "method", _bind(_PRELU, node.args, node.kwargs), False)
+            return _general_site(node, "prelu", "method", bind_arguments(_PRELU, node.args, node.kwargs), False)
         return _hard_mish_site(node, "method")
     if node.op != "call_function":
         return None
@@ -459,30 +459,30 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         return None
     if relu_entry is not None:
         params, forced_inplace = relu_entry
-        bound = _bind(params, node.args, node.kwargs)
+        bound = bind_arguments(params, node.args, node.kwargs)
         inplace = forced_inplace if forced_inplace is not None else bool(bound["inplace"])
         return SiteMatch(node, "relu", form, bound["input"], inplace)
     if pool_entry is not None:
         params, forced_indices = pool_entry
-        bound = _bind(params, node.args, node.kwargs)
+        bound = bind_arguments(params, node.args, node.kwargs)
         indices = forced_indices if forced_indices is not None else bound["return_indices"]
         return _pool_site(node, form, bound, indices)
     if entry is not None:
         kind, params, forced_inplace, fixed = entry
-        bound = _bind(params, node.args, node.kwargs)
+        bound = bind_arguments(params, node.args, node.kwargs)
         bound.update(fixed)
         if kind == "softmax" and "dtype" not in bound:
             bound["dtype"] = None
         inplace = forced_inplace if forced_inplace is not None else bool(bound.get("inplace", False))
         return _general_site(node, kind, form, bound, inplace)
     if target is surrogate_relu:
-        bound = _bind(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
+        bound = bind_arguments(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
         return SiteMatch(node, "relu", "excited", bound["input"])
     if target is batch_norm_relu:
         # A fused BatchNorm -> ReLU site (fusion.py); its ReLU input is rebuilt when it is re-excited.
         return SiteMatch(node, "relu", "excited", None, params={"fused": True})
     if target is surrogate_max_pool2d:
-        bound = _bind(SURROGATE_POOL_PARAMS, node.args, node.kwargs)
+        bound = bind_arguments(SURROGATE_POOL_PARAMS, node.args, node.kwargs)
         return _pool_site(node, "excited", bound, bound["return_indices"])
     if surrogate_kind is not None or target in (surrogate_max_pool, surrogate_adaptive_max_pool):
         bound = dict(inspect.signature(target).bind(*node.args, **node.kwargs).arguments)

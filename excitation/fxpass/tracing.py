@@ -22,11 +22,25 @@ from torch import fx
 
 from ..errors import ExcitationTraceError
 from ..kernels import SURROGATE_FUNCTIONS, ExcitedMultiheadAttention, RecomputedConv2d
-from .excited import adopt_module_tree
 
-__all__ = ["clone_module_tree", "trace", "copy_graph_module", "TRACE_GATE"]
+__all__ = ["adopt_module_tree", "clone_module_tree", "trace", "copy_graph_module", "TRACE_GATE"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def adopt_module_tree(gm: fx.GraphModule, root: nn.Module) -> None:
+    """Give ``gm`` every child, parameter and buffer of ``root`` (not only those the graph uses).
+
+    ``GraphModule`` copies only what its graph touches; taking the whole tree makes
+    ``state_dict()`` keys equal the original model's, so checkpoints load into either.
+    """
+    for name, child in root.named_children():
+        setattr(gm, name, child)
+    for name, param in root._parameters.items():
+        gm._parameters[name] = param
+    for name, buf in root._buffers.items():
+        gm.register_buffer(name, buf, persistent=name not in root._non_persistent_buffers_set)
+    gm.training = root.training
 
 
 class _TraceGate:

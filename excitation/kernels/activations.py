@@ -75,8 +75,8 @@ def surrogate_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: floa
 
     The gate is computed in at least float32.  SiLU's and GELU's gates are the ReLU rule's own
     (``sigmoid(z / temp)``, ``Phi(z / temp)``), so they take its fast paths (C kernel, fused
-    ``softplus_backward``): at batch 1 the contract's six small passes per site were what made
-    efficientnet's and convnext's pullbacks ~1.25x vanilla in the zoo.
+    ``softplus_backward``): at batch 1 each small pass is host time, and the contract's six per
+    site were most of efficientnet's and convnext's extra time in the zoo (measured in docs/design-measurements.md).
     """
     from .ops import native_activation_backward, relu_gate_backward  # ops imports this module's siblings
 

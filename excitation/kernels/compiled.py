@@ -10,17 +10,16 @@ which changes a value:
 
 **The C kernels run the backward on the CPU.**  Inductor writes the backward's elementwise
 loops itself, and for the excitation gate it writes a Sleef exponential and a division per
-element.  On a 2-core Intel Xeon (AVX-512) one BatchNorm -> ReLU site's input gradient,
-[4, 256, 28, 28], took 0.43 / 0.65 ms (min / median) in Inductor's loop, 0.21 / 0.33 ms in our
-C kernel and 0.22 / 0.28 ms in vanilla's threshold loop (``benchmarks/site_backward.py``), and
-compiled densenet121 (121 such sites) ran 1.15-1.24x compiled vanilla.  So on float32 CPU tensors the forward stays torch ops (Inductor fuses BatchNorm and
+element: a compute-bound loop, slower than our C kernel, which keeps pace with vanilla's
+threshold loop (``benchmarks/site_backward.py``; measured in docs/design-measurements.md).
+So on float32 CPU tensors the forward stays torch ops (Inductor fuses BatchNorm and
 ``relu`` into the convolution's epilogue, as in vanilla) and the backward is one extern call
 per site: ``excitation::batch_norm_relu_backward_cpu`` (BatchNorm's input in, BatchNorm's input
 gradient out, ``z`` recomputed in the kernel) or ``excitation::relu_gate_backward_cpu``.  Both
 take whatever layout Inductor chose (``flexible_layout``): it lays activations out
 channels-last around convolutions, and a copy into NCHW and back would cost more than the
-kernel saves.  Same machine, 224², compiled pullback / compiled vanilla: densenet121 at batch 4 / 8
-1.07 / 1.03 with the extern kernels, 1.15 / 1.24 with Inductor's own loops (docs/performance).
+kernel saves.  The extern kernels matter most on models with many such sites (densenet121:
+docs/performance; docs/design-measurements.md).
 
 **Recompute regions.**  Each exact ReLU runs in a non-reentrant checkpoint region, so the
 partitioner keeps ``z`` (or BatchNorm's input) and recomputes ``relu(z)`` where a backward reads
@@ -39,8 +38,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import native
-from .fused import _batch_norm_eval, batch_norm_relu, batch_norm_relu_pre_activation, fusable
-from .ops import _call_surrogate_relu, surrogate_relu
+from .fused import batch_norm_eval, batch_norm_relu, batch_norm_relu_pre_activation, fusable
+from .ops import call_surrogate_relu, surrogate_relu
 from .registry import NAMESPACE, recompute_in_backward
 
 __all__ = ["compiled_relu", "compiled_batch_norm_relu", "compiled_relu_concat", "relu_with_c_backward",
@@ -73,8 +72,8 @@ def _in_layout_of(t: Tensor, ref: Tensor) -> Tensor:
     Inductor may hand a site's gradient in another layout than its input: before a max-pool the
     input is the convolution's channels-last output and the gradient the soft-pool backward's
     NCHW one.  Copying the gradient alone into the input's layout is one transposing pass; the
-    general path (both to NCHW, the result back) is three: on vgg11_bn's four such sites,
-    compiled, that was 315 ms of copies in three calls at batch 4 (Intel Xeon).
+    general path (both to NCHW, the result back) is three passes over activation-sized tensors
+    (vgg11_bn's four such sites: measured in docs/design-measurements.md).
     """
     return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
@@ -150,7 +149,7 @@ class _CpuBatchNormReLU(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
                 running_var: Tensor, eps: float, temp: float, gate: str) -> Tensor:
-        return torch.relu(_batch_norm_eval(x, weight, bias, running_mean, running_var, eps))
+        return torch.relu(batch_norm_eval(x, weight, bias, running_mean, running_var, eps))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -205,7 +204,7 @@ def _relu_in_region(z: Tensor, temp: float, gate: str) -> Tensor:
     """An exact surrogate ReLU inside a recompute region: the C backward where it runs, else the op's twin."""
     if _cpu_backward(z, gate):
         return _CpuReLU.apply(z, temp, gate)
-    return _call_surrogate_relu(z, temp, gate, "exact")
+    return call_surrogate_relu(z, temp, gate, "exact")
 
 
 def compiled_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: str = "exact") -> Tensor:
@@ -243,8 +242,8 @@ def compiled_relu_concat(zs: List[Tensor], dim: int, temps: Sequence[float], gat
     Why: a concatenation of ReLU outputs (GoogLeNet's inception blocks) is read by the backward
     of what follows (a convolution, a soft max-pool), so the compiled graph kept it beside every
     part's ``z``; with one region per ReLU the partitioner must also keep the parts at the
-    region boundaries.  One region for the lot keeps the ``z`` parts alone: compiled googlenet's
-    saved tensors at batch 4 are 98 MiB with one region, 117 MiB with one per ReLU (vanilla 83).
+    region boundaries.  One region for the lot keeps the ``z`` parts alone (compiled googlenet's
+    saved bytes: measured in docs/design-measurements.md).
     """
     if zs and all(recompute_in_backward(z) for z in zs):
         def region(*kept: Tensor) -> Tensor:

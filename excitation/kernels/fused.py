@@ -5,9 +5,9 @@ in-place ReLU overwrites ``z``, and the BatchNorm before it keeps its own input
 ``x`` (autograd saves it even when the affine parameters are frozen), so a
 ``conv -> bn -> relu`` block costs vanilla two saved tensors (``x`` and the ReLU
 output, which the next convolution saves anyway) and an unfused pullback three.
-That third tensor is the whole memory overhead of an exact pullback (resnet50:
-1.37x vanilla's saved bytes, densenet121 1.45x), and allocating ``relu(z)`` out of
-place costs CPU time too (fresh pages: ``clamp_min`` 4x slower than ``clamp_min_``).
+That third tensor is the whole memory overhead of an exact pullback (measured in docs/design-measurements.md),
+and allocating ``relu(z)`` out of place costs CPU time too (a fresh tensor pays a page
+fault per 4 KiB on first write, which ``clamp_min_`` in place does not).
 
 The fused op runs the same ``torch.batch_norm`` call ``F.batch_norm`` makes in eval
 mode, adds the residual and applies ``relu_`` in place: the forward is the
@@ -36,9 +36,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import native
-from .ops import _native, relu_gate_backward, relu_gate_backward_, surrogate_relu
+from .ops import c_kernels_apply, relu_gate_backward, relu_gate_backward_, surrogate_relu
 from .reference import flush_subnormal
-from .registry import define_surrogate_op, dynamo_compiling, functional_backward, mechanism
+from .registry import define_surrogate_op, dispatch_mode_active, dynamo_compiling, functional_backward, mechanism
 from .torch_paths import flush_subnormal_
 
 __all__ = ["batch_norm_relu", "batch_norm_relu_pre_activation", "FUSABLE_BATCH_NORMS", "fusable"]
@@ -47,7 +47,7 @@ __all__ = ["batch_norm_relu", "batch_norm_relu_pre_activation", "FUSABLE_BATCH_N
 FUSABLE_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _batch_norm_eval(
+def batch_norm_eval(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor, eps: float
 ) -> Tensor:
     # The very call F.batch_norm makes in eval mode (momentum is unused there).
@@ -66,7 +66,7 @@ def _forward(
     gate: str,
 ) -> Tensor:
     """Forward: exactly ``relu(batch_norm(x) [+ residual])``.  Backward: the excitation gate at ``z``."""
-    z = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+    z = batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
     if residual is not None:
         z = z.add_(residual)  # z is our own fresh tensor; ``a + b`` and ``a.add_(b)`` round alike
     return z.relu_()
@@ -103,7 +103,7 @@ def _batch_norm_eval_backward(dz, x, weight, running_mean, running_var, eps, mas
 
 def _recomputed_gate(grad, x, weight, bias, running_mean, running_var, residual, eps, temp, gate, functional):
     """``grad * gate(z / temp)`` with ``z = batch_norm(x) [+ residual]`` recomputed, bit-equal to the forward's."""
-    z = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+    z = batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
     if residual is not None:
         # In-place only in a plain first-order backward (create_graph / torch.func track z).
         z = z + residual if functional else z.add_(residual)
@@ -139,9 +139,9 @@ def _native_ready(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: 
     """What the C backward needs of a site's saved tensors (``grad`` is checked when it comes).
 
     Called in plain eager on the CPU only (:func:`batch_norm_relu` has ruled out every tracer,
-    dispatch mode and ``torch.func`` transform), so of :func:`.ops._native`'s checks only the
+    dispatch mode and ``torch.func`` transform), so of :func:`.ops.c_kernels_apply`'s checks only the
     tensors' own remain: one pass of cheap tests, since at batch 1 each Python check is host
-    time (this function took 10-20 us as a chain of the general checks).
+    time that a chain of the general checks would repeat (measured in docs/design-measurements.md).
     """
     if gate not in native.RELU_GATES or type(x) is not torch.Tensor or x.dim() < 2 or not native.available():
         return False
@@ -154,10 +154,10 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     """The eager CPU backward when no BatchNorm parameter needs a gradient (a pullback): one fresh tensor, not three.
 
     Fresh CPU tensors are expensive: a large one comes straight from ``mmap`` and pays a
-    page fault per 4 KiB on first write (a 100 MB ``clone`` takes 38 ms on the 2-core box,
-    a ``copy_`` into an existing tensor 6 ms).  The C kernel reads BatchNorm's input and
-    writes the input gradient alone, recomputing ``z`` on the way (one pass, no ``torch.batch_norm``
-    call: ~20 us a site at batch 1).  Elsewhere (another dtype or layout) ``z`` is recomputed
+    page fault per 4 KiB on first write, several times a write into existing pages
+    (measured in docs/design-measurements.md).  The C kernel reads BatchNorm's input and
+    writes the input gradient alone, recomputing ``z`` on the way (one pass, and no ``torch.batch_norm``
+    call's host time at batch 1).  Elsewhere (another dtype or layout) ``z`` is recomputed
     by ``torch.batch_norm`` and the gate and eval-mode BatchNorm's input gradient, ``dz * weight *
     invstd`` per channel, are applied to it in place: the generic path allocates ``z``, ``dz`` and ``dx``.
     """
@@ -166,12 +166,12 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     # ``ready`` (:func:`_native_ready`) was decided in the forward: only a dispatch mode entered
     # since could make a C call unseen.  Then grad, as cheaply as it can be asked (at batch 1 these
     # checks are a site's host time): a plain float32 tensor of x's shape with contiguous planes.
-    if (ready and torch._C._len_torch_dispatch_stack() == 0 and type(grad) is torch.Tensor
+    if (ready and not dispatch_mode_active() and type(grad) is torch.Tensor
             and grad.dtype == torch.float32 and grad.shape == x.shape and native.planes_contiguous(grad)):
         dx, dresidual = native.batch_norm_relu_gate_backward_unchecked(
             grad, x, running_mean, running_var, weight, bias, eps, temp, residual, wants_residual, gate)
         return dx, None, None, None, None, None, dresidual, None, None
-    dz = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+    dz = batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
     if residual is not None:
         dz.add_(residual)
     scale = _input_gradient_scale(x, weight, running_var, eps)
@@ -196,7 +196,7 @@ def _gradients_wanted(ctx, weight: Optional[Tensor], bias: Optional[Tensor], res
     """
     needs = ctx.needs_input_grad
     if not ((needs[1] and weight is not None) or (needs[2] and bias is not None) or (needs[6] and residual is not None)):
-        return needs  # a frozen model's pullback: nothing to ask (next_functions alone costs ~2 us a site)
+        return needs  # a frozen model's pullback: nothing to ask (even next_functions is host time per site)
     needs = list(needs)
     will_execute = getattr(torch._C, "_will_engine_execute_node", None)
     if will_execute is None:
@@ -221,9 +221,8 @@ class _EagerBatchNormReLU(torch.autograd.Function):
     It runs BatchNorm through ``_batch_norm_impl_index``, the entry point ``torch.batch_norm``
     uses (same kernel, same bits), and keeps what that returns for the backward, so the
     backward is vanilla's own BatchNorm backward kernel (cuDNN's on CUDA) after the gate: three
-    kernels, against six for the plain-torch formula.  On an H200 a fused site costs about 203 us
-    of host time per forward + backward with this Function, against 247 us unfused and 240 us for
-    the formula (numbers on that machine move by up to 2x between runs).  A backward with
+    kernels, against six for the plain-torch formula, and less host time per site than the unfused
+    chain or the formula (measured in docs/design-measurements.md).  A backward with
     ``create_graph`` takes the plain formula, which is differentiable.
     """
 
@@ -263,10 +262,9 @@ class _EagerCpuBatchNormReLU(torch.autograd.Function):
     BatchNorm runs through ``torch.batch_norm`` (the same kernel, the same bits) and only its six
     inputs are kept; a pullback's backward is one C pass (:func:`_cpu_input_gradients`), and a
     backward that wants BatchNorm's parameter gradients, or a graph (``create_graph``), takes the
-    plain formula.  At batch 1 host time is the cost (2-core AMD EPYC, [1, 336, 4, 4], forward +
-    backward through :func:`batch_norm_relu`: 123-125 us against vanilla's BatchNorm + ReLU 71-88 us
-    in the same runs; through ``_batch_norm_impl_index``'s five results, nine saved tensors and a
-    ``torch.batch_norm`` call in the backward it was 155-195 us against 94-114).
+    plain formula.  At batch 1 host time is the cost, and ``_batch_norm_impl_index``'s five results,
+    nine saved tensors and a ``torch.batch_norm`` call in the backward cost more of it than this
+    (measured in docs/design-measurements.md).
     """
 
     @staticmethod
@@ -289,7 +287,7 @@ class _EagerCpuBatchNormReLU(torch.autograd.Function):
 
 def fusable(bn: nn.Module, x: Tensor, residual: Optional[Tensor]) -> bool:
     """Whether this call may run fused: eval-mode statistics, no hooks, a residual of BatchNorm's output shape."""
-    buffers = bn._buffers  # the exact BatchNorm classes keep them here: ~0.1 us against ~0.85 for ``bn.running_mean``
+    buffers = bn._buffers  # the exact BatchNorm classes keep them here: a dict lookup, not nn.Module.__getattr__
     return (
         not bn.training
         and buffers.get("running_mean") is not None
@@ -325,7 +323,7 @@ def batch_norm_relu(
     if fusable(bn, x, residual) and not dynamo_compiling():
         bn._check_input_dim(x)  # the error BatchNorm itself would raise
         # Straight from the module's dicts (FUSABLE_BATCH_NORMS are exact classes, which keep every
-        # parameter and buffer there, None included): at batch 1 nn.Module.__getattr__ cost ~3 us a site.
+        # parameter and buffer there, None included): at batch 1 nn.Module.__getattr__'s search is host time.
         parameters, buffers = bn._parameters, bn._buffers
         args = (x, parameters["weight"], parameters["bias"], buffers["running_mean"], buffers["running_var"],
                 float(bn.eps), residual, temp, gate)

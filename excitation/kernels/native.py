@@ -21,8 +21,8 @@ library needs ``libgomp.so.1``, and the loader finds the copy torch loaded.  A c
 over ``torch.get_num_threads()`` threads once it has ``_PARALLEL_MIN_WORK`` elements.  Without
 OpenMP (another backend, a compiler without it, or a build that fails with it) the library is
 built without, and the ranges run on a small Python thread pool (ctypes releases the GIL); its
-hand-off costs 100-250 us per call between ATen operators on a 2-core box, so only large calls
-go there.
+hand-off (submitting to Python threads and waiting on them) costs far more than an OpenMP split,
+so only large calls go there.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..gates import GATE_CODES
+
 __all__ = ["available", "status", "supports", "relu_sigmoid_backward", "relu_normal_cdf_backward", "relu_gate_backward",
            "RELU_GATES", "hardtanh_sigmoid_backward",
            "hardswish_backward", "batch_norm_relu_gate_backward", "batch_norm_relu_gate_backward_unchecked",
@@ -51,19 +53,19 @@ __all__ = ["available", "status", "supports", "relu_sigmoid_backward", "relu_nor
            "batch_norm_relu_gate_backward_channels_last", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("csrc") / "excitation_cpu.c"
-# 512-bit vectors where the CPU has them (an Intel Xeon with AVX-512 ran the 3x3/1 soft-pool
-# backward in 30-35 ms against 46-52 ms with GCC's default 256-bit preference); elsewhere a no-op.
+# 512-bit vectors where the CPU has them (GCC prefers 256-bit ones even on AVX-512 cores, which left
+# the soft-pool backward slower: measured in docs/design-measurements.md); elsewhere a no-op.
 # -fno-trapping-math: without it GCC 12 vectorises the gate loops only with AVX-512's masked
 # arithmetic; with AVX2 or SSE it must not evaluate both arms of a select (`u >= 0 ? s : e * s`
 # could raise an FP exception the scalar loop would not), reports "control flow in loop" and
-# leaves every gate and pool-weight loop scalar: 9.4 ns an element for the ReLU gate on an AMD
-# EPYC (Zen 3, AVX2) against ~0.5 vectorised.  The values computed are the same IEEE results (it
-# permits no reassociation and keeps NaNs); only FP exception flags, which nothing reads, may differ.
+# leaves every gate and pool-weight loop scalar, many times slower than vectorised (measured in
+# docs/design-measurements.md).  The values computed are the same IEEE results (it permits no
+# reassociation and keeps NaNs); only FP exception flags, which nothing reads, may differ.
 # tests/test_native.py checks that every loop vectorised for AVX-512 is vectorised for AVX2 (SSE4.2,
 # without masked stores or 64-bit integer compares, keeps the residual branch and the max-pool forward scalar).
 # -ffp-contract=fast: multiply-adds as FMA instructions, which -std=c99 turns off (ISO C forbids
-# contracting across statements): the ReLU gate 25 % faster on the same Zen 3 (45 us against 60 us
-# for 61 Ki elements, one thread), each polynomial step rounded once instead of twice.
+# contracting across statements): one instruction instead of two per polynomial step of the gate,
+# each step rounded once instead of twice (measured in docs/design-measurements.md).
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fno-trapping-math",
           "-ffp-contract=fast", "-fPIC", "-shared", "-std=c99"]
 _LOG = logging.getLogger("excitation")
@@ -72,10 +74,9 @@ _LIBRARY: Optional[ctypes.CDLL] = None
 _STATUS: Optional[str] = None
 _POOL: Optional[ThreadPoolExecutor] = None
 _OPENMP = False  # whether the loaded library runs its parallel regions on torch's OpenMP threads
-#: Below this many elements (or outputs x window) a call runs on the calling thread alone.  With
-#: OpenMP a split pays from ~16 Ki elements (2-core AMD EPYC: 25 Ki-element ReLU gate 11 us on one
-#: thread, 8 us on two); the Python pool's hand-off needs ~1 Mi (400 Ki elements: 141 us on one
-#: thread, 293 us on the pool).
+#: Below this many elements (or outputs x window) a call runs on the calling thread alone.  An
+#: OpenMP split (a cheap fork and join on threads already running) pays from ~16 Ki elements; the
+#: Python pool's hand-off needs ~1 Mi (measured in docs/design-measurements.md).
 _PARALLEL_MIN_WORK = 1 << 14
 _POOL_MIN_WORK = 1 << 20
 
@@ -254,9 +255,9 @@ def supports(*tensors: Optional[Tensor], contiguous: bool = True, optional: bool
 
     ``optional=True`` lets ``None`` stand for a tensor a kernel does without (BatchNorm's affine parameters).
     """
-    # A loop, not all(<generator>): this runs a few times per site and call, and at batch 1 the
-    # generator's frames were ~1 us a tensor of a pullback's host time (``t.is_cpu`` is ~0.1 us,
-    # ``t.device.type == "cpu"`` ~0.5).
+    # A loop, not all(<generator>): this runs a few times per site and call, and at batch 1 a
+    # generator frame per tensor is a visible share of a pullback's host time (``t.is_cpu`` for
+    # the same reason: ``t.device.type`` builds a device object first).
     for t in tensors:
         if t is None and optional:
             continue
@@ -283,13 +284,12 @@ def relu_normal_cdf_backward(grad: Tensor, z: Tensor, temp: float, out: Optional
     return _relu_gate_backward(_load().exc_relu_normal_cdf_backward, grad, z, temp, out)
 
 
-_GATE_CODES = {"sigmoid": 0, "normal_cdf": 1}  # GATE_SIGMOID, GATE_NORMAL_CDF in the C file
 #: The gates with C kernels, by :data:`excitation.gates.GATES` name (elementwise and fused with BatchNorm).
-RELU_GATES = tuple(_GATE_CODES)
+RELU_GATES = tuple(GATE_CODES)
 
 
 def _check_gate(gate: str) -> None:
-    if gate not in _GATE_CODES:
+    if gate not in GATE_CODES:
         raise ValueError(f"no C kernel for gate {gate!r}; expected one of {RELU_GATES}.")
 
 
@@ -338,7 +338,7 @@ def planes_contiguous(t: Tensor) -> bool:
     """Whether each [n, c] plane of ``t`` ([N, C, ...]) is contiguous, at any batch and channel strides."""
     if t.dim() < 2:
         return False
-    if t.is_contiguous():  # the common case, ~0.1 us against ~3 for the loop
+    if t.is_contiguous():  # the common case: one C call instead of the Python loop
         return True
     expected = 1
     for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
@@ -386,8 +386,8 @@ def batch_norm_relu_gate_backward_unchecked(
     """:func:`batch_norm_relu_gate_backward` for arguments known to fit (the fused site's: BatchNorm ran on them).
 
     Kept short because it runs once per site and pullback: at batch 1 the checked wrapper's Python
-    (shape checks, a pointer tuple, a closure for :func:`_run`) cost ~15 us a call on a 2-core AMD
-    EPYC, against ~3 us for the ctypes call itself and ~4 us of kernel ([1, 64, 8, 8]).
+    (shape checks, a pointer tuple, a closure for :func:`_run`) cost more than the ctypes call
+    and the kernel together (measured in docs/design-measurements.md).
     """
     library = _LIBRARY if _LIBRARY is not None else _load()
     shape = x.shape
@@ -398,7 +398,7 @@ def batch_norm_relu_gate_backward_unchecked(
     dx = torch.empty_like(x)
     dz = torch.empty_like(x) if residual_grad else None
     g_batch_stride, g_channel_stride = grad.stride()[:2]
-    gate_code = _GATE_CODES[gate]
+    gate_code = GATE_CODES[gate]
     args = (grad.data_ptr(), x.data_ptr(), None if residual is None else residual.data_ptr(),
             running_mean.data_ptr(), running_var.data_ptr(), None if weight is None else weight.data_ptr(),
             None if bias is None else bias.data_ptr(), eps, dx.data_ptr(), None if dz is None else dz.data_ptr(),
@@ -467,12 +467,12 @@ def batch_norm_relu_gate_backward_channels_last(
             None if bias is None else bias.data_ptr(), eps, dx.data_ptr(), None if dz is None else dz.data_ptr(),
             channels)
     if _OPENMP:
-        status = library.exc_bn_relu_backward_channels_last(*args, 0, rows, 1.0 / temp, _GATE_CODES[gate], g_row,
+        status = library.exc_bn_relu_backward_channels_last(*args, 0, rows, 1.0 / temp, GATE_CODES[gate], g_row,
                                                             max(1, threads))
     else:
         results: List[object] = []
         _run(lambda begin, end, t: results.append(library.exc_bn_relu_backward_channels_last(
-            *args, begin, end, 1.0 / temp, _GATE_CODES[gate], g_row, t)), rows, channels)
+            *args, begin, end, 1.0 / temp, GATE_CODES[gate], g_row, t)), rows, channels)
         status = max(results, default=0)
     if status:
         raise MemoryError("excitation: the channels-last BatchNorm -> ReLU kernel could not allocate its scratch")

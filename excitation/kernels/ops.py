@@ -27,6 +27,7 @@ from .reference import flush_subnormal, max_pool2d_output_size
 from .registry import (
     NAMESPACE,
     define_surrogate_op,
+    dispatch_mode_active,
     functional_backward,
     mechanism,
     recompute_in_backward,
@@ -41,16 +42,10 @@ from .torch_paths import (
 )
 
 __all__ = [
-    "surrogate_relu", "surrogate_max_pool2d", "NAMESPACE", "SAVED_MODES", "relu_gate_backward", "relu_gate_backward_",
+    "surrogate_relu", "surrogate_max_pool2d", "NAMESPACE", "relu_gate_backward", "relu_gate_backward_",
     "pool2d_backward", "triton_available", "launch_directly",
 ]
 
-#: What a surrogate ReLU keeps for its backward: the pre-activation (``"exact"``), or
-#: the gate itself, already evaluated, in 2 bytes (``"bfloat16"``) or 1 byte (``"uint8"``,
-#: steps of 1/255).  Vanilla's in-place ReLU keeps nothing beyond its output, so the
-#: pre-activation is the whole memory overhead of a pullback; the compact gates cut it
-#: to a half or a quarter (errors measured in docs/performance).
-SAVED_MODES = ("exact", "bfloat16", "uint8")
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -73,23 +68,23 @@ def triton_available() -> bool:
 def launch_directly(*tensors: Tensor) -> bool:
     """Whether a kernel may be called raw (a Python-launched Triton kernel, a ctypes C call) rather than as an op.
 
-    In plain eager an op's dispatch only adds host time (~100-180 us per call on the H200
-    machine).  But a tracer must see the op: AOTAutograd traces a compiled backward under
+    In plain eager an op's dispatch only adds host time (measured in docs/design-measurements.md).
+    But a tracer must see the op: AOTAutograd traces a compiled backward under
     a dispatch mode (``torch.compiler.is_compiling()`` is not set there), and a raw launch on
     its functional / fake tensors is invisible to it: the traced graph kept the zero-filled
-    output buffer, and the compiled pullback came out zero upstream of every pool (H200, caught
+    output buffer, and the compiled pullback came out zero upstream of every pool (on CUDA, caught
     by ``test_compile_cuda``).  A raw C call on a fake tensor would read memory it has not got.
     """
     return (
         not torch.compiler.is_compiling()
         and not under_functorch()  # functorch's wrapper tensors hide the real storage
-        and torch._C._len_torch_dispatch_stack() == 0
+        and not dispatch_mode_active()
         and not torch.jit.is_tracing()
         and all(type(t) is torch.Tensor for t in tensors)
     )
 
 
-def _native(*tensors: Tensor) -> bool:
+def c_kernels_apply(*tensors: Tensor) -> bool:
     """The C kernels may run: real, contiguous float32 CPU tensors, no tracer, and the library built."""
     return native.supports(*tensors) and launch_directly(*tensors) and native.available()
 
@@ -108,7 +103,7 @@ def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tenso
             return launch_surrogate_relu_backward(grad, z, temp, gate)
         return torch.ops.excitation.surrogate_relu_backward_triton(grad, z, temp, gate)
     functional = functional_backward()
-    if gate in native.RELU_GATES and not functional and _native(grad, z) and grad.shape == z.shape:
+    if gate in native.RELU_GATES and not functional and c_kernels_apply(grad, z) and grad.shape == z.shape:
         return native.relu_gate_backward(grad, z, temp, gate)
     return relu_backward(grad, z, temp, gate, functional=functional)
 
@@ -122,7 +117,7 @@ def native_activation_backward(
     At batch 1 the contract's half-dozen small passes made each such site ~3x vanilla's
     (mobilenet_v2's ReLU6, mobilenet_v3's Hardswish and Hardsigmoid).
     """
-    if kind not in _NATIVE_KINDS or functional_backward() or not _native(grad, z) or grad.shape != z.shape:
+    if kind not in _NATIVE_KINDS or functional_backward() or not c_kernels_apply(grad, z) or grad.shape != z.shape:
         return None
     if kind == "hardtanh":
         return native.hardtanh_sigmoid_backward(grad, z, temp, params[0], params[1])
@@ -136,7 +131,7 @@ _NATIVE_KINDS = ("hardtanh", "hardsigmoid", "hardswish")
 
 def relu_gate_backward_(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """:func:`relu_gate_backward` written into ``z`` (a tensor the caller owns and no longer needs); returns ``z``."""
-    if gate in native.RELU_GATES and _native(grad, z) and grad.shape == z.shape:
+    if gate in native.RELU_GATES and c_kernels_apply(grad, z) and grad.shape == z.shape:
         return native.relu_gate_backward(grad, z, temp, gate, out=z)
     return relu_backward_(grad, z, temp, gate)
 
@@ -160,7 +155,7 @@ def pool2d_backward(
 
             return launch_soft_max_pool2d_backward(grad, x, *pool_args)
         return torch.ops.excitation.soft_max_pool2d_backward_triton(grad, x, *pool_args)  # tracers see the kernel
-    if _native(x) and native.pool_window_supported(kernel_size):
+    if c_kernels_apply(x) and native.pool_window_supported(kernel_size):
         grad = grad.contiguous()  # the C kernel reads it densely (a copy only for unusual layouts)
         out_hw = [max_pool2d_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
                   for i in range(2)]
@@ -191,7 +186,7 @@ def _relu_backward(ctx, grad: Tensor):
     return flush_subnormal(dz.to(grad.dtype)), None, None, None
 
 
-_call_surrogate_relu = define_surrogate_op(
+call_surrogate_relu = define_surrogate_op(
     "surrogate_relu", _relu_forward, setup_context=_relu_setup_context, backward=_relu_backward
 )
 
@@ -199,14 +194,12 @@ _call_surrogate_relu = define_surrogate_op(
 class _EagerCpuSigmoidReLU(torch.autograd.Function):
     """The default ReLU site (sigmoid gate, exact) in plain eager on float32 CPU tensors: the C gate, little Python.
 
-    Why a Function of its own: at batch 1 a site's cost is host time.  Through the generic
+    Why a Function of its own: at batch 1 a site's cost is host time, and the generic
     mechanism (``call`` -> classic Function of four arguments -> ``relu_gate_backward``'s path
-    checks -> the kernel wrapper) a [1, 16, 15, 15] site took ~80 us forward + backward on top of
-    a bare ``z * 1.0`` pullback where vanilla's ReLU took ~20 us, and squeezenet1_1 (26 such
-    sites, 64², 2-core AMD EPYC Zen 3) 1.28x vanilla.  This one checks once in the forward what
-    the C kernel needs of ``z`` and only ``grad`` in the backward: ~68 us, squeezenet1_1 1.21-1.25x
-    (a Python Function that only calls ``relu`` costs ~30 us there).  Results are those of
-    :func:`relu_gate_backward` bit for bit (the same kernel); anything it cannot take (a
+    checks -> the kernel wrapper) repeats its checks at every layer.  This one checks once in the
+    forward what the C kernel needs of ``z`` and only ``grad`` in the backward (measured in
+    docs/design-measurements.md).  Results are those of :func:`relu_gate_backward` bit for bit
+    (the same kernel); anything it cannot take (a
     ``create_graph`` backward, a dispatch mode entered for the backward, an odd ``grad``) goes
     there.
     """
@@ -226,7 +219,7 @@ class _EagerCpuSigmoidReLU(torch.autograd.Function):
             and grad.is_contiguous()
             and grad.shape == z.shape
             and not torch.is_grad_enabled()
-            and torch._C._len_torch_dispatch_stack() == 0
+            and not dispatch_mode_active()
         ):
             return native.relu_sigmoid_backward(grad, z, ctx.temp), None
         return relu_gate_backward(grad, z, ctx.temp, "sigmoid"), None
@@ -252,7 +245,7 @@ _MAX_POOL = {
 }
 
 
-def _pool_forward(
+def pool_forward(
     x: Tensor,
     kernel_size: List[int],
     stride: List[int],
@@ -267,10 +260,10 @@ def _pool_forward(
     :data:`excitation.presets.POOL_BACKWARDS`).
 
     Plain float32 CPU tensors in eager run the C kernel, bit-identical to ATen's (values and
-    indices; tests/test_native.py), because ATen's NCHW max-pool is a scalar loop: on a 2-core
-    Xeon it took ~290 of googlenet's ~1000 ms input gradient at batch 8, vanilla's too.
+    indices; tests/test_native.py), because ATen's NCHW max-pool is a scalar loop, a large share of
+    a pool-heavy model's input gradient, vanilla's too (measured in docs/design-measurements.md).
     """
-    if native.pool_window_supported(kernel_size) and x.dim() in (3, 4) and _native(x) and x.numel():
+    if native.pool_window_supported(kernel_size) and x.dim() in (3, 4) and c_kernels_apply(x) and x.numel():
         out_hw = [max_pool2d_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
                   for i in range(2)]
         if min(out_hw) > 0:
@@ -278,7 +271,7 @@ def _pool_forward(
     return _MAX_POOL[len(kernel_size)](x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
-def _pool_setup_context(ctx, inputs, output) -> None:
+def pool_setup_context(ctx, inputs, output) -> None:
     x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward = inputs
     ctx.save_for_backward(x)
     ctx.pool_args = (kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward)
@@ -299,12 +292,9 @@ def _soft_max_pool2d_backward_op(
 ) -> Tensor:
     """The plain-torch soft-pool backward as one opaque op: what compiled CPU graphs call.
 
-    Inductor's own code for this backward (traced from the torch ops) is ~18x slower on the
-    CPU than the eager implementation, which works over cache-sized chunks of planes
-    (resnet50's stem pool at batch 8: 800-965 ms against 44-52 ms, 2-core box), so a
-    compiled CPU graph calls the eager one as an extern kernel: compiled resnet50's
-    pullback takes 1.02-1.03x compiled vanilla with it and 1.11x without, googlenet 1.14x
-    against 1.88x.
+    Inductor's own code for this backward (traced from the torch ops) is many times slower on the
+    CPU than the eager implementation, which works over cache-sized chunks of planes, so a
+    compiled CPU graph calls the eager one as an extern kernel (measured in docs/design-measurements.md).
     """
     # A real kernel call (the tracer is above it), so the C kernel may run here too.
     return pool2d_backward(grad, x, kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward)
@@ -336,17 +326,17 @@ def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
         # A compiled CPU graph: ours as one extern call (see _soft_max_pool2d_backward_op).
         kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward = ctx.pool_args
         pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp, pool_backward)
-        return torch.ops.excitation.soft_max_pool2d_backward(grad, x, *pool_args), *_NO_POOL_ARG_GRADS
+        return torch.ops.excitation.soft_max_pool2d_backward(grad, x, *pool_args), *NO_POOL_ARG_GRADS
     dx = pool2d_backward(grad, x, *ctx.pool_args, functional=functional_backward())
-    return dx, *_NO_POOL_ARG_GRADS
+    return dx, *NO_POOL_ARG_GRADS
 
 
 # No gradient for kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward.
-_NO_POOL_ARG_GRADS = (None,) * 7
+NO_POOL_ARG_GRADS = (None,) * 7
 
 
 _call_surrogate_max_pool2d = define_surrogate_op(
-    "surrogate_max_pool2d", _pool_forward, setup_context=_pool_setup_context, backward=_pool_backward
+    "surrogate_max_pool2d", pool_forward, setup_context=pool_setup_context, backward=_pool_backward
 )
 
 
@@ -355,10 +345,9 @@ class _EagerCpuMaxPool2d(torch.autograd.Function):
 
     Why a Function of its own (as :class:`_EagerCpuSigmoidReLU` for ReLU): at batch 1 a site's
     cost is host time.  Through the generic mechanism (``call`` -> classic Function -> the
-    forward's path checks -> ``pool2d_backward``'s dispatch -> the kernel wrapper) a
-    [1, 480, 4, 4] 3x3/1 site (googlenet's inception pools at 64²) took ~104 us forward and
-    ~175 us backward on top of a bare pullback, ~70 us of it Python around the C calls, against
-    vanilla's 65 + 48 (2-core AMD EPYC Zen 3).  This one checks ``x`` once in the forward
+    forward's path checks -> ``pool2d_backward``'s dispatch -> the kernel wrapper) much of a small
+    pool site's time was Python around the C calls (measured in docs/design-measurements.md).
+    This one checks ``x`` once in the forward
     (:func:`_eager_cpu_pool_site`) and only ``grad`` in the backward.  Results are those of the
     generic path bit for bit (the same kernels); a backward it cannot take (``create_graph``, a
     dispatch mode entered for the backward, an odd ``grad``) goes to :func:`pool2d_backward`.
@@ -382,7 +371,7 @@ class _EagerCpuMaxPool2d(torch.autograd.Function):
             and grad.dtype is torch.float32
             and grad.is_contiguous()
             and not torch.is_grad_enabled()
-            and torch._C._len_torch_dispatch_stack() == 0
+            and not dispatch_mode_active()
         ):
             dx = native.soft_max_pool2d_backward(grad, x, kernel_size, stride, padding, dilation, ctx.out_hw, temp,
                                                  pool_backward)
@@ -419,7 +408,7 @@ def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: s
         ``"sigmoid"`` (``sigmoid(z/temp)``, the derivative of ``temp*softplus(z/temp)``)
         or ``"normal_cdf"`` (``Phi(z/temp)``).
     saved : str
-        What the backward keeps (see :data:`SAVED_MODES`): ``"exact"`` (the
+        What the backward keeps (see :data:`excitation.gates.SAVED_MODES`): ``"exact"`` (the
         pre-activation), ``"bfloat16"`` or ``"uint8"`` (the evaluated gate, 2 or 1 byte).
 
     Returns
@@ -453,16 +442,16 @@ def surrogate_relu(z: Tensor, temp: float = 0.3, gate: str = "sigmoid", saved: s
         # backward takes its input even when only the input gradient is wanted, so compiled
         # graphs keep every ReLU output that feeds one, and Inductor's partitioner will not
         # recompute relu(z) from z by itself (a value an extern kernel reads in the backward is
-        # "materialized", so banned from recomputation): compiled resnet50 (batch 8, 2-core CPU)
-        # kept z and relu(z), 692 MiB against vanilla's 382.  A non-reentrant checkpoint means
-        # "recompute what is in here" under compile: 402 MiB, same time, same result.  Not for
+        # "materialized", so banned from recomputation), so compiled graphs kept z and relu(z).
+        # A non-reentrant checkpoint means "recompute what is in here" under compile: z alone is
+        # kept, same time, same result (measured in docs/design-measurements.md).  Not for
         # compact gates: the region would recompute the gate from z, which they exist not to keep.
         # temp, gate and saved are bound as constants, not passed through the checkpoint: under
         # torch.compile(dynamic=True), float arguments of the checkpointed region become symbolic
         # inputs, and dynamo (2.14) then fails to lift them into the traced custom backward
         # ("lift_tracked_freevar_to_input should not be called on root SubgraphTracer").
-        return checkpoint(lambda kept: _call_surrogate_relu(kept, temp, gate, saved), z, use_reentrant=False)
-    return _call_surrogate_relu(z, temp, gate, saved)
+        return checkpoint(lambda kept: call_surrogate_relu(kept, temp, gate, saved), z, use_reentrant=False)
+    return call_surrogate_relu(z, temp, gate, saved)
 
 
 def _tuple(value: IntOrPair, dims: int, name: str) -> List[int]:

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .ops import _NO_POOL_ARG_GRADS, _pool_forward, _pool_setup_context, pool_arguments  # the 2-D op's: same arguments
+from .ops import NO_POOL_ARG_GRADS, pool_forward, pool_setup_context, pool_arguments  # the 2-D op's: same arguments
 from .reference import (
     adaptive_pool_windows,
     pool_windows,
@@ -38,11 +38,11 @@ def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
         pool_windows(x.shape[-dims + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
         for i in range(dims)
     ]
-    return soft_max_pool_windows_backward(grad, x, windows, temp, pool_backward), *_NO_POOL_ARG_GRADS
+    return soft_max_pool_windows_backward(grad, x, windows, temp, pool_backward), *NO_POOL_ARG_GRADS
 
 
 _max_pool = define_surrogate_op(
-    "surrogate_max_pool", _pool_forward, setup_context=_pool_setup_context, backward=_pool_backward
+    "surrogate_max_pool", pool_forward, setup_context=pool_setup_context, backward=_pool_backward
 )
 
 

@@ -6,17 +6,13 @@ pre-activation ``z`` (4 bytes).  The only way below that is to keep neither and 
 ``z`` from the convolution's input, which the convolution's own backward keeps anyway.
 That pays only where the convolution is cheap: an image stem with 3 input channels and a
 3x3 kernel costs 27 multiply-adds per output, about what the elementwise passes around it
-cost.  vgg11_bn compiled (batch 8, 2-core CPU): saved tensors 687 MiB with the recompute and
-785 MiB without, against vanilla's 656 (1.05x and 1.20x), time 0.93-0.95x of vanilla either
-way, same result bit for bit.
+cost: compiled vgg11_bn keeps close to vanilla's saved bytes with the recompute, in the same
+time, same result bit for bit (measured in docs/design-measurements.md).
 
 The 7x7 RGB stem of ResNet, GoogLeNet and DenseNet (147 per output) is recomputed too: the
-compiled CPU backward runs the C kernels (:mod:`.compiled`), which leaves the time for it.
-Intel Xeon, 2 cores, 224², compiled, saved tensors / compiled vanilla's, without / with:
-googlenet 1.21 / 1.04 (batch 8), densenet121 1.03 / 0.99 and resnet50 1.04 / 0.99 (batch 4);
-time within this machine's noise (googlenet 0.86 / 0.87, resnet50 1.01 / 1.00 in the same
-interleaved runs).  With Inductor's own backward loops instead of the C kernels the same
-recompute costs compiled resnet50 ~12 % (AMD EPYC).
+compiled CPU backward runs the C kernels (:mod:`.compiled`), whose savings leave the time for
+it; with Inductor's own backward loops instead, the same recompute shows in compiled resnet50's
+time (saved bytes and times per model in docs/design-measurements.md).
 
 :func:`excitation.fxpass.recompute.recompute_cheap_convolutions` gives this class to the
 excited model's own clones of such convolutions (never to the user's modules); the

@@ -10,8 +10,8 @@ and is differentiable (``create_graph``).
 No subnormal floats.  A soft gate of a strongly negative pre-activation underflows:
 ``sigmoid(z / temp)`` is below 1e-38 once ``z / temp < -87``, and ``g * gate`` even
 sooner.  Arithmetic on subnormal floats takes a microcode assist per element on many x86
-cores (resnet50's backward ran 2.1-3.2x slower on an Intel Xeon), and such
-values are 30 orders of magnitude below any gradient an explanation can use.  So the
+cores (a backward full of them runs several times slower: measured in docs/design-measurements.md),
+and such values are 30 orders of magnitude below any gradient an explanation can use.  So the
 contract is, for every excitation backward:
 
 * a soft gate (or a soft-pool window weight, relative to its window's max) below
@@ -125,8 +125,8 @@ def finite(x: Tensor) -> Tensor:
 
     Without it ``(x - max) / temp`` is ``inf - inf``; the quarter keeps ``x - max`` from
     overflowing, also against :func:`padding_floor` (-max / 2).
-    A clamp rather than ``nan_to_num``: Inductor fuses it into the pool backward, while
-    ``nan_to_num`` made compiled resnet50's pullback 25 % slower (measured, 2-core CPU).
+    A clamp rather than ``nan_to_num``: Inductor fuses the clamp into the pool backward, while
+    ``nan_to_num`` made the compiled pullback slower (measured in docs/design-measurements.md).
     """
     big = torch.finfo(x.dtype).max / 4
     return x.clamp(-big, big)

@@ -10,11 +10,10 @@ Three mechanisms for one op (torch 2.14.1, measured; see :mod:`.ops`):
   works under ``torch.func``, and dynamo inlines it, so Inductor fuses it; but
   ``torch.export`` silently drops its backward;
 * in plain eager both of those pay for machinery nobody uses there: binding the
-  arguments to the forward's signature (``setup_context`` style) costs ~35 us per
-  call on top of a classic ``forward(ctx, ...)`` Function (measured, 2-core CPU:
-  fwd + bwd of a 16-element ReLU, 91 us custom op or twin, 49 us classic, 30 us
-  ``torch.relu``).  On a GPU, where a ResNet's input gradient at batch 32 is bound by
-  the host, that per-site cost *is* the pullback's overhead.  So plain eager runs a
+  arguments to the forward's signature (``setup_context`` style) costs host time on
+  every call that a classic ``forward(ctx, ...)`` Function does not pay (measured in
+  docs/design-measurements.md).  On a GPU, where a ResNet's input gradient at batch 32
+  is bound by the host, that per-site cost *is* the pullback's overhead.  So plain eager runs a
   classic Function built from the same forward, ``setup_context`` and backward.
 
 :func:`define_surrogate_op` builds all three from one forward, one ``setup_context``
@@ -34,6 +33,7 @@ _is_fx_tracing = getattr(_fx_trace, "is_fx_symbolic_tracing", None) or _fx_trace
 __all__ = [
     "NAMESPACE",
     "define_surrogate_op",
+    "dispatch_mode_active",
     "dynamo_compiling",
     "functional_backward",
     "mechanism",
@@ -96,13 +96,22 @@ def dynamo_compiling() -> bool:
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
+def dispatch_mode_active() -> bool:
+    """A ``TorchDispatchMode`` is on the stack (make_fx, FakeTensorMode, a FLOP counter, ...).
+
+    Such a mode sees every op but not a raw kernel launch, so a kernel called directly would
+    escape it (a fake tensor has no memory to read; a traced graph would miss the call).
+    """
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 def _plain_eager(first) -> bool:
     """No tracer of any kind is recording: only then may the classic Function run."""
     return not (
         torch.jit.is_tracing()
         or _is_fx_tracing()
         or torch.compiler.is_exporting()
-        or torch._C._len_torch_dispatch_stack() > 0  # make_fx, FakeTensorMode, other dispatch modes
+        or dispatch_mode_active()
         or (isinstance(first, torch.Tensor) and type(first) not in (torch.Tensor, torch.nn.Parameter))
     )
 

@@ -70,11 +70,11 @@ def relu_backward(grad: Tensor, z: Tensor, temp: float, gate: str, functional: b
     """:func:`.reference.relu_backward` in 2-3 torch passes (no pass that underflows).
 
     The sigmoid gate is ``aten.softplus_backward(g, z, 1/temp, 20)``: ``g * sigmoid(z / temp)`` in
-    one fused pass, finite for any ``z``, at 104 % of the copy bandwidth on an H200, and Inductor
-    fuses it.  Pre-activations whose gate is below 2^-64 become ``-inf`` first (one pass), which the
-    pass maps to exactly 0 without computing an ``exp`` that underflows: on an Intel Xeon those
-    underflowing exponentials made softplus_backward 4.5x slower (20.6 against 4.6 ms for 1.6 M
-    elements with many strongly negative ``z``, one thread).  A last pass flushes results below
+    one fused pass, finite for any ``z``, at the copy bandwidth on a GPU (docs/performance), and
+    Inductor fuses it.  Pre-activations whose gate is below 2^-64 become ``-inf`` first (one pass),
+    which the pass maps to exactly 0 without computing an ``exp`` that underflows: underflowing
+    exponentials take a microcode assist per element on many x86 cores (measured in docs/design-measurements.md).
+    A last pass flushes results below
     the smallest normal (a tiny incoming gradient).  ``functional=False`` writes in place into the
     one fresh tensor (eager, first-order backward only).
     """
@@ -213,17 +213,17 @@ def _accumulate_window_gradients(
 
         grad * p_k * (1 + (x_k - s) / temp) = e_k * (grad ln2 / S) * (d_k + 1/ln2 - SD / S)
 
-    Base 2 because ``torch.exp2`` is the fast exponential on the CPU: 4x faster than
-    ``torch.exp`` for arguments in [-5, 0] (measured on the 2-core AMD box, 128 Ki elements:
-    exp 93 us, exp2 24 us).  ``d`` is clamped at -65 first and weights at or below 2^-64 are
-    set to 0 (the floor of :mod:`.reference`), so no exponential underflows into subnormals.
+    Base 2 because ``torch.exp2`` is the fast exponential on the CPU, several times faster than
+    ``torch.exp`` for arguments in [-5, 0] (measured in docs/design-measurements.md).  ``d`` is
+    clamped at -65 first and weights at or below 2^-64 are set to 0 (the floor of
+    :mod:`.reference`), so no exponential underflows into subnormals.
 
     Nine elementwise passes per offset: sub, clamp, exp2, threshold, two accumulations; add,
     mul and one ``addcmul_`` straight into the strided input gradient.  ``e * d`` never meets
     ``0 * inf`` because ``d`` is finite.  ``pool_backward="weights"`` holds the softmax
     weights constant: ``targets[k] += grad * e_k / S``.
     """
-    peak = views[0].clone()  # (F.max_pool2d is 2.5x slower here: it writes indices too)
+    peak = views[0].clone()  # (F.max_pool2d is slower here: it writes indices too)
     for view in views[1:]:
         torch.maximum(peak, view, out=peak)
     total, weighted = torch.zeros_like(peak), torch.zeros_like(peak)
@@ -276,11 +276,10 @@ def soft_max_pool2d_backward_chunked(
     of output size, so nothing of input size times ``kh * kw`` is ever materialised (no im2col
     / col2im).  The one tensor of input size this allocates is the result; everything else is
     per chunk of planes.  On the CPU the chunks are a few planes (~128 Ki outputs, 512 KiB per
-    float32 temporary, measured best of 16 Ki-1 Mi on the 2-core box): the ~9 passes per window
-    offset then run in cache (resnet50's stem pool 47-55 ms against 75-103 ms unchunked,
-    googlenet's 3x3/1 pools 53-60 against 79-152 ms), and no clamped or padded copy of the whole input is
-    made (a fresh 100 MB CPU tensor costs ~35 ms of page faults before any work).  Elsewhere
-    one chunk holds every plane.
+    float32 temporary, the best of sizes from 16 Ki to 1 Mi): the ~9 passes per window offset then
+    run in cache, and no clamped or padded copy of the whole input is made (a fresh large CPU tensor
+    pays a page fault per 4 KiB on first write, before any work; measured in docs/design-measurements.md).
+    Elsewhere one chunk holds every plane.
     """
     batch_shape, (height, width) = x.shape[:-2], x.shape[-2:]
     # Work in at least float32: half-precision softmax derivatives lose too much.

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..gates import GATE_CODES, GATE_FLOOR
+
 __all__ = [
     "surrogate_relu_backward_triton",
     "launch_surrogate_relu_backward",
@@ -31,14 +33,12 @@ __all__ = [
     "launch_soft_max_pool2d_backward",
 ]
 
-_GATES = {"sigmoid": 0, "normal_cdf": 1}
 BLOCK = 1024
 NUM_WARPS = 4
 
 
-# The contract's floor and flush (reference.py): gates below 2^-64 are 0, results below the
+# The contract's floor and flush (reference.py): gates below GATE_FLOOR are 0, results below the
 # output dtype's smallest normal are 0.
-GATE_FLOOR = 2.0**-64
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def _run(grad: Tensor, z: Tensor, temp: float, gate: str, launcher, block: int =
     if n:
         grid = (triton.cdiv(n, block),)
         launcher(_surrogate_relu_backward_kernel)[grid](
-            grad, z, out, n, 1.0 / temp, torch.finfo(out.dtype).tiny, GATE=_GATES[gate], BLOCK=block, num_warps=num_warps
+            grad, z, out, n, 1.0 / temp, torch.finfo(out.dtype).tiny, GATE=GATE_CODES[gate], BLOCK=block, num_warps=num_warps
         )
     return out
 
@@ -131,9 +131,8 @@ def surrogate_relu_backward_triton(grad: Tensor, z: Tensor, temp: float, gate: s
 
 
 # ------------------------------------------------------------------ soft max-pool
-# 128 outputs per program: on an H200 (batch 32, fp32) it ran resnet50's stem pool in
-# 0.48 ms and googlenet's 3x3/1 pools in 0.73 ms against 0.92 / 1.23 ms at 256 and
-# 1.2-2.2 ms at 512-1024 (more programs in flight to hide the atomics' latency).
+# 128 outputs per program: smaller blocks put more programs in flight to hide the atomics'
+# latency, and 128 beat 256-1024 on the benchmark models' pools (measured in docs/design-measurements.md).
 POOL_BLOCK = 128
 POOL_NUM_WARPS = 4
 
