@@ -5,6 +5,8 @@ The functions here never modify the model: they run an excited (or, for
 shares the model's tensors but has its own ``training`` flag, and they ask
 autograd for the input gradient only, so no parameter ``.grad`` is touched and
 no BatchNorm statistic is updated.
+
+Why one module: the public entry points share one cache of prepared modules and its lock.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ dict instead (through :func:`excitation.models.load_classifier`, as ``excitation
 Nothing is downloaded: example photos come from scikit-image's bundled files, scene examples
 are generated.
 
+Why one module: it is one page, its layout, its event handlers and their input checks,
+which change together.
+
 Needs the ``app`` extra (``pip install 'excitation[app]'``, i.e. gradio).
 
 Examples

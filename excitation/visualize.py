@@ -47,6 +47,9 @@ Examples
 >>> fig = visualize.grid(image[None], {"pullback": attribution[None]})
 >>> type(fig).__name__
 'GridFigure'
+
+Why one module: heatmaps, overlays and grids share one scaling (percentile clip, shared
+scales) and one colour table; split apart, each would reach into the others' internals.
 """
 
 from __future__ import annotations

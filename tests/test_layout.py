@@ -1,5 +1,7 @@
 """The package's layout: modules import each other without cycles and only through public names.
 
+A module longer than :data:`LONG_MODULE` lines says at the top why it is one module.
+
 Both read the source (``ast``), lazy imports inside functions included: a cycle broken by a lazy
 import is still a cycle for whoever reads the code, and a private name imported elsewhere is an
 interface nobody declared.
@@ -11,6 +13,8 @@ from typing import Dict, Iterator, List, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "excitation"
+#: Above this many lines a module is split, or its docstring gives the reason it is not.
+LONG_MODULE = 450
 
 
 def _module_name(path: Path) -> str:
@@ -111,3 +115,12 @@ def test_no_private_names_imported_across_modules():
             for path in sorted(PACKAGE.rglob("*.py")) for line, module, names in _imports(path)
             for name in names if name.startswith("_") and not name.startswith("__")]
     assert hits == []
+
+
+def test_a_long_module_says_why_it_is_one_module():
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > LONG_MODULE and "Why one module:" not in (ast.get_docstring(ast.parse(text)) or ""):
+            missing.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
+    assert missing == [], "split these modules or say at the top why each is one: " + ", ".join(missing)

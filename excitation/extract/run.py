@@ -4,6 +4,9 @@ One process or many through ``torchrun``; each rank computes its own chunks (see
 :mod:`.sharding`), writes them, and commits each one; rank 0 writes the metadata after a
 barrier.  Rerunning the same command resumes: committed chunks are skipped, the rest are
 computed, and the result is bit-identical to an uninterrupted run.
+
+Why one module: it is one loop, whose resume guarantees depend on the order of its
+steps (compute, write the arrays, commit the chunk).
 """
 
 from __future__ import annotations

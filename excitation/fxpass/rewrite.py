@@ -3,6 +3,9 @@
 :func:`excite_graph` edits a GraphModule we own (a traced clone, a copy of the
 user's GraphModule, or a graph dynamo hands to our backend).  :func:`excite`
 is the public entry point that produces such a GraphModule from a model.
+
+Why one module: the pass, its option checks and the report it builds change together
+whenever a rule is added.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Matching is kept apart from rewriting (see :mod:`.rewrite`).  A site can be an
 ``nn.Module`` call, a ``torch``/``torch.nn.functional`` call, a tensor method,
 an ATen overload (graphs from ``torch.export`` or dynamo), or one of our own
 surrogate calls (so that excite(excite(m)) re-tempers instead of double-wrapping).
+
+Why one module: its length is the signature tables of every form (module, functional,
+method, in-place, ATen, surrogate) of every rule, which the one matcher below reads together.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ OpenMP (another backend, a compiler without it, or a build that fails with it) t
 built without, and the ranges run on a small Python thread pool (ctypes releases the GIL); its
 hand-off (submitting to Python threads and waiting on them) costs far more than an OpenMP split,
 so only large calls go there.
+
+Why one module: the build, the loader and the typed wrapper of each C kernel share the
+one library handle and its cache key.
 """
 
 from __future__ import annotations

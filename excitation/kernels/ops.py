@@ -12,6 +12,9 @@ registry's docstring says why, with measurements), all sharing one forward, one
 * plain float32 CPU tensors outside any tracer: the C kernels (:mod:`.native`), when they built;
 * everywhere else (tracers, ``torch.func``, ``create_graph``, other dtypes, no compiler): the
   torch-op paths of :mod:`.torch_paths`.
+
+Why one module: the two ops share the choice of implementation per call, and each op's
+forward, ``setup_context`` and backward must be read beside that choice.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def train_model(
             loss.backward()
             optimiser.step()
             schedule.step()
-            running = 0.9 * running + 0.1 * float(loss) if step else float(loss)
+            running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{running:.4f}")
     bar.close()
