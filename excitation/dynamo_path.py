@@ -49,7 +49,9 @@ from .fxpass.backend import ExcitationBackend
 from .fxpass.report import Report
 from .fxpass.rewrite import TempsSpec
 from .fxpass.rules import RulesSpec
+from .fxpass.sites import ACTIVATION_CALL_NAMES
 from .fxpass.tracing import clone_module_tree
+from .spec import ACTIVATIONS
 
 __all__ = ["CompiledExcited", "ACTIVATION_FUNCTIONS", "DEFAULT_INNER", "count_activation_calls"]
 
@@ -64,15 +66,6 @@ RECOMPILE_LIMIT = 64
 #: compiled backward costs more, on the first call and after (measured in docs/design-measurements.md).
 DEFAULT_INNER = "eager"
 
-# Every element-wise activation or max-pool callable a model may reach at run time, in
-# the forms torch exposes it (F.*, torch.*, Tensor methods).  Used only to *count* calls.
-_ACTIVATION_NAMES = """relu relu_ relu6 hardtanh hardtanh_ leaky_relu leaky_relu_ silu gelu hardswish hardsigmoid
-    elu elu_ selu selu_ celu celu_ mish prelu rrelu rrelu_ softplus threshold threshold_ glu
-    softshrink hardshrink max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices
-    max_pool3d_with_indices adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
-    adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices""".split()
-
-
 def _collect(names: Sequence[str]) -> frozenset:
     found = set()
     for owner in (F, torch, torch.Tensor, torch._C._nn):
@@ -84,15 +77,12 @@ def _collect(names: Sequence[str]) -> frozenset:
 
 
 #: Callables counted as one activation call each by :func:`count_activation_calls`.
-ACTIVATION_FUNCTIONS = _collect(_ACTIVATION_NAMES)
+ACTIVATION_FUNCTIONS = _collect(sorted(ACTIVATION_CALL_NAMES))
 # The sites and unhandled ops of a report that are element-wise activations or max-pools.
 # timm's hard_mish is no torch call but an expression around one ``clamp(0, 2)``: the eager count
 # counts clamps with a constant floor 0 (each such clamp in a graph is a hard_mish site or an
 # unhandled ``clamp``, so both sides count it once).
-_COUNTED_KINDS = frozenset(
-    "relu hardtanh leaky_relu prelu elu celu selu silu mish gelu hardswish hard_mish hardsigmoid max_pool1d "
-    "max_pool2d max_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d".split()
-)
+_COUNTED_KINDS = frozenset(spec.kind for spec in ACTIVATIONS)
 _CLAMPS = frozenset({torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip, torch.Tensor.clamp_,
                      torch.Tensor.clip_})
 

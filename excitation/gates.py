@@ -25,11 +25,11 @@ __all__ = [
     "GATE_CODES",
     "SAVED_MODES",
     "GATES",
-    "ACTIVATION_GATES",
     "sigmoid_gate",
     "normal_cdf_gate",
     "hardtanh_gate",
     "leaky_relu_gate",
+    "threshold_gate",
     "hard_sigmoid_gate",
     "hardsigmoid_unit_gate",
     "elu_gate",
@@ -134,6 +134,16 @@ def leaky_relu_gate(z: Tensor, temp: float, negative_slope: float = 0.01) -> Ten
     return negative_slope + (1.0 - negative_slope) * _sigmoid(z / temp)
 
 
+def threshold_gate(z: Tensor, temp: float, threshold: float = 0.0, value: float = 0.0) -> Tensor:
+    """``sigmoid((z - threshold) / temp)``: the ReLU gate moved to ``nn.Threshold``'s step (``value`` plays no part).
+
+    ``threshold(z, th, value)`` passes ``z`` above ``th`` and is the constant ``value`` below it, so
+    its derivative is ``1[z > th]``: ReLU's hard gate moved to ``th``.  This is the derivative of
+    ``th + temp * softplus((z - th) / temp)``.
+    """
+    return _sigmoid((z - threshold) / temp)
+
+
 def hard_sigmoid_gate(z: Tensor, temp: float) -> Tensor:
     """``hardsigmoid(z / temp) = clamp(z / (6 temp) + 1/2, 0, 1)``, the gate of Hardswish.
 
@@ -194,34 +204,6 @@ def hard_mish_gate(z: Tensor, temp: float) -> Tensor:
 #: SELU's constants (``F.selu``, Klambauer et al. 2017): ``selu(z) = SELU_SCALE * elu(z, SELU_ALPHA)``.
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
-
-
-def _celu_gate(z: Tensor, temp: float, alpha: float = 1.0) -> Tensor:
-    return elu_gate(z, temp, alpha, 1.0, 1.0 / alpha)
-
-
-def _selu_gate(z: Tensor, temp: float) -> Tensor:
-    # Literals, not SELU_ALPHA / SELU_SCALE: this runs in a backward, where dynamo (dynamic=True)
-    # would make module-level floats symbolic inputs (see traced_constant).
-    return elu_gate(z, temp, 1.6732632423543772848170429916717, 1.0507009873554804934193349852946, 1.0)
-
-
-#: The gate of every elementwise activation rule other than ReLU, by op kind.
-#: ``params`` are the op's own constants (``min_val, max_val`` / ``negative_slope``).
-ACTIVATION_GATES: Dict[str, Callable[..., Tensor]] = {
-    "hardtanh": hardtanh_gate,
-    "leaky_relu": leaky_relu_gate,
-    "silu": sigmoid_gate,
-    "gelu": normal_cdf_gate,
-    "gelu_tanh": normal_cdf_gate,
-    "hardswish": hard_sigmoid_gate,
-    "hardsigmoid": hardsigmoid_unit_gate,
-    "elu": elu_gate,
-    "celu": _celu_gate,
-    "selu": _selu_gate,
-    "mish": mish_gate,
-    "hard_mish": hard_mish_gate,
-}
 
 
 def check_gate(gate: object, *, argument: str = "gate") -> str:

@@ -182,6 +182,13 @@ class ExcitationReference(TorchFunctionMode):
         elif func is F.leaky_relu:
             z, a = args[0], _arg(args, kwargs, 1, "negative_slope", 0.01)
             kind, exact, smooth = "leaky_relu", F.leaky_relu(z, a), a * z + (1 - a) * t * softplus(z / t)
+        elif func in (F.threshold, torch.threshold):
+            z, th, value = args[0], _arg(args, kwargs, 1, "threshold", None), _arg(args, kwargs, 2, "value", None)
+            kind, exact, smooth = "threshold", func(z, th, value), th + t * softplus((z - th) / t)
+        elif func is F.rrelu and _arg(args, kwargs, 3, "training", False) is False:
+            z, lower, upper = args[0], _arg(args, kwargs, 1, "lower", 1 / 8), _arg(args, kwargs, 2, "upper", 1 / 3)
+            a = (lower + upper) / 2  # eval mode: a LeakyReLU of the mean slope
+            kind, exact, smooth = "rrelu", F.rrelu(z, lower, upper), a * z + (1 - a) * t * softplus(z / t)
         elif func in (F.elu, F.celu, F.selu, torch.celu, torch.selu):
             z = args[0]
             exact = func(z) if func in (F.selu, torch.selu) else func(z, _arg(args, kwargs, 1, "alpha", 1.0))
@@ -516,6 +523,26 @@ class MoreForms(nn.Module):
 
 # Sites per kind in MoreForms.
 MORE_FORMS_KINDS = {"relu": 0, "max_pool2d": 0, "prelu": 2, "elu": 1, "celu": 1, "selu": 1, "mish": 1, "hard_mish": 1}
+
+
+class StepForms(nn.Module):
+    """Threshold and eval-mode RReLU in module, functional and ``torch.`` forms."""
+
+    def __init__(self, classes: int = 10, dim: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, dim, 3, padding=1)
+        self.threshold = nn.Threshold(0.1, -0.5)
+        self.rrelu = nn.RReLU(0.1, 0.3)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.rrelu(self.threshold(self.conv(x)))
+        h = F.rrelu(F.threshold(h, -0.2, 0.05), 0.2, 0.4, training=False)
+        return self.head(torch.threshold(h * 2, 0.3, 0.0).mean((2, 3)))
+
+
+# Sites per kind in StepForms.
+STEP_FORMS_KINDS = {"relu": 0, "max_pool2d": 0, "threshold": 3, "rrelu": 2}
 
 
 def more_forms_reference(model: nn.Module, x: Tensor, target: int, hard_mish_types: Tuple[type, ...] = (HardMish,)

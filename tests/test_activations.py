@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from excitation.spec import SPECS
 from excitation.kernels import (
     surrogate_celu,
     surrogate_elu,
@@ -21,8 +22,10 @@ from excitation.kernels import (
     surrogate_leaky_relu,
     surrogate_mish,
     surrogate_prelu,
+    surrogate_rrelu,
     surrogate_selu,
     surrogate_silu,
+    surrogate_threshold,
 )
 
 from .helpers import (
@@ -43,6 +46,11 @@ CASES = {
                  lambda z, t: soft_clamp(z, -1.0, 2.0, t)),
     "leaky_relu": (lambda z, t: surrogate_leaky_relu(z, 0.2, temp=t), lambda z: F.leaky_relu(z, 0.2),
                    lambda z, t: 0.2 * z + 0.8 * t * softplus(z / t)),
+    "threshold": (lambda z, t: surrogate_threshold(z, 1.0, -2.0, temp=t), lambda z: F.threshold(z, 1.0, -2.0),
+                  lambda z, t: 1.0 + t * softplus((z - 1.0) / t)),
+    # Eval-mode RReLU is a LeakyReLU of slope (lower + upper) / 2 = 0.25.
+    "rrelu": (lambda z, t: surrogate_rrelu(z, 0.1, 0.4, temp=t), lambda z: F.rrelu(z, 0.1, 0.4),
+              lambda z, t: 0.25 * z + 0.75 * t * softplus(z / t)),
     "silu": (lambda z, t: surrogate_silu(z, temp=t), F.silu, lambda z, t: t * softplus(z / t)),
     "gelu": (lambda z, t: surrogate_gelu(z, temp=t), F.gelu, gaussian_smoothed_relu),
     "gelu_tanh": (lambda z, t: surrogate_gelu(z, "tanh", temp=t), lambda z: F.gelu(z, approximate="tanh"),
@@ -112,9 +120,11 @@ def test_forward_is_bit_identical(name, dtype):
     assert torch.equal(surrogate(z, 0.3), op(z))
 
 
-@pytest.mark.parametrize("name", ["relu6", "hardtanh", "leaky_relu", "hardsigmoid", *sorted(SWITCHES)])
+@pytest.mark.parametrize("name", ["relu6", "hardtanh", "leaky_relu", "threshold", "rrelu", "hardsigmoid",
+                                  *sorted(SWITCHES)])
 def test_small_temp_approaches_vanilla_gradient(name):
     # Units whose rule softens a hard switch; gated units (SiLU, GELU, Hardswish, Mish) are checked below.
+    # Every kink is at an integer (0, 6, +-3, -1, 2, the threshold 1).
     surrogate, op = FORMS[name]
     z = torch.randn(200, dtype=torch.float64) * 4
     z = z[(z - z.round()).abs() > 0.05]  # away from the kinks at integers (0, 6, +-3, -1, 2)
@@ -223,7 +233,6 @@ def test_torch_func_and_compile_use_the_same_backward():
 def test_float32_silu_and_gelu_take_the_relu_fast_paths_and_keep_the_contract(name, layout):
     # In float32 these gates run the ReLU rule's fast paths (C kernel when contiguous, fused
     # softplus_backward otherwise); the contract (float64, plain torch) must still hold.
-    from excitation.gates import ACTIVATION_GATES
     from excitation.kernels.activations import surrogate_activation_backward
     from excitation.kernels.reference import flush_subnormal, gated_backward
 
@@ -233,7 +242,7 @@ def test_float32_silu_and_gelu_take_the_relu_fast_paths_and_keep_the_contract(na
         z, g = z.transpose(0, 2), g.transpose(0, 2)
     ours = surrogate_activation_backward(g, z, name, 0.7, [])
     # The contract in float64, rounded to float32 and flushed at float32's smallest normal.
-    ref = flush_subnormal(gated_backward(g.double(), ACTIVATION_GATES[name](z.double(), 0.7)).float())
+    ref = flush_subnormal(gated_backward(g.double(), SPECS[name].gate(z.double(), 0.7)).float())
     # Values within a few smallest normals of the flush line may land on either side of it
     # (the C kernel floors the gate on its logit, the contract on its value).
     torch.testing.assert_close(ours, ref, rtol=2e-6, atol=1e-37)

@@ -220,6 +220,34 @@ def test_timm_rules_on_the_dynamo_path_match_the_reference_on_both_branches():
     assert {s.kind for s in prepared.report().sites} == {"prelu", "mish", "hard_mish", "elu", "celu", "selu"}
 
 
+class BranchyStep(nn.Module):
+    """Threshold and eval-mode RReLU on both sides of a data-dependent branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pos = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.Threshold(0.1, -0.5))
+        self.neg = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.RReLU(0.1, 0.3))
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.threshold(self.conv(x), -0.1, 0.0)
+        h = self.pos(h) if x.mean() > 0 else self.neg(h)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_threshold_and_rrelu_on_the_dynamo_path_match_the_reference_on_both_branches():
+    torch.manual_seed(0)
+    model = BranchyStep().eval()
+    for x in _inputs():
+        got = excitation.pullback(model, x, 2)
+        assert rel_err(got, reference_pullback(model, x, 2, rules=True)) < 1e-5
+        assert rel_err(got, vanilla_gradient(model, x, 2)) > 1e-3
+    prepared = api.prepare(model)
+    assert api.path_of(prepared) == "dynamo" and not prepared.report().unhandled
+    assert {s.kind for s in prepared.report().sites} == {"threshold", "rrelu"}
+
+
 class HiddenTimmActivation(nn.Module):
     def __init__(self, act) -> None:
         super().__init__()
@@ -229,8 +257,9 @@ class HiddenTimmActivation(nn.Module):
         return self.act(x) + x.sum() * 0 if x.sum() > -1e9 else x
 
 
-@pytest.mark.parametrize("act", [F.elu, F.selu, F.mish, hard_mish, lambda x: F.prelu(x, torch.tensor([0.2]))],
-                         ids=["elu", "selu", "mish", "hard_mish", "prelu"])
+@pytest.mark.parametrize("act", [F.elu, F.selu, F.mish, hard_mish, lambda x: F.prelu(x, torch.tensor([0.2])),
+                                 lambda x: F.threshold(x, 0.1, 0.0), lambda x: F.rrelu(x, 0.1, 0.3)],
+                         ids=["elu", "selu", "mish", "hard_mish", "prelu", "threshold", "rrelu"])
 def test_timm_activation_outside_the_graphs_is_refused(act):
     model = nn.Sequential(nn.Linear(4, 4), HiddenTimmActivation(act), nn.Linear(4, 2))
     assert count_activation_calls(model, torch.randn(1, 4))[0] == 1

@@ -10,6 +10,7 @@ from excitation.gates import (
     check_temp,
     normal_cdf_gate,
     sigmoid_gate,
+    threshold_gate,
 )
 
 
@@ -18,6 +19,15 @@ def test_sigmoid_gate_is_softplus_derivative(temp):
     z = torch.linspace(-5, 5, 101, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad((temp * F.softplus(z / temp)).sum(), z)
     torch.testing.assert_close(sigmoid_gate(z.detach(), temp), grad)
+
+
+def test_threshold_gate_by_hand():
+    # threshold 1, temp 0.5: sigmoid((z - 1) / 0.5) at z = 1, 2, 0 is 1/2, 1/(1 + e^-2) = 0.880797,
+    # 1/(1 + e^2) = 0.119203; the value below the step plays no part; 60 units below, under 2^-64: 0.
+    z = torch.tensor([1.0, 2.0, 0.0, -59.0], dtype=torch.float64)
+    expected = torch.tensor([0.5, 0.8807970779778823, 0.11920292202211755, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(threshold_gate(z, 0.5, 1.0, -3.0), expected)
+    torch.testing.assert_close(threshold_gate(z, 0.5, 1.0, 7.0), expected)
 
 
 def test_normal_cdf_gate_is_analytic_phi():

@@ -14,6 +14,8 @@ from excitation.kernels import ExcitedMultiheadAttention
 
 from .helpers import (
     MORE_FORMS_KINDS,
+    STEP_FORMS_KINDS,
+    StepForms,
     ZOO_FORMS_KINDS,
     ExcitationReference,
     MoreForms,
@@ -51,10 +53,11 @@ def test_every_rule_is_found_and_reported(excited):
     report = excitation.report(excited)
     assert report.counts() == ZOO_FORMS_KINDS
     assert report.unhandled == [] and report.smooth == []
-    # ZooForms and MoreForms together hold every rule but ReLU (AllForms has those).
+    # ZooForms, MoreForms and StepForms together hold every rule but ReLU (AllForms has those).
     more = excitation.report(excitation.excite(MoreForms())).rule_counts()
-    assert set(report.rule_counts()) | set(more) == set(excitation.RULES) - {"relu"}
-    assert not set(report.rule_counts()) & set(more)
+    steps = excitation.report(excitation.excite(StepForms().eval())).rule_counts()
+    assert set(report.rule_counts()) | set(more) | set(steps) == set(excitation.RULES) - {"relu"}
+    assert not set(report.rule_counts()) & set(more) and not (set(report.rule_counts()) | set(more)) & set(steps)
     temps = {s.kind: s.temp for s in report.sites}
     assert temps["silu"] == 1.6 and temps["gelu"] == 1.0 and temps["hardswish"] == 1.6
     assert temps["hardtanh"] == temps["leaky_relu"] == temps["hardsigmoid"] == temps["max_pool2d"] == 0.3
@@ -418,3 +421,91 @@ def test_hard_mish_is_recognised_only_in_its_exact_shape(expression, is_site):
     assert report.unhandled_counts() == ({} if is_site else {"clamp": 1})
     with torch.no_grad():
         assert torch.equal(excited(x), model(x))
+
+
+# ------------------------------------------------- Threshold and eval-mode RReLU: rules made of one table entry
+@pytest.fixture(scope="module")
+def step_forms():
+    torch.manual_seed(0)
+    return StepForms().double().eval()
+
+
+@pytest.fixture(scope="module")
+def step_excited(step_forms):
+    return excitation.excite(step_forms)
+
+
+def test_step_forms_sites_are_found_and_reported(step_excited):
+    report = excitation.report(step_excited)
+    assert report.counts() == STEP_FORMS_KINDS
+    assert report.unhandled == [] and report.smooth == []
+    assert {s.kind: s.temp for s in report.sites} == {"threshold": 0.3, "rrelu": 0.3}
+    assert {s.form for s in report.sites} == {"module", "function"}
+    semantic = excitation.report(excitation.excite(step_excited, preset="semantic"))
+    assert {s.temp for s in semantic.sites} == {0.6}  # the ReLU family follows the preset's temp
+
+
+def test_step_forms_pullback_matches_reference_and_forward_is_bit_identical(step_forms, step_excited, x):
+    ours = excitation.pullback(step_excited, x, TARGET)
+    with ExcitationReference(rules=True) as mode:
+        step_forms(x)
+    assert mode.calls == {"relu": 0, "max_pool2d": 0, "threshold": 3, "rrelu": 2}
+    assert rel_err(ours, reference_pullback(step_forms, x, TARGET, rules=True)) < 1e-10
+    assert rel_err(ours, excitation.gradient(step_forms, x, TARGET)) > 0.05
+    with torch.no_grad():
+        assert torch.equal(step_excited(x), step_forms(x))
+
+
+def test_rrelu_in_training_mode_is_reported_not_rewritten(x):
+    # Training-mode RReLU draws a random slope per element: no deterministic forward to keep.
+    model = StepForms().double().train()
+    excited = excitation.excite(model)
+    report = excitation.report(excited)
+    assert report.counts() == {**STEP_FORMS_KINDS, "rrelu": 1}  # F.rrelu(training=False) is still a site
+    assert report.unhandled_counts() == {"RReLU": 1}
+    assert excitation.report(excitation.excite(model.eval())).counts() == STEP_FORMS_KINDS
+
+
+def test_step_forms_rules_switch_off_to_vanilla(step_forms, x):
+    with pytest.warns(UserWarning, match="found no site"):
+        gm = excitation.excite(step_forms, rules={"threshold": False, "rrelu": False})
+    assert excitation.report(gm).unhandled_counts() == {"threshold": 3, "rrelu": 2}
+    assert rel_err(excitation.pullback(gm, x, TARGET), excitation.gradient(step_forms, x, TARGET)) < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_step_forms_runtimes_agree_with_eager(step_excited, x):
+    eager = excitation.pullback(step_excited, x, TARGET)
+    check = lambda result: rel_err(result, eager) <= 1e-10  # noqa: E731
+    assert check(torch.func.grad(lambda t: step_excited(t)[:, TARGET].sum())(x))
+    torch._dynamo.reset()
+    assert check(_grad(torch.compile(step_excited, backend="aot_eager", fullgraph=True), x))
+    exported = torch.export.export(step_excited, (x,))
+    assert "excitation.surrogate_activation.default" in {str(n.target) for n in exported.graph.nodes}
+    assert check(_grad(exported.module(), x))
+    assert check(_grad(torch.jit.trace(copy.deepcopy(step_excited), (x,), check_trace=False), x))
+    assert check(_grad(torch.jit.script(step_excited), x))
+
+
+def test_step_forms_aten_and_backend_sites_equal_the_fx_ones(step_forms, step_excited, x):
+    eager = excitation.pullback(step_excited, x, TARGET)
+    aten = excitation.excite(torch.export.export(step_forms, (x,)))
+    assert excitation.report(aten).counts() == STEP_FORMS_KINDS
+    assert {s.form for s in excitation.report(aten).sites} == {"aten"}
+    assert rel_err(excitation.pullback(aten, x, TARGET), eager) < 1e-12
+    torch._dynamo.reset()
+    compiler = excitation.backend(inner="aot_eager")
+    result = _grad(torch.compile(step_forms, backend=compiler), x)
+    kinds = sorted(s.kind for report in compiler.reports for s in report.sites)
+    assert kinds == ["rrelu"] * 2 + ["threshold"] * 3
+    assert rel_err(result, eager) < 1e-10
+
+
+def test_step_forms_decomposed_graph_reports_what_it_cannot_rewrite(step_forms, x):
+    # Core ATen turns threshold into where(x <= th, value, x) and RReLU into rrelu_with_noise: reported.
+    decomposed = torch.export.export(step_forms, (x,)).run_decompositions()
+    with pytest.warns(UserWarning, match="Excite before decomposing"):
+        excited = excitation.excite(decomposed)
+    report = excitation.report(excited)
+    assert report.unhandled_counts() == {"threshold (decomposed)": 3, "rrelu_with_noise_functional": 2}

@@ -29,12 +29,10 @@ class Site:
         model, ``ep.module()``, dynamo's graph); unique per site and stable when
         re-exciting.  ``temps`` accepts it.
     kind : str
-        The op kind: ``"relu"``, ``"hardtanh"`` (ReLU6 too), ``"leaky_relu"``,
-        ``"prelu"``, ``"elu"``, ``"celu"``, ``"selu"``, ``"silu"``, ``"mish"``, ``"gelu"``,
-        ``"hardswish"``, ``"hard_mish"`` (timm's), ``"hardsigmoid"``,
-        ``"max_pool1d/2d/3d"``, ``"adaptive_max_pool1d/2d/3d"``, ``"layer_norm"``,
-        ``"softmax"``, ``"scaled_dot_product_attention"``, ``"multihead_attention"``
-        or ``"attention_function"`` (e.g. Swin's ``shifted_window_attention``).
+        The op kind: a kind of the activation table (:data:`excitation.spec.ACTIVATIONS`:
+        ``"relu"``, ``"hardtanh"`` (ReLU6 too), ``"silu"``, ``"max_pool2d"``, ...),
+        ``"layer_norm"``, ``"softmax"``, ``"scaled_dot_product_attention"``,
+        ``"multihead_attention"`` or ``"attention_function"`` (e.g. Swin's ``shifted_window_attention``).
     form : str
         How the original called it: ``"module"``, ``"function"``, ``"method"``,
         ``"aten"``, or ``"excited"`` (an existing surrogate that was re-tempered).

@@ -1,17 +1,21 @@
 """The rules: which backward each kind of site gets, and how users choose among them.
 
 A *rule* is a family of sites with one backward (``"relu"``, ``"max_pool"``,
-``"attention"``, ...).  ``excite(model, rules=...)`` picks the rules that apply;
+``"attention"``, ...).  The activation rules come from the activation table
+(:mod:`excitation.spec`); LayerNorm and attention, which rewrite more than one
+element-wise op, are declared here.  ``excite(model, rules=...)`` picks the rules that apply;
 :data:`DEFAULT_RULES` is all of them.  Every rule is forward-exact.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from ..errors import with_suggestions
 from ..gates import check_temp
+from ..presets import PRESETS
+from ..spec import ACTIVATIONS, RULE_BACKWARDS
 
 __all__ = ["Rule", "RULES", "DEFAULT_RULES", "RulesSpec", "resolve_rules"]
 
@@ -39,27 +43,21 @@ class Rule:
     backward: str
 
 
-_POOL_KINDS = ("max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
+def _activation_rules() -> Tuple[Rule, ...]:
+    """One rule per ``rule`` of the activation table, its kinds in table order."""
+    kinds: Dict[str, List[str]] = {}
+    for spec in ACTIVATIONS:
+        if spec.variant_of is None:
+            kinds.setdefault(spec.rule, []).append(spec.kind)
+    first = {name: next(spec for spec in ACTIVATIONS if spec.rule == name) for name in kinds}
+    return tuple(Rule(name, tuple(kinds[name]), first[name].temp, RULE_BACKWARDS[name]) for name in kinds)
 
-#: Every rule by name, in the order reports list them.
+
+#: Every rule by name, in the order reports list them: the activation table's, then LayerNorm and attention.
 RULES: Dict[str, Rule] = {
     rule.name: rule
     for rule in (
-        Rule("relu", ("relu",), "temp", "grad * sigmoid(z / temp)  or  grad * Phi(z / temp)"),
-        Rule("hardtanh", ("hardtanh",), "temp",
-             "grad * (sigmoid((z - lo) / temp) - sigmoid((z - hi) / temp))"),
-        Rule("leaky_relu", ("leaky_relu",), "temp", "grad * (a + (1 - a) * sigmoid(z / temp))"),
-        Rule("prelu", ("prelu",), "temp", "grad * (a + (1 - a) * sigmoid(z / temp)), a the learned slope"),
-        Rule("elu", ("elu", "celu", "selu"), "temp",
-             "grad * scale * (s + (1 - s) * alpha * k * exp(k * min(z, 0))), s = sigmoid(z / temp)"),
-        Rule("silu", ("silu",), 1.6, "grad * sigmoid(z / temp)"),
-        Rule("mish", ("mish",), 1.6, "grad * tanh(softplus(z / temp))"),
-        Rule("gelu", ("gelu",), 1.0, "grad * Phi(z / temp)"),
-        Rule("hardswish", ("hardswish",), 1.6, "grad * hardsigmoid(z / temp)"),
-        Rule("hard_mish", ("hard_mish",), 1.6, "grad * clamp(z / (2 temp) + 1, 0, 1)"),
-        Rule("hardsigmoid", ("hardsigmoid",), "temp",
-             "grad * (sigmoid((z + 3) / temp) - sigmoid((z - 3) / temp)) / 6"),
-        Rule("max_pool", _POOL_KINDS, "pool_temp", "gradient of sum_w softmax(x_w / temp) x_w per window"),
+        *_activation_rules(),
         Rule("layer_norm", ("layer_norm",), None, "mean and variance held constant: grad * weight * rstd"),
         Rule("attention", ("softmax", "scaled_dot_product_attention", "multihead_attention", "attention_function"),
              None, "attention weights held constant: gradient flows through the values only"),
@@ -74,6 +72,7 @@ DEFAULT_RULES: Tuple[str, ...] = tuple(RULES)
 RulesSpec = Union[None, Iterable[str], Mapping[str, Union[float, bool, None]]]
 
 KIND_TO_RULE: Dict[str, str] = {kind: rule.name for rule in RULES.values() for kind in rule.kinds}
+KIND_TO_RULE.update({spec.kind: spec.rule for spec in ACTIVATIONS})  # op kinds too (gelu_tanh)
 
 
 def _check_names(names: Iterable[str]) -> None:
@@ -119,24 +118,13 @@ def resolve_rules(rules: RulesSpec, temp: float, pool_temp: float) -> Dict[str, 
     return {name: defaults[name] for name in RULES if name in names}
 
 
-_SITES_TEXT = {
-    "relu": "`nn.ReLU`, `F.relu(_)`, `torch.relu(_)`, `.relu(_)()`, ATen `relu(_)`; gate `sigmoid` or "
-            "`normal_cdf` (`gate=`)",
-    "hardtanh": "`nn.ReLU6` (= `Hardtanh(0, 6)`), `nn.Hardtanh`, `F.relu6`, `F.hardtanh(_)`, ATen `hardtanh(_)`, `relu6`",
-    "leaky_relu": "`nn.LeakyReLU`, `F.leaky_relu(_)`, ATen `leaky_relu(_)`",
-    "prelu": "`nn.PReLU` (one slope or one per channel; timm's `PReLU`), `F.prelu`, `torch.prelu`, ATen `prelu`; "
-             "the slope's own gradient stays exact",
-    "elu": "`nn.ELU` / `nn.CELU` / `nn.SELU`, `F.elu(_)` / `F.celu(_)` / `F.selu(_)`, `torch.selu(_)` / "
-           "`torch.celu(_)`, ATen `elu(_)` / `celu(_)` / `selu(_)`; `scale, alpha, k` = `1, alpha, 1` (ELU), "
-           "`1, alpha, 1/alpha` (CELU), `1.0507, 1.6733, 1` (SELU)",
-    "silu": "`nn.SiLU`, `F.silu`, ATen `silu(_)`",
-    "mish": "`nn.Mish`, `F.mish(_)`, ATen `mish(_)` (what timm's `get_act_layer('mish')` gives)",
-    "gelu": "`nn.GELU` (both approximations), `F.gelu`, ATen `gelu(_)`",
-    "hardswish": "`nn.Hardswish`, `F.hardswish`, ATen `hardswish(_)`",
-    "hard_mish": "timm's `hard_mish` / `HardMish`: the traced `0.5 * x * (x + 2).clamp(0, 2)` (out of place; "
-                 "timm's in-place form is reported as `clamp`)",
-    "hardsigmoid": "`nn.Hardsigmoid`, `F.hardsigmoid`, ATen `hardsigmoid(_)`",
-    "max_pool": "`nn.MaxPool1d/2d/3d`, `nn.AdaptiveMaxPool1d/2d/3d`, their `F.` / `torch.` / ATen forms",
+def _sites_text(rule: str) -> str:
+    if rule in _STRUCTURAL_SITES:
+        return _STRUCTURAL_SITES[rule]
+    return "; ".join(spec.sites for spec in ACTIVATIONS if spec.rule == rule and spec.sites)
+
+
+_STRUCTURAL_SITES = {
     "layer_norm": "`nn.LayerNorm`, `F.layer_norm` (so ConvNeXt's `LayerNorm2d`), ATen `layer_norm`",
     "attention": "`nn.MultiheadAttention`, `F.scaled_dot_product_attention`, `F.multi_head_attention_forward`, "
                  "torchvision's `shifted_window_attention` (Swin), any softmax whose output feeds a matmul "
@@ -144,11 +132,18 @@ _SITES_TEXT = {
 }
 
 
+def _temp_text(default_temp: Union[float, str, None]) -> str:
+    if default_temp is None:
+        return "none"
+    if default_temp in ("temp", "pool_temp"):
+        values = ", ".join(f"{name} {getattr(preset, str(default_temp)):g}" for name, preset in PRESETS.items())
+        return f"`{default_temp}` ({values})"
+    return f"{default_temp:g}"
+
+
 def rules_table() -> str:
     """The rule table the documentation shows: every rule, its sites, backward and default temperature."""
     lines = ["| rule | sites | backward (forward unchanged) | default temp |", "|---|---|---|---|"]
     for rule in RULES.values():
-        named = {"temp": "`temp` (0.3)", "pool_temp": "`pool_temp` (= `temp`)", None: "none"}
-        temp = named[rule.default_temp] if rule.default_temp in named else f"{rule.default_temp:g}"
-        lines.append(f"| `{rule.name}` | {_SITES_TEXT[rule.name]} | `{rule.backward}` | {temp} |")
+        lines.append(f"| `{rule.name}` | {_sites_text(rule.name)} | `{rule.backward}` | {_temp_text(rule.default_temp)} |")
     return "\n".join(lines)

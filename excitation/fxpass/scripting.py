@@ -22,6 +22,7 @@ from ..errors import ExcitationError
 from ..kernels import ExcitedMultiheadAttention, RecomputedConv2d, surrogate_max_pool2d, surrogate_relu
 from ..kernels.fused import batch_norm_relu
 from ..kernels.ops import pool_arguments
+from ..spec import GATED_KINDS, op_arguments
 from .fusion import unfuse
 from .tracing import copy_graph_module
 from .sites import (
@@ -31,17 +32,6 @@ from .sites import (
     bind_arguments,
     match_site,
 )
-
-# The op's own constants, in surrogate_activation's order, with their defaults.
-_ACTIVATION_PARAMS = {
-    "hardtanh": (("min_val", -1.0), ("max_val", 1.0)),
-    "leaky_relu": (("negative_slope", 0.01),),
-    "elu": (("alpha", 1.0), ("scale", 1.0), ("input_scale", 1.0)),
-    "celu": (("alpha", 1.0),),
-}
-_ACTIVATION_KINDS = ("hardtanh", "leaky_relu", "silu", "gelu", "hardswish", "hardsigmoid", "elu", "celu", "selu",
-                     "mish", "hard_mish")
-
 
 def _constant(match: SiteMatch, value: Any, name: str) -> Any:
     if isinstance(value, fx.Node):
@@ -69,10 +59,8 @@ def _lower(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> Any:
     bound.apply_defaults()
     temp = float(bound.arguments.get("temp") or 0.0)  # rules without a temperature ignore it
     pool_backward = bound.arguments.get("pool_backward", "soft")
-    if match.kind in _ACTIVATION_KINDS:
-        kind = "gelu_tanh" if match.kind == "gelu" and p.get("approximate") == "tanh" else match.kind
-        params = [float(_constant(match, p.get(name, default), name))
-                  for name, default in _ACTIVATION_PARAMS.get(match.kind, ())]
+    if match.kind in GATED_KINDS:
+        kind, params = op_arguments(match.kind, {name: _constant(match, value, name) for name, value in p.items()})
         return graph.call_function(ops.surrogate_activation, (match.input, kind, temp, params))
     if match.kind == "prelu":
         return graph.call_function(ops.surrogate_prelu, (match.input, p["weight"], temp))

@@ -22,78 +22,38 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from ..kernels import (
+    SURROGATES,
     ExcitedMultiheadAttention,
     freeze_attention,
     surrogate_adaptive_max_pool,
-    surrogate_celu,
-    surrogate_elu,
-    surrogate_gelu,
-    surrogate_hard_mish,
-    surrogate_hardsigmoid,
-    surrogate_hardswish,
-    surrogate_hardtanh,
     surrogate_layer_norm,
-    surrogate_leaky_relu,
     surrogate_native_layer_norm,
     surrogate_max_pool,
     surrogate_max_pool2d,
-    surrogate_mish,
     surrogate_prelu,
     surrogate_relu,
     surrogate_scaled_dot_product_attention,
-    surrogate_selu,
-    surrogate_silu,
     surrogate_softmax,
 )
 from ..kernels.fused import batch_norm_relu
+from ..spec import ACTIVATIONS, GATED_KINDS, SPECS, Form
 from .rules import KIND_TO_RULE
 
 __all__ = [
     "SiteMatch", "match_site", "match_unhandled", "site_name", "surrogate_rule", "SITE_NAME_META", "SITE_NODE_META",
+    "ACTIVATION_CALL_NAMES",
 ]
 
 aten = torch.ops.aten
 
 # ------------------------------------------------------------------- signatures
 # Each entry: parameter names and defaults, as the callable itself declares them.
-_RELU_PARAMS = (("input", None), ("inplace", False))
-_POOL_PARAMS = (
-    ("input", None),
-    ("kernel_size", None),
-    ("stride", None),
-    ("padding", 0),
-    ("dilation", 1),
-    ("ceil_mode", False),
-    ("return_indices", False),
-)
-_ATEN_POOL_PARAMS = _POOL_PARAMS[:6]
 # Our own surrogate calls (what an excited graph holds).
 SURROGATE_RELU_PARAMS = (("input", None), ("temp", 0.3), ("gate", "sigmoid"), ("saved", "exact"))
-SURROGATE_POOL_PARAMS = _POOL_PARAMS + (("temp", 0.3), ("pool_backward", "soft"))
-
-# target -> (params, forced inplace or None)
-_RELU_FUNCTIONS: Dict[Any, Tuple[Sequence, Optional[bool]]] = {
-    F.relu: (_RELU_PARAMS, None),
-    F.relu_: (_RELU_PARAMS[:1], True),
-    torch.relu: (_RELU_PARAMS[:1], False),
-    torch.relu_: (_RELU_PARAMS[:1], True),
-    aten.relu.default: (_RELU_PARAMS[:1], False),
-    aten.relu: (_RELU_PARAMS[:1], False),
-    aten.relu_.default: (_RELU_PARAMS[:1], True),
-    aten.relu_: (_RELU_PARAMS[:1], True),
-}
-_RELU_METHODS = {"relu": False, "relu_": True}
-
-_POOL_FUNCTIONS: Dict[Any, Tuple[Sequence, Optional[bool]]] = {
-    F.max_pool2d: (_POOL_PARAMS, None),
-    F._max_pool2d: (_POOL_PARAMS, False),
-    F.max_pool2d_with_indices: (_POOL_PARAMS, True),
-    torch.max_pool2d: (_ATEN_POOL_PARAMS, False),
-    aten.max_pool2d.default: (_ATEN_POOL_PARAMS, False),
-    aten.max_pool2d: (_ATEN_POOL_PARAMS, False),
-    aten.max_pool2d_with_indices.default: (_ATEN_POOL_PARAMS, True),
-    aten.max_pool2d_with_indices: (_ATEN_POOL_PARAMS, True),
-}
+SURROGATE_POOL_PARAMS = (
+    ("input", None), ("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1), ("ceil_mode", False),
+    ("return_indices", False), ("temp", 0.3), ("pool_backward", "soft"),
+)
 
 
 def _schema_params(op: Any) -> Tuple[Tuple[str, Any], ...]:
@@ -106,127 +66,60 @@ def _schema_params(op: Any) -> Tuple[Tuple[str, Any], ...]:
     return tuple(params)
 
 
-def _aten(name: str) -> Tuple[Any, ...]:
-    packet = getattr(aten, name)
-    return (packet, packet.default)
+#: ``target -> (kind, params, forced inplace or None, fixed arguments, applies or None)``.
+_Entry = Tuple[str, Tuple[Tuple[str, Any], ...], Optional[bool], Dict[str, Any], Optional[Callable[..., bool]]]
 
 
-def _table(entries) -> Dict[Any, Tuple[str, Tuple[Tuple[str, Any], ...], Optional[bool], Dict[str, Any]]]:
-    """``target -> (kind, params, forced inplace, fixed arguments)``; ATen params come from the schema."""
+def _entries(kind: str, forms: Sequence[Form], read_schema: bool = True) -> Dict[Any, _Entry]:
     table = {}
-    for kind, targets, params, inplace, fixed in entries:
-        for target in targets:
-            found = params if params is not None else _schema_params(target)
-            table[target] = (kind, found, inplace, fixed)
+    for form in forms:
+        for target in form.targets:
+            params = form.params if form.params is not None or not read_schema else _schema_params(target)
+            table[target] = (kind, params, form.inplace, dict(form.fixed), form.applies)
     return table
 
 
-_HARDTANH = (("input", None), ("min_val", -1.0), ("max_val", 1.0), ("inplace", False))
-_LEAKY = (("input", None), ("negative_slope", 0.01), ("inplace", False))
-_UNARY = (("input", None), ("inplace", False))
-_ALPHA = (("input", None), ("alpha", 1.0), ("inplace", False))
-_PRELU = (("input", None), ("weight", None))
-_ADAPTIVE = (("input", None), ("output_size", None), ("return_indices", False))
 _LAYER_NORM = (("input", None), ("normalized_shape", None), ("weight", None), ("bias", None), ("eps", 1e-5))
 _SOFTMAX = (("input", None), ("dim", None), ("_stacklevel", 3), ("dtype", None))
 _SDPA = (("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
          ("is_causal", False), ("scale", None), ("enable_gqa", False))
-
-# Elementwise activations other than ReLU, and the layer/attention functions.
-_FUNCTIONS = _table([
-    ("hardtanh", (F.hardtanh,), _HARDTANH, None, {}),
-    ("hardtanh", (F.hardtanh_,), _HARDTANH[:3], True, {}),
-    ("hardtanh", (F.relu6,), _UNARY, None, {"min_val": 0.0, "max_val": 6.0}),
-    ("hardtanh", _aten("hardtanh"), None, False, {}),
-    ("hardtanh", _aten("hardtanh_"), None, True, {}),
-    ("hardtanh", _aten("relu6"), None, False, {"min_val": 0.0, "max_val": 6.0}),
-    ("leaky_relu", (F.leaky_relu,), _LEAKY, None, {}),
-    ("leaky_relu", (F.leaky_relu_,), _LEAKY[:2], True, {}),
-    ("leaky_relu", _aten("leaky_relu"), None, False, {}),
-    ("leaky_relu", _aten("leaky_relu_"), None, True, {}),
-    ("silu", (F.silu,), _UNARY, None, {}),
-    ("silu", _aten("silu"), None, False, {}),
-    ("silu", _aten("silu_"), None, True, {}),
-    ("gelu", (F.gelu,), (("input", None), ("approximate", "none")), False, {}),
-    ("gelu", _aten("gelu"), None, False, {}),
-    ("gelu", _aten("gelu_"), None, True, {}),
-    ("prelu", (F.prelu, torch.prelu, *_aten("prelu")), _PRELU, False, {}),
-    ("elu", (F.elu,), _ALPHA, None, {}),
-    ("elu", (F.elu_,), _ALPHA[:2], True, {}),
-    ("elu", _aten("elu"), None, False, {}),
-    ("elu", _aten("elu_"), None, True, {}),
-    ("celu", (F.celu,), _ALPHA, None, {}),
-    ("celu", (torch.celu,), _ALPHA[:2], False, {}),
-    ("celu", (F.celu_,), _ALPHA[:2], True, {}),  # F.celu_ is torch.celu_
-    ("celu", _aten("celu"), None, False, {}),
-    ("celu", _aten("celu_"), None, True, {}),
-    ("selu", (F.selu,), _UNARY, None, {}),
-    ("selu", (torch.selu,), _UNARY[:1], False, {}),
-    ("selu", (F.selu_,), _UNARY[:1], True, {}),  # F.selu_ is torch.selu_
-    ("selu", _aten("selu"), None, False, {}),
-    ("selu", _aten("selu_"), None, True, {}),
-    ("mish", (F.mish,), _UNARY, None, {}),
-    ("mish", _aten("mish"), None, False, {}),
-    ("mish", _aten("mish_"), None, True, {}),
-    ("hardswish", (F.hardswish,), _UNARY, None, {}),
-    ("hardswish", _aten("hardswish"), None, False, {}),
-    ("hardswish", _aten("hardswish_"), None, True, {}),
-    ("hardsigmoid", (F.hardsigmoid,), _UNARY, None, {}),
-    ("hardsigmoid", _aten("hardsigmoid"), None, False, {}),
-    ("hardsigmoid", _aten("hardsigmoid_"), None, True, {}),
-    ("max_pool1d", (F.max_pool1d, F._max_pool1d), _POOL_PARAMS, False, {}),
-    ("max_pool1d", (F.max_pool1d_with_indices,), _POOL_PARAMS, False, {"return_indices": True}),
-    ("max_pool1d", (torch.max_pool1d, *_aten("max_pool1d")), _ATEN_POOL_PARAMS, False, {}),
-    ("max_pool1d", (torch.max_pool1d_with_indices, *_aten("max_pool1d_with_indices")), _ATEN_POOL_PARAMS, False,
-     {"return_indices": True}),
-    ("max_pool3d", (F.max_pool3d, F._max_pool3d), _POOL_PARAMS, False, {}),
-    ("max_pool3d", (F.max_pool3d_with_indices,), _POOL_PARAMS, False, {"return_indices": True}),
-    ("max_pool3d", (torch.max_pool3d, *_aten("max_pool3d")), _ATEN_POOL_PARAMS, False, {}),
-    ("max_pool3d", _aten("max_pool3d_with_indices"), _ATEN_POOL_PARAMS, False, {"return_indices": True}),
-    ("adaptive_max_pool1d", (F.adaptive_max_pool1d, F._adaptive_max_pool1d), _ADAPTIVE, False, {}),
-    ("adaptive_max_pool1d", (F.adaptive_max_pool1d_with_indices,), _ADAPTIVE, False, {"return_indices": True}),
-    ("adaptive_max_pool1d", (torch.adaptive_max_pool1d, *_aten("adaptive_max_pool1d")), _ADAPTIVE[:2], False,
-     {"return_indices": True}),
-    ("adaptive_max_pool2d", (F.adaptive_max_pool2d, F._adaptive_max_pool2d), _ADAPTIVE, False, {}),
-    ("adaptive_max_pool2d", (F.adaptive_max_pool2d_with_indices,), _ADAPTIVE, False, {"return_indices": True}),
-    ("adaptive_max_pool2d", _aten("adaptive_max_pool2d"), _ADAPTIVE[:2], False, {"return_indices": True}),
-    ("adaptive_max_pool3d", (F.adaptive_max_pool3d, F._adaptive_max_pool3d), _ADAPTIVE, False, {}),
-    ("adaptive_max_pool3d", (F.adaptive_max_pool3d_with_indices,), _ADAPTIVE, False, {"return_indices": True}),
-    ("adaptive_max_pool3d", _aten("adaptive_max_pool3d"), _ADAPTIVE[:2], False, {"return_indices": True}),
-    ("layer_norm", (F.layer_norm,), _LAYER_NORM, False, {}),
-    ("layer_norm", (torch.layer_norm, *_aten("layer_norm")), _LAYER_NORM, False, {}),
+_LAYER_NORM_FORMS = (
+    Form((F.layer_norm, torch.layer_norm, aten.layer_norm, aten.layer_norm.default), _LAYER_NORM),
     # Core-ATen graphs (run_decompositions) hold the 3-output form and _softmax.
-    ("layer_norm", _aten("native_layer_norm"), _LAYER_NORM, False, {"native": True}),
-    ("softmax", _aten("_softmax"), (("input", None), ("dim", None), ("half_to_float", False)), False, {}),
-    ("softmax", (F.softmax, torch.softmax), _SOFTMAX, False, {}),
-    ("softmax", (aten.softmax, aten.softmax.int), (("input", None), ("dim", None), ("dtype", None)), False, {}),
-    ("scaled_dot_product_attention", (F.scaled_dot_product_attention, *_aten("scaled_dot_product_attention")),
-     _SDPA, False, {}),
-])
+    Form((aten.native_layer_norm, aten.native_layer_norm.default), _LAYER_NORM, fixed={"native": True}),
+)
+_SOFTMAX_FORMS = (
+    Form((aten._softmax, aten._softmax.default), (("input", None), ("dim", None), ("half_to_float", False))),
+    Form((F.softmax, torch.softmax), _SOFTMAX),
+    Form((aten.softmax, aten.softmax.int), (("input", None), ("dim", None), ("dtype", None))),
+)
+_SDPA_FORMS = (
+    Form((F.scaled_dot_product_attention, aten.scaled_dot_product_attention,
+          aten.scaled_dot_product_attention.default), _SDPA),
+)
 
-# Activation modules: type -> (kind, attributes passed as arguments).
-_MODULES: Dict[type, Tuple[str, Tuple[str, ...]]] = {
-    nn.Hardtanh: ("hardtanh", ("min_val", "max_val")),
-    nn.ReLU6: ("hardtanh", ("min_val", "max_val")),
-    nn.LeakyReLU: ("leaky_relu", ("negative_slope",)),
-    nn.PReLU: ("prelu", ()),
-    nn.ELU: ("elu", ("alpha",)),
-    nn.CELU: ("celu", ("alpha",)),
-    nn.SELU: ("selu", ()),
-    nn.SiLU: ("silu", ()),
-    nn.Mish: ("mish", ()),
-    nn.GELU: ("gelu", ("approximate",)),
-    nn.Hardswish: ("hardswish", ()),
-    nn.Hardsigmoid: ("hardsigmoid", ()),
-    nn.MaxPool1d: ("max_pool1d", ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
-    nn.MaxPool3d: ("max_pool3d", ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")),
-    nn.AdaptiveMaxPool1d: ("adaptive_max_pool1d", ("output_size", "return_indices")),
-    nn.AdaptiveMaxPool2d: ("adaptive_max_pool2d", ("output_size", "return_indices")),
-    nn.AdaptiveMaxPool3d: ("adaptive_max_pool3d", ("output_size", "return_indices")),
-    nn.LayerNorm: ("layer_norm", ("normalized_shape", "eps")),
-    nn.MultiheadAttention: ("multihead_attention", ()),
-    ExcitedMultiheadAttention: ("multihead_attention", ()),
+# Every function and ATen form of every rule: the activation table's, then LayerNorm's and attention's.
+_FUNCTIONS: Dict[Any, _Entry] = {}
+for _spec in ACTIVATIONS:
+    _FUNCTIONS.update(_entries(_spec.kind, _spec.functions))
+_FUNCTIONS.update(_entries("layer_norm", _LAYER_NORM_FORMS))
+_FUNCTIONS.update(_entries("softmax", _SOFTMAX_FORMS))
+_FUNCTIONS.update(_entries("scaled_dot_product_attention", _SDPA_FORMS))
+
+# Tensor methods: name -> entry.
+_METHODS: Dict[str, _Entry] = {}
+for _spec in ACTIVATIONS:
+    _METHODS.update(_entries(_spec.kind, _spec.methods, read_schema=False))
+_METHODS.update(_entries("softmax", (Form(("softmax",), _SOFTMAX),), read_schema=False))
+
+# Module classes: type -> (kind, attributes passed as arguments, fixed arguments, applies or None).
+_MODULES: Dict[type, Tuple[str, Tuple[str, ...], Dict[str, Any], Optional[Callable[[nn.Module], bool]]]] = {
+    form.type: (spec.kind, form.attributes, dict(form.fixed), form.applies)
+    for spec in ACTIVATIONS for form in spec.modules
 }
+_MODULES[nn.LayerNorm] = ("layer_norm", ("normalized_shape", "eps"), {}, None)
+_MODULES[nn.MultiheadAttention] = ("multihead_attention", (), {}, None)
+_MODULES[ExcitedMultiheadAttention] = ("multihead_attention", (), {}, None)
 
 # Functions fx keeps as leaves (``torch.fx.wrap``) that compute attention inside.
 _ATTENTION_FUNCTIONS = {F.multi_head_attention_forward}
@@ -239,22 +132,19 @@ except ImportError:  # torchvision is optional for the pass itself
 
 # Our own surrogate wrappers, re-matched so that excite(excite(m)) re-tempers.
 _SURROGATE_KINDS: Dict[Callable, str] = {
-    surrogate_hardtanh: "hardtanh",
-    surrogate_leaky_relu: "leaky_relu",
-    surrogate_silu: "silu",
-    surrogate_gelu: "gelu",
-    surrogate_hardswish: "hardswish",
-    surrogate_hardsigmoid: "hardsigmoid",
+    **{function: kind for kind, function in SURROGATES.items()},
     surrogate_prelu: "prelu",
-    surrogate_elu: "elu",
-    surrogate_celu: "celu",
-    surrogate_selu: "selu",
-    surrogate_mish: "mish",
-    surrogate_hard_mish: "hard_mish",
     surrogate_layer_norm: "layer_norm",
     surrogate_native_layer_norm: "layer_norm",
     surrogate_softmax: "softmax",
     surrogate_scaled_dot_product_attention: "scaled_dot_product_attention",
+}
+# The surrogate of each kind besides the gated activations, ReLU and the max-pools.
+_OWN_SURROGATES: Dict[str, Callable] = {
+    "prelu": surrogate_prelu,
+    "layer_norm": surrogate_layer_norm,
+    "softmax": surrogate_softmax,
+    "scaled_dot_product_attention": surrogate_scaled_dot_product_attention,
 }
 
 # Every surrogate function -> its rule.
@@ -279,15 +169,36 @@ def surrogate_rule(target: Any) -> Optional[str]:
 # Smooth activations: no hard gate to soften, kept vanilla by design (reported as such).
 _SMOOTH_MODULES = (nn.Sigmoid, nn.Tanh, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink)
 _SMOOTH_NAMES = frozenset("sigmoid tanh logsigmoid log_sigmoid softsign tanhshrink".split())
-# Activation-like sites with a hard gate (or a max) that no rule covers.
+# Activation-like calls with a hard gate (or a max), reported where no rule's site took them: ops no
+# rule covers, and covered ops in a form the table does not list (RReLU in training mode).
 _UNHANDLED_MODULES = (
-    nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Threshold, nn.GLU,
-    nn.Softshrink, nn.Hardshrink, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+    nn.RReLU, nn.Softplus, nn.GLU, nn.Softshrink, nn.Hardshrink, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d,
+    nn.LPPool1d, nn.LPPool2d,
 )
 _UNHANDLED_NAMES = frozenset(
     """prelu rrelu elu selu celu mish softplus threshold glu softshrink hardshrink
-    fractional_max_pool2d fractional_max_pool3d lp_pool1d lp_pool2d""".split()
+    fractional_max_pool2d fractional_max_pool3d lp_pool1d lp_pool2d rrelu_with_noise rrelu_with_noise_functional""".split()
 )
+
+
+# The unhandled ops the dynamo path's census counts: those that keep their name in dynamo's graph
+# (F.lp_pool2d, say, is inlined into avg_pool2d and pow, so no graph node would answer its count).
+_COUNTED_UNHANDLED = frozenset("rrelu rrelu_ softplus threshold threshold_ glu softshrink hardshrink".split())
+
+
+def _call_names() -> frozenset:
+    names = set(_COUNTED_UNHANDLED)
+    for spec in ACTIVATIONS:
+        names.update(form_target for form in spec.methods for form_target in form.targets)
+        for form in spec.functions:
+            names.update(getattr(target, "__name__", "") for target in form.targets
+                         if not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)))
+    return frozenset(name.lstrip("_") for name in names if name)
+
+
+#: The names of every activation-like ``torch`` / ``F`` / ``Tensor`` callable: the table's
+#: forms and the unhandled ones.  The dynamo path counts calls to them.
+ACTIVATION_CALL_NAMES = _call_names()
 _MATMUL_TARGETS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum, aten.matmul, aten.matmul.default,
                    aten.bmm, aten.bmm.default, aten.einsum, aten.einsum.default}
 
@@ -329,7 +240,7 @@ def bind_arguments(params: Sequence[Tuple[str, Any]], args: Sequence[Any], kwarg
 SITE_NAME_META = "excitation_site"  # the site's name, kept across re-excitation
 SITE_NODE_META = "excitation_node"  # the node name the site had in the user's graph
 _SITE_MODULE_TYPES = frozenset(
-    f"{t.__module__}.{t.__qualname__}" for t in (nn.ReLU, nn.MaxPool2d, nn.LayerNorm, *_MODULES)
+    f"{t.__module__}.{t.__qualname__}" for t in _MODULES
 )
 
 
@@ -389,6 +300,9 @@ def _general_site(node: Node, kind: str, form: str, bound: Dict[str, Any], inpla
     if kind == "scaled_dot_product_attention":
         params = {k: v for k, v in bound.items() if k not in ("query",)}
         return SiteMatch(node, kind, form, bound["query"], params=params)
+    if kind in GATED_KINDS:  # the op's own constants, as the table names them
+        params = {name: bound[name] for name, _ in SPECS[kind].params if name in bound}
+        return SiteMatch(node, kind, form, bound["input"], inplace, params=params)
     # temp and pool_backward come from the (re-)excitation's options, not from an earlier one.
     skip = ("input", "inplace", "temp", "pool_backward", "_stacklevel", "cudnn_enable")
     params = {k: v for k, v in bound.items() if k not in skip}
@@ -404,28 +318,41 @@ def _general_site(node: Node, kind: str, form: str, bound: Dict[str, Any], inpla
                      returns_tuple=bool(params.pop("return_indices", False)))
 
 
+def _site(node: Node, kind: str, form: str, bound: Dict[str, Any], inplace: bool) -> Optional[SiteMatch]:
+    """The site of ``kind`` at ``node`` from its bound arguments."""
+    if kind == "relu":
+        return SiteMatch(node, "relu", form, bound["input"], inplace)
+    if kind == "max_pool2d":
+        return _pool_site(node, form, bound, bool(bound.get("return_indices", False)))
+    if kind == "softmax" and "dtype" not in bound:
+        bound["dtype"] = None
+    return _general_site(node, kind, form, bound, inplace)
+
+
+def _bound_site(node: Node, form: str, entry: _Entry) -> Optional[SiteMatch]:
+    """The site a function, ATen or method call is, from its table entry (``None`` where ``applies`` fails)."""
+    kind, params, forced_inplace, fixed, applies = entry
+    bound = bind_arguments(params, node.args, node.kwargs)
+    bound.update(fixed)
+    if applies is not None and not applies(bound):
+        return None
+    inplace = forced_inplace if forced_inplace is not None else bool(bound.get("inplace", False))
+    return _site(node, kind, form, bound, inplace)
+
+
 def _match_module(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
     module = gm.get_submodule(node.target)
-    if type(module) is nn.ReLU:
-        return SiteMatch(node, "relu", "module", node.args[0], bool(module.inplace))
-    if type(module) is nn.MaxPool2d:
-        bound = {
-            "input": node.args[0],
-            "kernel_size": module.kernel_size,
-            "stride": module.stride,
-            "padding": module.padding,
-            "dilation": module.dilation,
-            "ceil_mode": module.ceil_mode,
-        }
-        return _pool_site(node, "module", bound, module.return_indices)
     entry = _MODULES.get(type(module))
     if entry is None:
         return None
-    kind, attributes = entry
+    kind, attributes, fixed, applies = entry
+    if applies is not None and not applies(module):
+        return None
     if kind == "multihead_attention":
         form = "excited" if type(module) is ExcitedMultiheadAttention else "module"
         return SiteMatch(node, kind, form, node.args[0] if node.args else node.kwargs.get("query"))
     bound = {name: getattr(module, name) for name in attributes}
+    bound.update(fixed)
     bound["input"] = node.args[0] if node.args else node.kwargs.get("input")
     if kind == "prelu":
         bound["weight"] = f"{node.target}.weight"  # read with a get_attr at the rewrite
@@ -433,7 +360,7 @@ def _match_module(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         bound["weight"] = f"{node.target}.weight" if module.weight is not None else None
         bound["bias"] = f"{node.target}.bias" if module.bias is not None else None
         bound["normalized_shape"] = list(module.normalized_shape)
-    return _general_site(node, kind, "module", bound, bool(getattr(module, "inplace", False)))
+    return _site(node, kind, "module", bound, bool(getattr(module, "inplace", False)))
 
 
 def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
@@ -441,43 +368,21 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
     if node.op == "call_module":
         return _match_module(gm, node)
     if node.op == "call_method":
-        if node.target in _RELU_METHODS:
-            return SiteMatch(node, "relu", "method", node.args[0], _RELU_METHODS[node.target])
-        if node.target == "softmax":
-            bound = bind_arguments(_SOFTMAX, node.args, node.kwargs)
-            return _general_site(node, "softmax", "method", bound, False)
-        if node.target == "prelu":
-            return _general_site(node, "prelu", "method", bind_arguments(_PRELU, node.args, node.kwargs), False)
+        entry = _METHODS.get(node.target)
+        if entry is not None:
+            return _bound_site(node, "method", entry)
         return _hard_mish_site(node, "method")
     if node.op != "call_function":
         return None
     target = node.target
     form = "aten" if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) else "function"
     try:
-        relu_entry = _RELU_FUNCTIONS.get(target)
-        pool_entry = _POOL_FUNCTIONS.get(target)
         entry = _FUNCTIONS.get(target)
         surrogate_kind = _SURROGATE_KINDS.get(target)
     except TypeError:  # unhashable target
         return None
-    if relu_entry is not None:
-        params, forced_inplace = relu_entry
-        bound = bind_arguments(params, node.args, node.kwargs)
-        inplace = forced_inplace if forced_inplace is not None else bool(bound["inplace"])
-        return SiteMatch(node, "relu", form, bound["input"], inplace)
-    if pool_entry is not None:
-        params, forced_indices = pool_entry
-        bound = bind_arguments(params, node.args, node.kwargs)
-        indices = forced_indices if forced_indices is not None else bound["return_indices"]
-        return _pool_site(node, form, bound, indices)
     if entry is not None:
-        kind, params, forced_inplace, fixed = entry
-        bound = bind_arguments(params, node.args, node.kwargs)
-        bound.update(fixed)
-        if kind == "softmax" and "dtype" not in bound:
-            bound["dtype"] = None
-        inplace = forced_inplace if forced_inplace is not None else bool(bound.get("inplace", False))
-        return _general_site(node, kind, form, bound, inplace)
+        return _bound_site(node, form, entry)
     if target is surrogate_relu:
         bound = bind_arguments(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
         return SiteMatch(node, "relu", "excited", bound["input"])
@@ -588,23 +493,7 @@ def surrogate_call(match: SiteMatch, temp: Optional[float], pool_backward: str =
         return target, {**params, "temp": temp, **extra}
     if kind == "layer_norm" and match.returns_tuple:  # the 3-output aten.native_layer_norm
         return surrogate_native_layer_norm, params
-    target = {
-        "hardtanh": surrogate_hardtanh,
-        "leaky_relu": surrogate_leaky_relu,
-        "silu": surrogate_silu,
-        "gelu": surrogate_gelu,
-        "hardswish": surrogate_hardswish,
-        "hardsigmoid": surrogate_hardsigmoid,
-        "prelu": surrogate_prelu,
-        "elu": surrogate_elu,
-        "celu": surrogate_celu,
-        "selu": surrogate_selu,
-        "mish": surrogate_mish,
-        "hard_mish": surrogate_hard_mish,
-        "layer_norm": surrogate_layer_norm,
-        "softmax": surrogate_softmax,
-        "scaled_dot_product_attention": surrogate_scaled_dot_product_attention,
-    }[kind]
+    target = SURROGATES.get(kind) or _OWN_SURROGATES[kind]
     if temp is not None:
         params["temp"] = temp
     return target, params
@@ -665,6 +554,14 @@ def _decomposed_switch(node: Node) -> Optional[str]:
     if any(isinstance(a, Node) and a.target in (aten.expm1.default, aten.expm1) for a in other.args):
         return "celu"
     return None
+
+
+def _is_decomposed_threshold(node: Node) -> bool:
+    """``aten.where(x <= th, value, x)``: ``threshold`` (so ``nn.Threshold``) in a core-ATen graph."""
+    if node.target not in (aten.where.self, aten.where) or len(node.args) != 3:
+        return False
+    cond, _, x = node.args
+    return isinstance(cond, Node) and cond.target in (aten.le.Scalar, aten.le) and cond.args[:1] == (x,)
 
 
 def _is_decomposed_mish(node: Node) -> bool:
@@ -748,6 +645,8 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
         return inside, "no rule"
     if node.op == "call_function" and _is_decomposed_mish(node):
         return "mish (decomposed)", "decomposed"
+    if node.op == "call_function" and _is_decomposed_threshold(node):
+        return "threshold (decomposed)", "decomposed"
     switch = _decomposed_switch(node) if node.op == "call_function" else None
     if switch is not None:
         return f"{switch} (decomposed)", "decomposed"

@@ -5,20 +5,7 @@ Importing this package registers the ``excitation::`` ops with ``torch.library``
 ``torch.export.load`` needs to run a saved excited program.
 """
 
-from .activations import (
-    surrogate_celu,
-    surrogate_elu,
-    surrogate_gelu,
-    surrogate_hard_mish,
-    surrogate_hardsigmoid,
-    surrogate_hardswish,
-    surrogate_hardtanh,
-    surrogate_leaky_relu,
-    surrogate_mish,
-    surrogate_prelu,
-    surrogate_selu,
-    surrogate_silu,
-)
+from .activations import SURROGATES, surrogate_prelu
 from .attention import (
     ExcitedMultiheadAttention,
     freeze_attention,
@@ -32,6 +19,9 @@ from .ops import surrogate_max_pool2d, surrogate_relu
 from .pooling import surrogate_adaptive_max_pool, surrogate_max_pool
 from .recompute import RecomputedConv2d
 
+# The gated activations' surrogates by name (surrogate_hardtanh, surrogate_silu, ...), made from the table.
+globals().update({function.__name__: function for function in SURROGATES.values()})
+
 #: Every function an excited graph may call: fx keeps them as leaves when re-tracing.
 SURROGATE_FUNCTIONS = (
     surrogate_relu,
@@ -39,18 +29,8 @@ SURROGATE_FUNCTIONS = (
     surrogate_max_pool2d,
     surrogate_max_pool,
     surrogate_adaptive_max_pool,
-    surrogate_hardtanh,
-    surrogate_leaky_relu,
-    surrogate_silu,
-    surrogate_gelu,
-    surrogate_hardswish,
-    surrogate_hardsigmoid,
+    *SURROGATES.values(),
     surrogate_prelu,
-    surrogate_elu,
-    surrogate_celu,
-    surrogate_selu,
-    surrogate_mish,
-    surrogate_hard_mish,
     surrogate_layer_norm,
     surrogate_native_layer_norm,
     surrogate_softmax,
@@ -63,18 +43,8 @@ __all__ = [
     "surrogate_max_pool2d",
     "surrogate_max_pool",
     "surrogate_adaptive_max_pool",
-    "surrogate_hardtanh",
-    "surrogate_leaky_relu",
-    "surrogate_silu",
-    "surrogate_gelu",
-    "surrogate_hardswish",
-    "surrogate_hardsigmoid",
+    *(function.__name__ for function in SURROGATES.values()),
     "surrogate_prelu",
-    "surrogate_elu",
-    "surrogate_celu",
-    "surrogate_selu",
-    "surrogate_mish",
-    "surrogate_hard_mish",
     "surrogate_layer_norm",
     "surrogate_native_layer_norm",
     "surrogate_softmax",
@@ -84,4 +54,5 @@ __all__ = [
     "ExcitedMultiheadAttention",
     "RecomputedConv2d",
     "SURROGATE_FUNCTIONS",
+    "SURROGATES",
 ]

@@ -1,37 +1,28 @@
-"""Surrogates for the ReLU relatives: ReLU6/Hardtanh, LeakyReLU, SiLU, GELU, Hardswish, Hardsigmoid,
-ELU/CELU/SELU, Mish and timm's hard_mish.
+"""Surrogates for the ReLU relatives: every gated kind of :data:`excitation.spec.ACTIVATIONS`, and PReLU.
 
-One op, ``excitation::surrogate_activation(z, kind, temp, params)``, covers them
-all: its forward calls the very ATen op the model called (so it is bit-exact),
-and its backward is ``grad * gate(z / temp)`` with the gate of
-:data:`excitation.gates.ACTIVATION_GATES` for that kind.  The per-kind Python
-functions below are what an excited graph calls, so it reads like the model.
+One op, ``excitation::surrogate_activation(z, kind, temp, params)``, covers every kind
+the table gives a forward and a gate: its forward calls the very ATen op the model
+called (so it is bit-exact), and its backward is ``grad * gate(z, temp, *params)``.
+The per-kind Python functions (``surrogate_hardtanh``, ``surrogate_silu``, ...) are
+made from the table too; they are what an excited graph calls, so it reads like the model.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..gates import ACTIVATION_GATES, leaky_relu_gate
+from ..gates import leaky_relu_gate
+from ..presets import DEFAULT_PRESET
+from ..spec import ACTIVATIONS, RULE_BACKWARDS, SPECS, ActivationSpec, spec_temp
 from .reference import flush_subnormal, gated_backward
 from .registry import define_surrogate_op
 
 __all__ = [
-    "surrogate_hardtanh",
-    "surrogate_leaky_relu",
-    "surrogate_silu",
-    "surrogate_gelu",
-    "surrogate_hardswish",
-    "surrogate_hardsigmoid",
-    "surrogate_elu",
-    "surrogate_celu",
-    "surrogate_selu",
-    "surrogate_mish",
-    "surrogate_hard_mish",
+    "SURROGATES",
     "surrogate_prelu",
     "prelu_backward",
     "activation_forward",
@@ -39,61 +30,40 @@ __all__ = [
 ]
 
 
+def _spec(kind: str) -> ActivationSpec:
+    spec = SPECS.get(kind)
+    if spec is None or spec.forward is None:
+        known = sorted(k for k, s in SPECS.items() if s.forward is not None)
+        raise ValueError(f"unknown activation kind {kind!r}; expected one of {known}.")
+    return spec
+
+
 def activation_forward(z: Tensor, kind: str, params: List[float]) -> Tensor:
     """The original activation, computed by the same ATen op the model's call reaches."""
-    if kind == "hardtanh":
-        return F.hardtanh(z, params[0], params[1])
-    if kind == "leaky_relu":
-        return F.leaky_relu(z, params[0])
-    if kind == "silu":
-        return F.silu(z)
-    if kind == "gelu":
-        return F.gelu(z)
-    if kind == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if kind == "hardswish":
-        return F.hardswish(z)
-    if kind == "hardsigmoid":
-        return F.hardsigmoid(z)
-    if kind == "elu":
-        # aten.elu's full form: F.elu is (alpha, 1, 1); core-ATen graphs decompose SELU into it.
-        return torch.ops.aten.elu.default(z, params[0], params[1], params[2])
-    if kind == "celu":
-        return F.celu(z, params[0])
-    if kind == "selu":
-        return F.selu(z)
-    if kind == "mish":
-        return F.mish(z)
-    if kind == "hard_mish":
-        # timm.layers.hard_mish, operation for operation (so the same bits): 0.5 * x * (x + 2).clamp(0, 2).
-        return 0.5 * z * (z + 2).clamp(min=0, max=2)
-    raise ValueError(f"unknown activation kind {kind!r}; expected one of {sorted(ACTIVATION_GATES)}.")
+    return _spec(kind).forward(z, *params)
 
 
 def surrogate_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: float, params: List[float]) -> Tensor:
     """``grad * gate(z, temp, *params)``, gate floored at 2^-64 and result flushed (:func:`.reference.gated_backward`).
 
-    The gate is computed in at least float32.  SiLU's and GELU's gates are the ReLU rule's own
-    (``sigmoid(z / temp)``, ``Phi(z / temp)``), so they take its fast paths (C kernel, fused
-    ``softplus_backward``): at batch 1 each small pass is host time, and the contract's six per
-    site were most of efficientnet's and convnext's extra time in the zoo (measured in docs/design-measurements.md).
+    The gate is computed in at least float32.  Kinds whose gate is a ReLU gate (SiLU's
+    ``sigmoid(z / temp)``, GELU's ``Phi(z / temp)``: ``ActivationSpec.relu_gate``) take the ReLU
+    rule's fast paths (C kernel, fused ``softplus_backward``): at batch 1 each small pass is host
+    time, and the contract's six per site were most of efficientnet's and convnext's extra time in
+    the zoo (measured in docs/design-measurements.md).
     """
     from .ops import native_activation_backward, relu_gate_backward  # ops imports this module's siblings
 
     fast = native_activation_backward(grad, z, kind, temp, params)
     if fast is not None:
         return fast
-    relu_gate = _RELU_GATE_OF.get(kind)
+    spec = _spec(kind)
     # float64 keeps the contract: the fast path's softplus_backward returns the gate 1 past
     # z / temp > 20 (off by e^-20 ~ 2e-9, below float32's resolution but not float64's).
-    if relu_gate is not None and z.dtype != torch.float64:
-        return relu_gate_backward(grad, z, temp, relu_gate)
+    if spec.relu_gate is not None and z.dtype != torch.float64:
+        return relu_gate_backward(grad, z, temp, spec.relu_gate)
     compute = z.to(torch.promote_types(z.dtype, torch.float32))
-    return gated_backward(grad, ACTIVATION_GATES[kind](compute, temp, *params))
-
-
-# Kinds whose gate is exactly a ReLU gate of :data:`excitation.gates.GATES` (see ACTIVATION_GATES).
-_RELU_GATE_OF = {"silu": "sigmoid", "gelu": "normal_cdf", "gelu_tanh": "normal_cdf"}
+    return gated_backward(grad, spec.gate(compute, temp, *params))
 
 
 def _forward(z: Tensor, kind: str, temp: float, params: List[float]) -> Tensor:
@@ -116,66 +86,42 @@ _surrogate_activation = define_surrogate_op(
 )
 
 
-def surrogate_hardtanh(input: Tensor, min_val: float = -1.0, max_val: float = 1.0, temp: float = 0.3) -> Tensor:
-    """``F.hardtanh`` (and ReLU6 = ``hardtanh(z, 0, 6)``); backward ``grad * hardtanh_gate``."""
-    return _surrogate_activation(input, "hardtanh", float(temp), [float(min_val), float(max_val)])
+def _make_surrogate(spec: ActivationSpec) -> Callable[..., Tensor]:
+    """``surrogate_<kind>(input, *params, temp=<default>)``: the op's forward, the kind's gated backward.
 
-
-def surrogate_leaky_relu(input: Tensor, negative_slope: float = 0.01, temp: float = 0.3) -> Tensor:
-    """``F.leaky_relu``; backward ``grad * (a + (1 - a) * sigmoid(z / temp))``."""
-    return _surrogate_activation(input, "leaky_relu", float(temp), [float(negative_slope)])
-
-
-def surrogate_silu(input: Tensor, temp: float = 1.6) -> Tensor:
-    """``F.silu``; backward ``grad * sigmoid(z / temp)`` (published default temp 1.6)."""
-    return _surrogate_activation(input, "silu", float(temp), [])
-
-
-def surrogate_gelu(input: Tensor, approximate: str = "none", temp: float = 1.0) -> Tensor:
-    """``F.gelu``; backward ``grad * Phi(z / temp)`` (published default temp 1.0)."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}.")
-    return _surrogate_activation(input, "gelu" if approximate == "none" else "gelu_tanh", float(temp), [])
-
-
-def surrogate_hardswish(input: Tensor, temp: float = 1.6) -> Tensor:
-    """``F.hardswish``; backward ``grad * hardsigmoid(z / temp)``."""
-    return _surrogate_activation(input, "hardswish", float(temp), [])
-
-
-def surrogate_hardsigmoid(input: Tensor, temp: float = 0.3) -> Tensor:
-    """``F.hardsigmoid``; backward ``grad * hardtanh_gate(z + 3, temp, 0, 6) / 6``."""
-    return _surrogate_activation(input, "hardsigmoid", float(temp), [])
-
-
-def surrogate_elu(
-    input: Tensor, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0, temp: float = 0.3
-) -> Tensor:
-    """``aten.elu(z, alpha, scale, input_scale)`` (``F.elu`` is ``(alpha, 1, 1)``); backward ``grad * elu_gate``.
-
-    ``elu_gate = scale * (s + (1 - s) * alpha * input_scale * exp(input_scale * min(z, 0)))``, ``s = sigmoid(z / temp)``.
+    Written as source and compiled, as ``dataclasses`` does for ``__init__``: Python binds the
+    arguments (a site's call costs what a hand-written function's does) and the function has
+    the table's signature, which fx prints and ``inspect`` reads.
     """
-    return _surrogate_activation(input, "elu", float(temp), [float(alpha), float(scale), float(input_scale)])
+    names = [name for name, _ in spec.params]
+    function_name = f"surrogate_{spec.kind}"
+    if not all(name.isidentifier() for name in (function_name, *names)):
+        raise ValueError(f"activation kind {spec.kind!r}: kind and parameter names must be identifiers.")
+    if spec.encode is None:
+        floats = ", ".join(f"float({name})" for name in names)
+        body = f"return _op(input, {spec.kind!r}, float(temp), [{floats}])"
+    else:
+        arguments = ", ".join(f"{name!r}: {name}" for name in names)
+        body = f"kind, params = _encode({{{arguments}}})\n    return _op(input, kind, float(temp), params)"
+    source = f"def {function_name}({', '.join(['input', *names, 'temp'])}):\n    {body}\n"
+    namespace: Dict[str, Any] = {"_op": _surrogate_activation, "_encode": spec.encode}
+    exec(source, namespace)  # noqa: S102 - source built above from the table's identifiers
+    surrogate = namespace[function_name]
+    surrogate.__defaults__ = (*(default for _, default in spec.params), spec_temp(spec, DEFAULT_PRESET))
+    surrogate.__module__ = __name__
+    surrogate.__doc__ = (
+        f"The {spec.kind} activation, forward unchanged; backward ``{RULE_BACKWARDS[spec.rule]}`` "
+        f"(rule ``{spec.rule}``, default temp {spec_temp(spec, DEFAULT_PRESET):g})."
+    )
+    return surrogate
 
 
-def surrogate_celu(input: Tensor, alpha: float = 1.0, temp: float = 0.3) -> Tensor:
-    """``F.celu``; backward ``grad * (s + (1 - s) * exp(min(z, 0) / alpha))``, ``s = sigmoid(z / temp)``."""
-    return _surrogate_activation(input, "celu", float(temp), [float(alpha)])
-
-
-def surrogate_selu(input: Tensor, temp: float = 0.3) -> Tensor:
-    """``F.selu``; backward ``grad * scale * (s + (1 - s) * alpha * exp(min(z, 0)))``, ``s = sigmoid(z / temp)``."""
-    return _surrogate_activation(input, "selu", float(temp), [])
-
-
-def surrogate_mish(input: Tensor, temp: float = 1.6) -> Tensor:
-    """``F.mish``; backward ``grad * tanh(softplus(z / temp))`` (SiLU's default temp 1.6)."""
-    return _surrogate_activation(input, "mish", float(temp), [])
-
-
-def surrogate_hard_mish(input: Tensor, temp: float = 1.6) -> Tensor:
-    """timm's ``hard_mish`` (``0.5 * z * clamp(z + 2, 0, 2)``); backward ``grad * clamp(z / (2 temp) + 1, 0, 1)``."""
-    return _surrogate_activation(input, "hard_mish", float(temp), [])
+#: The surrogate function of every gated site kind (:data:`excitation.spec.ACTIVATIONS`), by kind.
+SURROGATES: Dict[str, Callable[..., Tensor]] = {
+    spec.kind: _make_surrogate(spec) for spec in ACTIVATIONS if spec.forward is not None and spec.variant_of is None
+}
+# Module attributes, so that pickled and printed graphs name them (surrogate_hardtanh, ...).
+globals().update({function.__name__: function for function in SURROGATES.values()})
 
 
 # ---------------------------------------------------------------- PReLU
