@@ -31,6 +31,7 @@ from .extract import extract, load_extract
 from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
 from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
 from .fxpass.backend import backend
+from .fxpass.options import Options
 from .fxpass.rules import DEFAULT_RULES, RULES, Rule
 from .gates import GATES
 from .kernels import surrogate_max_pool2d, surrogate_relu
@@ -42,6 +43,7 @@ __version__ = "0.2.0"
 __all__ = [
     "excite",
     "excite_graph",
+    "Options",
     "backend",
     "report",
     "is_excited",

@@ -22,10 +22,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from .errors import ExcitationTraceError
-from .fxpass.rewrite import TempsSpec, check_not_compiled, excite, is_excited, report
+from .fxpass.options import Options, TempsSpec, options_from
+from .fxpass.rewrite import check_not_compiled, excite, is_excited, report
 from .fxpass.rules import RulesSpec
 from .fxpass.tracing import TRACE_GATE, clone_module_tree
-from .presets import resolve_preset
 
 __all__ = ["pullback", "pullbacks", "gradient", "prepare", "clear_cache", "path_of"]
 
@@ -62,27 +62,11 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def _rules_key(rules: RulesSpec) -> Any:
-    if rules is None or isinstance(rules, str):
-        return rules
-    if isinstance(rules, dict):
-        return tuple(sorted(rules.items()))
-    return tuple(rules)
-
-
-def _temps_key(temps: TempsSpec) -> Any:
-    if temps is None or callable(temps):
-        return temps
-    try:
-        return tuple(sorted(temps.items()))
-    except (AttributeError, TypeError):
-        return id(temps)
-
-
 def prepare(
     model: nn.Module,
     *,
     excited: bool = True,
+    options: Optional[Options] = None,
     preset: Optional[str] = None,
     temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
@@ -109,8 +93,9 @@ def prepare(
         A plain or excited model.
     excited : bool
         The excited module (``True``) or the plain one :func:`gradient` runs.
-    preset, temp, pool_temp, gate, pool_backward, temps, rules
-        As for :func:`excitation.excite`; only for plain models.
+    options, preset, temp, pool_temp, gate, pool_backward, temps, rules
+        As for :func:`excitation.excite`; only for plain models.  The cache is keyed by the
+        :class:`~excitation.Options` they make.
 
     Returns
     -------
@@ -136,31 +121,31 @@ def prepare(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
     check_not_compiled(model, "pullback" if excited else "gradient")
-    options = (preset, temp, pool_temp, gate, pool_backward)
+    chosen = options is not None or any(value is not None for value in (preset, temp, pool_temp, gate,
+                                                                        pool_backward, temps, rules))
     if excited and getattr(model, "excitation_path", None) == "dynamo":
         return model  # already a CompiledExcited from an earlier prepare()
     if excited and is_excited(model):
-        if any(value is not None for value in options) or temps is not None or rules is not None:
+        if chosen:
             found = report(model)
             raise ValueError(
                 f"model is already excited (preset {found.preset!r}, temp={found.temp}, gate={found.gate!r}); the "
-                f"preset, temp, pool_temp, gate, pool_backward, temps and rules options apply only to plain models. "
+                f"options (preset, temp, pool_temp, gate, pool_backward, temps, rules) apply only to plain models. "
                 f"Re-excite it with excitation.excite(model, ...) instead."
             )
         return model
     if excited:
-        options = resolve_preset(preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward)
-    key = ("excited", *options, _temps_key(temps), _rules_key(rules)) if excited else ("vanilla",)
+        options = options_from(options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+                               pool_backward=pool_backward, temps=temps, rules=rules)
+    key = ("excited", options) if excited else ("vanilla",)
     identity = _identity(model)
     with _CACHE_LOCK:
         cached = _CACHE.get(model, {}).get(key)
     if cached is not None and cached[0] == identity:
         return cached[1]
     if excited:
-        name, temp, pool_temp, gate, pool_backward = options
         try:
-            prepared = excite(model, preset=name, temp=temp, pool_temp=pool_temp, gate=gate,
-                              pool_backward=pool_backward, temps=temps, rules=rules)
+            prepared = excite(model, options=options)
             prepared.excitation_path = "fx"
         except ExcitationTraceError as exc:
             from .dynamo_path import DEFAULT_INNER, CompiledExcited
@@ -168,8 +153,7 @@ def prepare(
             reason = str(exc).splitlines()[0]
             log.info("excitation: %s does not trace with torch.fx (%s); using the torch.compile path "
                      "(excitation.backend, inner %r)", type(model).__name__, reason, DEFAULT_INNER)
-            prepared = CompiledExcited(model, trace_error=reason, preset=name, temp=temp, pool_temp=pool_temp,
-                                       gate=gate, pool_backward=pool_backward, temps=temps, rules=rules)
+            prepared = CompiledExcited(model, trace_error=reason, options=options)
     else:
         prepared = clone_module_tree(model)
     prepared.eval()
@@ -328,12 +312,14 @@ def pullback(
     x: Tensor,
     target: Target,
     *,
+    options: Optional[Options] = None,
     preset: Optional[str] = None,
     temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
     gate: Optional[str] = None,
     pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
+    rules: RulesSpec = None,
     create_graph: bool = False,
 ) -> Tensor:
     """The excitation pullback ``d(sum_i out[i, target_i]) / dx``.
@@ -347,7 +333,7 @@ def pullback(
         Input batch [N, ...], on the model's device and dtype.
     target : int, sequence of ints, LongTensor [N] or callable
         The class per sample, or ``callable(output) -> Tensor [N]``.
-    preset, temp, pool_temp, gate, pool_backward, temps
+    options, preset, temp, pool_temp, gate, pool_backward, temps, rules
         As for :func:`excitation.excite`; only for plain models.
     create_graph : bool
         Keep the graph of the pullback for higher-order derivatives.
@@ -379,8 +365,8 @@ def pullback(
     >>> bool(torch.allclose(pb, excitation.gradient(net, x, target=[0, 2])))
     False
     """
-    module = prepare(model, excited=True, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
-                     pool_backward=pool_backward, temps=temps)
+    module = prepare(model, excited=True, options=options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+                     pool_backward=pool_backward, temps=temps, rules=rules)
     return _input_gradient(module, x, target, create_graph)
 
 
@@ -426,12 +412,14 @@ def pullbacks(
     x: Tensor,
     targets: Union[Sequence[int], Tensor],
     *,
+    options: Optional[Options] = None,
     preset: Optional[str] = None,
     temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
     gate: Optional[str] = None,
     pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
+    rules: RulesSpec = None,
 ) -> Tensor:
     """Pullbacks of K classes per input in one backward pass: a Tensor [N, K, ...].
 
@@ -447,7 +435,7 @@ def pullbacks(
         Input batch [N, ...], on the model's device and dtype.
     targets : sequence of ints, LongTensor [K] or LongTensor [N, K]
         The same K classes for every input, or K classes per input.
-    preset, temp, pool_temp, gate, pool_backward, temps
+    options, preset, temp, pool_temp, gate, pool_backward, temps, rules
         As for :func:`excitation.excite`; only for plain models.
 
     Returns
@@ -474,8 +462,8 @@ def pullbacks(
     >>> bool(torch.allclose(grid[:, 1], excitation.pullback(net, x, target=1), atol=1e-6))
     True
     """
-    module = prepare(model, excited=True, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
-                     pool_backward=pool_backward, temps=temps)
+    module = prepare(model, excited=True, options=options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+                     pool_backward=pool_backward, temps=temps, rules=rules)
     x = check_input(module, x)
     batch = x.shape[0]
     index = torch.as_tensor(targets) if not isinstance(targets, Tensor) else targets

@@ -17,7 +17,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .api import Target, check_input, prepare, select_target
-from .fxpass.rewrite import TempsSpec
+from .fxpass.options import Options, TempsSpec
+from .fxpass.rules import RulesSpec
 from .fxpass.tracing import TRACE_GATE
 
 __all__ = ["ascend", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGENET_NORMALIZE", "Normalized"]
@@ -96,10 +97,14 @@ def ascend(
     pixel_range: Optional[Tuple[float, float]] = (0.0, 1.0),
     normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
     direction: str = "pullback",
+    options: Optional[Options] = None,
     preset: Optional[str] = None,
     temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
+    gate: Optional[str] = None,
+    pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
+    rules: RulesSpec = None,
     return_history: bool = False,
     progress: bool = True,
 ) -> Union[Tensor, Tuple[Tensor, List[Tensor]]]:
@@ -124,7 +129,7 @@ def ascend(
         Applied inside, before the model; ``excitation.IMAGENET_NORMALIZE`` for torchvision.
     direction : {"pullback", "gradient"}
         Ascend along the excitation pullback or the vanilla gradient.
-    preset, temp, pool_temp, temps
+    options, preset, temp, pool_temp, gate, pool_backward, temps, rules
         Options of the pullback (plain models only), as for :func:`excitation.excite`.
     return_history : bool
         Also return the images after every step (``steps + 1`` tensors, the original first).
@@ -164,7 +169,8 @@ def ascend(
             raise ValueError(f"pixel_range must be (low, high) with low < high, got {pixel_range!r}.")
     x = check_input(model, x)
     if direction == "pullback":
-        module = prepare(model, excited=True, preset=preset, temp=temp, pool_temp=pool_temp, temps=temps)
+        module = prepare(model, excited=True, options=options, preset=preset, temp=temp, pool_temp=pool_temp,
+                         gate=gate, pool_backward=pool_backward, temps=temps, rules=rules)
     else:
         module = prepare(model, excited=False)
     if normalize is not None:

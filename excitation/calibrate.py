@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch import Tensor, fx
 
 from .api import check_input, prepare
+from .fxpass.options import Options
 from .fxpass.rules import RULES
 from .kernels.fused import batch_norm_relu, batch_norm_relu_pre_activation
 from .fxpass.sites import SITE_NODE_META, surrogate_rule
@@ -87,13 +88,14 @@ class _DynamoRecorder:
     the cached :func:`~excitation.prepare` module keeps its compiled graphs.
     """
 
-    def __init__(self, model: nn.Module, trace_error: str, max_samples: int, generator: torch.Generator) -> None:
+    def __init__(self, model: nn.Module, trace_error: str, max_samples: int, generator: torch.Generator,
+                 options: Optional[Options] = None) -> None:
         from .dynamo_path import CompiledExcited
 
         self.samples: Dict[str, List[Tensor]] = {}
         self.rules: Dict[str, str] = {}
         self.max_samples, self.generator = max_samples, generator
-        self.compiled = CompiledExcited(model, trace_error=trace_error, inner=self._record)
+        self.compiled = CompiledExcited(model, trace_error=trace_error, options=options, inner=self._record)
 
     def _record(self, gm: fx.GraphModule, example_inputs: Sequence[Tensor]) -> Callable:
         recorder = _Recorder(gm, self.max_samples, self.generator, self.samples, self.rules)
@@ -111,6 +113,7 @@ def calibrate(
     max_samples: int = 100_000,
     min_temp: float = 1e-4,
     progress: bool = True,
+    options: Optional[Options] = None,
 ) -> Dict[str, float]:
     """Per-site temperatures for ``excite(model, temps=...)`` from real inputs.
 
@@ -129,6 +132,10 @@ def calibrate(
         Values kept per site and batch (a random subsample) to bound memory.
     min_temp : float
         Floor for sites whose inputs barely vary (e.g. constant channels).
+    progress : bool
+        Show a progress bar over the batches.
+    options : excitation.Options, optional
+        The options whose sites are calibrated (which rules apply); the default ones if omitted.
 
     Returns
     -------
@@ -154,13 +161,13 @@ def calibrate(
     """
     scale_factor = check_temp(scale_factor, argument="scale_factor")
     min_temp = check_temp(min_temp, argument="min_temp")
-    excited = prepare(model, excited=True)
+    excited = prepare(model, excited=True, options=options)
     if isinstance(batches, Tensor):
         batches = [batches]
     generator = torch.Generator().manual_seed(0)
     if getattr(excited, "excitation_path", None) == "dynamo":
         recorder: Union[_Recorder, _DynamoRecorder] = _DynamoRecorder(model, excited.trace_error, max_samples,
-                                                                       generator)
+                                                                       generator, options)
     else:
         recorder = _Recorder(excited, max_samples, generator)
     iterator = batches

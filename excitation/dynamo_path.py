@@ -47,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import ExcitationError, with_suggestions
 from .fxpass.backend import ExcitationBackend
 from .fxpass.report import Report
-from .fxpass.rewrite import TempsSpec
+from .fxpass.options import Options, TempsSpec
 from .fxpass.rules import RulesSpec
 from .fxpass.sites import ACTIVATION_CALL_NAMES
 from .fxpass.tracing import clone_module_tree
@@ -170,6 +170,7 @@ class CompiledExcited(nn.Module):
         model: nn.Module,
         *,
         trace_error: str = "",
+        options: Optional[Options] = None,
         preset: Optional[str] = None,
         temp: Optional[float] = None,
         pool_temp: Optional[float] = None,
@@ -184,7 +185,7 @@ class CompiledExcited(nn.Module):
         self.model.eval()
         self.trace_error = trace_error
         # A callable inner step may interpret the graph's surrogate calls (calibration's recorder does).
-        self.backend = ExcitationBackend(preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+        self.backend = ExcitationBackend(options=options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
                                          pool_backward=pool_backward, temps=temps, rules=rules, inner=inner,
                                          c_backward=not callable(inner))
         self.backend.warn_unused_temps = False  # _check_temps() checks after each call instead

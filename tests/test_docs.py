@@ -168,7 +168,7 @@ PYCON = re.compile(r"```pycon\n(.*?)```", re.DOTALL)
 DOC_PAGES = sorted(p for p in DOCS.glob("**/*.md") if PYCON.search(p.read_text()))
 DOCTEST_MODULES = ["excitation", "excitation.api", "excitation.ascent", "excitation.calibrate",
                    "excitation.fxpass.backend", "excitation.fxpass.rewrite", "excitation.kernels.ops",
-                   "excitation.quantus", "excitation.errors"]
+                   "excitation.quantus", "excitation.errors", "excitation.fxpass.options"]
 
 
 @pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: p.relative_to(DOCS).as_posix())

@@ -326,9 +326,19 @@ def test_a_model_fx_cannot_trace_takes_the_dynamo_path(images, tmp_path, compile
 # ------------------------------------------------------------------------ refusals
 def test_other_options_into_the_same_store_are_refused(images, reference):
     before = (reference / "zarr.json").read_bytes()
-    with pytest.raises(ExtractStoreError, match=r"other options \(.*temp: None -> 0\.5.*new --out"):
+    with pytest.raises(ExtractStoreError, match=r"other options \(.*temp: 0\.3 -> 0\.5.*new --out"):
         extract(MODEL, images, reference, size=SIZE, batch=BATCH, gradient=True, temp=0.5, progress=False)
     assert (reference / "zarr.json").read_bytes() == before
+
+
+def test_the_options_object_and_its_keywords_name_the_same_store(images, reference):
+    # The store records the resolved options: Options.build() is what no keyword means.
+    again = extract(MODEL, images, reference, size=SIZE, batch=BATCH, gradient=True, options=excitation.Options.build(),
+                    progress=False)
+    assert again.chunks_computed == 0 and again.chunks_total == 6
+    with pytest.raises(ExtractStoreError, match=r"gate: 'sigmoid' -> 'normal_cdf'"):
+        extract(MODEL, images, reference, size=SIZE, batch=BATCH, gradient=True,
+                options=excitation.Options.build(gate="normal_cdf"), progress=False)
 
 
 def test_a_corrupt_image_is_an_error_naming_it_or_a_recorded_skip(tmp_path):

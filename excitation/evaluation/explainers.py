@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..fxpass.options import Options
+
 __all__ = ["Explainer", "EXPLAINERS", "DEFAULT_EXPLAINERS", "make_explainer", "resolve_explainers", "cam_layer_name",
            "in_eval_mode"]
 
@@ -63,13 +65,21 @@ def in_eval_mode(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-def _pullback(preset: Optional[str] = None, temp: Optional[float] = None) -> Explainer:
+def _pullback(options: Options) -> Explainer:
     def explain(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
         from ..api import pullback
 
-        return pullback(model, x, target, preset=preset, temp=temp).detach()
+        return pullback(model, x, target, options=options).detach()
 
     return explain
+
+
+def _pullback_options(preset: str, chosen: Dict[str, Any]) -> Options:
+    """The pullback's options: ``chosen["options"]`` (the ``"paper"`` entry only) or the preset's, at ``chosen["temp"]``."""
+    given, temp = chosen.get("options") if preset == "paper" else None, chosen.get("temp")
+    if given is None:
+        return Options.build(preset, temp=temp)
+    return given if temp is None else given.replace(temp=temp)
 
 
 def _gradient() -> Explainer:
@@ -354,8 +364,9 @@ def _captum(kind: str, **options: Any) -> Explainer:
 
 # name -> (factory, short description).  Factories take keyword options.
 EXPLAINERS: Dict[str, Any] = {
-    "pullback": (lambda **o: _pullback("paper", o.get("temp")), "excitation pullback, preset 'paper'"),
-    "pullback-semantic": (lambda **o: _pullback("semantic", o.get("temp")), "excitation pullback, preset 'semantic'"),
+    "pullback": (lambda **o: _pullback(_pullback_options("paper", o)),
+                 "excitation pullback, preset 'paper' (or evaluate's options=)"),
+    "pullback-semantic": (lambda **o: _pullback(_pullback_options("semantic", o)), "excitation pullback, preset 'semantic'"),
     "smooth-pullback": (lambda **o: _smooth_pullback(temp=o.get("temp")), "noise tunnel (8 samples, 15 %) over the pullback"),
     "pullback-ascent": (lambda **o: _ascent(temp=o.get("temp")), "ascend(x) - x, 3 normalised pullback steps"),
     "gradient": (lambda **o: _gradient(), "vanilla input gradient"),

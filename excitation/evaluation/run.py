@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..fxpass.options import Options
 from .explainers import Explainer, resolve_explainers
 from .localisation import HIGHER_IS_BETTER as LOCALISATION_HIGHER_IS_BETTER
 from .metrics import DEFAULT_METRICS, METRICS, in_eval_mode, mprt, run_metric
@@ -224,6 +225,7 @@ def evaluate(
     description: str = "",
     progress: bool = True,
     metric_options: Optional[Dict[str, Dict[str, Any]]] = None,
+    options: Optional[Options] = None,
 ) -> Evaluation:
     """Score explainers with Quantus metrics, per image, beside the vanilla gradient.
 
@@ -253,6 +255,9 @@ def evaluate(
         The presets the sweep runs under (default: ``("paper",)``).
     seed : int
         Seeds Quantus' random subsets and perturbations, identically for every explainer.
+    options : excitation.Options, optional
+        The options of the ``"pullback"`` explainer (default: the ``"paper"`` preset); the sweep's
+        ``"paper"`` rows change only its ``temp``.
 
     Returns
     -------
@@ -288,7 +293,7 @@ def evaluate(
     model = in_eval_mode(model)  # a training-mode model is copied, never switched
     with torch.no_grad():
         classes = int(model(x[:1]).shape[1])
-    chosen = resolve_explainers(explainers)
+    chosen = resolve_explainers(explainers, options=options)
     names = [n for n in chosen if n != "gradient"] + ["gradient"]
     from tqdm.auto import tqdm
 
@@ -340,7 +345,7 @@ def evaluate(
         settings = [(p, float(t)) for p in sweep_presets for t in temp_sweep]
         for preset, temp in tqdm(settings, desc="temperature sweep", disable=not progress):
             label = "pullback" if preset == "paper" else f"pullback-{preset}"
-            chosen_t = resolve_explainers([label], temp=temp)[label]
+            chosen_t = resolve_explainers([label], temp=temp, options=options)[label]
             a = attribute(chosen_t)
             row: Dict[str, Any] = {"preset": preset, "temp": temp}
             for m in sweep_metrics:

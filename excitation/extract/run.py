@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ExcitationError
+from ..fxpass.options import Options, options_from
 from ..images import ImageList
 from .data import collect, load
 from . import store as _store
@@ -179,6 +180,7 @@ def extract(
     preset: Optional[str] = None,
     temp: Optional[float] = None,
     rules: Optional[Sequence[str]] = None,
+    options: Optional[Options] = None,
     compile: bool = False,
     device: str = "cpu",
     workers: int = 0,
@@ -207,8 +209,9 @@ def extract(
     gradient, ascend_steps, step_size, radius
         Also store the vanilla gradient, and (``ascend_steps > 0``) the pullback accentuation
         of :func:`excitation.ascend`.
-    preset, temp, rules, compile
-        As for :func:`excitation.excite`; ``compile`` runs ``torch.compile(..., backend=excitation.backend(...))``.
+    preset, temp, rules, options, compile
+        As for :func:`excitation.excite`; ``compile`` runs ``torch.compile(..., backend=excitation.backend(...))``
+        with the same options.
     device, workers, on_error, progress
         ``"cpu"`` / ``"cuda"`` (rank ``LOCAL_RANK``'s GPU under torchrun), DataLoader workers,
         ``"raise"`` or ``"skip"`` for undecodable images (skipped ones are recorded in the
@@ -258,6 +261,7 @@ def extract(
         unknown = [r for r in rules if r not in RULES]
         if unknown:
             raise ValueError(f"--rules {unknown}: not rules; choose among {', '.join(RULES)}.")
+    options = options_from(options, preset=preset, temp=temp, rules=list(rules) if rules else None)
     image_list = collect(images)
     if mode == "label" and any(label < 0 for label in image_list.labels):
         raise ValueError(f"--targets label needs labelled images (an ImageFolder tree or a list with labels); "
@@ -283,15 +287,20 @@ def extract(
     try:
         return _run(net=net, transform=transform, norm=norm, model_id=model_id, world=world, dev=dev,
                     image_list=image_list, out=out, mode=mode, classes=classes, batch=batch, dtype=dtype,
-                    gradient=gradient, ascend_steps=ascend_steps, step_size=step_size, radius=radius, preset=preset,
-                    temp=temp, rules=rules, compile=compile, workers=workers, on_error=on_error, progress=progress,
+                    gradient=gradient, ascend_steps=ascend_steps, step_size=step_size, radius=radius,
+                    options=options, compile=compile, workers=workers, on_error=on_error, progress=progress,
                     images=images, size=size)
     finally:
         world.close()
 
 
+def _listed(rules: Any) -> Any:
+    """``Options.rules`` as JSON: ``None``, a list of names, or a list of ``[name, value]`` pairs."""
+    return None if rules is None else [list(rule) if isinstance(rule, tuple) else rule for rule in rules]
+
+
 def _run(*, net, transform, norm, model_id, world: World, dev, image_list: ImageList, out: Path, mode, classes,
-         batch, dtype, gradient, ascend_steps, step_size, radius, preset, temp, rules, compile, workers, on_error,
+         batch, dtype, gradient, ascend_steps, step_size, radius, options: Options, compile, workers, on_error,
          progress, images, size) -> ExtractResult:
     """The loop of :func:`extract`, once the arguments are checked and the process group joined."""
     from ..api import gradient as vanilla_gradient
@@ -302,9 +311,8 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
     die = DieHook.from_env()  # test-only (see .faults); read first, so a bad value fails before any work
     pixel_model = (Normalized(net, *norm, device=dev) if norm is not None else net).to(dev).eval()
     # prepare() excites a copy (the caller's model is never touched), through dynamo where fx cannot trace it.
-    excited = prepare(pixel_model, preset=preset, temp=temp, rules=list(rules) if rules else None)
-    compiled = torch.compile(pixel_model, backend=backend(preset=preset, temp=temp, rules=list(rules) if rules else None)) \
-        if compile else None
+    excited = prepare(pixel_model, options=options)
+    compiled = torch.compile(pixel_model, backend=backend(options=options)) if compile else None
 
     n = len(image_list)
     probe = transform(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (512, 512)))
@@ -332,7 +340,9 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
         "size": size, "normalize": [list(norm[0]), list(norm[1])] if norm is not None else None,
         "input_shape": list(probe.shape), "targets": [mode, classes], "batch": batch, "dtype": dtype,
         "gradient": bool(gradient), "ascend": [ascend_steps, step_size, radius] if ascend_steps else None,
-        "preset": preset, "temp": temp, "rules": list(rules) if rules else None, "compile": bool(compile),
+        "preset": options.preset, "temp": options.temp, "rules": _listed(options.rules), "compile": bool(compile),
+        "pool_temp": options.pool_temp, "gate": options.gate, "pool_backward": options.pool_backward,
+        "temps": "callable" if callable(options.temps) else _listed(options.temps),
         "device_type": dev.type, "format": _store.FORMAT,
     }
     problem = None

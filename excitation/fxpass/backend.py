@@ -21,15 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..gates import check_saved, check_temp
-from ..presets import resolve_preset
 from ..kernels import surrogate_relu
 from ..kernels.compiled import batch_norm_relu_with_c_backward, c_backward_applies, relu_with_c_backward
 from .dynamo_names import is_dynamo_graph, name_dynamo_nodes
 from .recompute import tag_cheap_convolutions
 from .report import Report
-from .rewrite import TempsSpec, excite_graph
-from .rules import RulesSpec, resolve_rules
+from .options import Options, TempsSpec, options_from
+from .rewrite import excite_graph
+from .rules import RulesSpec
 from .sites import SURROGATE_RELU_PARAMS, bind_arguments
 
 _LOG = logging.getLogger("excitation")
@@ -61,6 +60,7 @@ class ExcitationBackend:
     def __init__(
         self,
         *,
+        options: Optional[Options] = None,
         preset: Optional[str] = None,
         temp: Optional[float] = None,
         pool_temp: Optional[float] = None,
@@ -72,23 +72,17 @@ class ExcitationBackend:
         inner: Union[str, Callable] = "inductor",
         c_backward: bool = True,
     ) -> None:
-        self.preset, self.temp, self.pool_temp, self.gate, self.pool_backward = resolve_preset(
-            preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward
-        )
-        if isinstance(temps, Mapping):
-            temps = {key: check_temp(value, argument=f"temps[{key!r}]") for key, value in temps.items()}
-        elif temps is not None and not callable(temps):
-            raise TypeError(f"temps must be a mapping {{site name: temp}}, a callable(site) -> temp, or None; "
-                            f"got {type(temps).__name__}.")
-        self.temps = temps
+        #: The pass's options (:class:`~excitation.Options`); BatchNorm fusion is the compiler's here.
+        self.options = options_from(options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+                                    pool_backward=pool_backward, temps=temps, rules=rules, saved=saved)
+        self.preset, self.temp, self.pool_temp = self.options.preset, self.options.temp, self.options.pool_temp
+        self.gate, self.pool_backward, self.saved = self.options.gate, self.options.pool_backward, self.options.saved
+        self.temps = self.options.temps_spec
         self._used_temps: Set[str] = set()
         # Used by hand, the backend cannot know which graph is the last: it says once that keys are
         # unused so far.  CompiledExcited knows when a call ends and checks there instead.
         self.warn_unused_temps = True
         self._warned_unused = False
-        resolve_rules(rules, self.temp, self.temp)  # refuse bad rules now, not at the first compile
-        self.rules = rules
-        self.saved = check_saved(saved)
         if not (isinstance(inner, str) or callable(inner)):
             raise TypeError(f"inner must be a backend name such as 'inductor' or 'eager', or a callable; got {inner!r}.")
         self.inner = inner
@@ -134,10 +128,7 @@ class ExcitationBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
         if is_dynamo_graph(gm):
             name_dynamo_nodes(gm)
-        result = excite_graph(
-            gm, preset=self.preset, temp=self.temp, pool_temp=self.pool_temp, gate=self.gate,
-            pool_backward=self.pool_backward, temps=self._graph_temps(), rules=self.rules, saved=self.saved,
-        )
+        result = excite_graph(gm, options=self.options.replace(temps=self._graph_temps()))
         if self.saved == "exact":
             mark_relu_outputs_for_recompute(gm)
             # inner="eager" runs the graph as it is: its surrogate ops take the eager C kernels already.
@@ -265,6 +256,7 @@ def use_c_backward(gm: fx.GraphModule) -> int:
 
 def backend(
     *,
+    options: Optional[Options] = None,
     preset: Optional[str] = None,
     temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
@@ -287,7 +279,7 @@ def backend(
 
     Parameters
     ----------
-    preset, temp, pool_temp, gate, pool_backward, rules, saved
+    options, preset, temp, pool_temp, gate, pool_backward, rules, saved
         As for :func:`excitation.excite`.
     temps : mapping or callable, optional
         Per-site temperatures keyed by dynamo site keys or module paths (what
@@ -318,8 +310,9 @@ def backend(
     >>> x.grad.shape
     torch.Size([2, 4])
     """
-    return ExcitationBackend(preset=preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward,
-                             temps=temps, rules=rules, saved=saved, inner=inner, c_backward=c_backward)
+    return ExcitationBackend(options=options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+                             pool_backward=pool_backward, temps=temps, rules=rules, saved=saved, inner=inner,
+                             c_backward=c_backward)
 
 
 def excitation_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):

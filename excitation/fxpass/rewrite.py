@@ -20,15 +20,15 @@ import torch.nn as nn
 from torch import fx
 
 from ..errors import ExcitationError, InplaceAliasError, with_suggestions
-from ..gates import check_saved, check_temp
-from ..presets import resolve_preset
+from ..gates import check_temp
 from ..kernels import ExcitedMultiheadAttention, surrogate_max_pool2d, surrogate_relu
 from ..kernels.fused import batch_norm_relu
 from .excited import REPORT_ATTR, make_excited
 from .fusion import fuse_batch_norm_relu, unfuse
 from .recompute import recompute_cheap_convolutions
 from .report import Report, Site, Unhandled
-from .rules import RulesSpec, resolve_rules
+from .options import Options, TempsSpec, options_from
+from .rules import RulesSpec
 from .sites import (
     SITE_NAME_META,
     SITE_NODE_META,
@@ -40,12 +40,8 @@ from .sites import (
 )
 from .tracing import clone_module_tree, copy_graph_module, trace
 
-__all__ = ["excite", "excite_graph", "report", "is_excited", "TempsSpec"]
+__all__ = ["excite", "excite_graph", "report", "is_excited"]
 
-#: A per-site temperature override: ``{site name or node name: temp}``, or a
-#: callable that gets a :class:`Site` (with its default temp filled in) and
-#: returns a temp, or ``None`` to keep the default.
-TempsSpec = Union[Mapping[str, float], Callable[[Site], Optional[float]], None]
 
 # Ops whose output may share memory with their input: an in-place ReLU on any
 # member of such a family changes what the others read.
@@ -225,6 +221,7 @@ def _rewrite_site(
 def excite_graph(
     gm: fx.GraphModule,
     *,
+    options: Optional[Options] = None,
     preset: Optional[str] = None,
     temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
@@ -244,7 +241,7 @@ def excite_graph(
     ----------
     gm : torch.fx.GraphModule
         The graph to rewrite, in place (torch-level or ATen).
-    preset, temp, pool_temp, gate, pool_backward, temps, rules, saved, fuse
+    options, preset, temp, pool_temp, gate, pool_backward, temps, rules, saved, fuse
         As for :func:`excite`.
 
     Returns
@@ -267,11 +264,9 @@ def excite_graph(
     >>> excitation.excite_graph(gm).counts()
     {'relu': 1, 'max_pool2d': 0}
     """
-    preset, temp, pool_temp, gate, pool_backward = resolve_preset(
-        preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward
-    )
-    saved = check_saved(saved)
-    active = resolve_rules(rules, temp, pool_temp)
+    options = options_from(options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+                           pool_backward=pool_backward, temps=temps, rules=rules, saved=saved, fuse=fuse)
+    gate, pool_backward, saved, active = options.gate, options.pool_backward, options.saved, options.active_rules
     graph = gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
     matches, unhandled, smooth = [], [], []
@@ -287,7 +282,7 @@ def excite_graph(
         if found is not None:
             op, reason = found
             (smooth if reason == "smooth" else unhandled).append(Unhandled(site_name(gm, node), op, reason))
-    sites = _resolve_temps(matches, gm, active, gate, temps, pool_backward)
+    sites = _resolve_temps(matches, gm, active, gate, options.temps_spec, pool_backward)
     for match in matches:
         if match.inplace and isinstance(match.input, fx.Node):
             _check_inplace_aliases(match, order, gm)
@@ -295,7 +290,7 @@ def excite_graph(
         # Re-match: rewriting earlier sites replaced this node's inputs.
         new = _rewrite_site(gm, match_site(gm, match.node), site, order, saved)
         order[new] = order[match.node]
-    if fuse:
+    if options.fuse:
         fused = fuse_batch_norm_relu(gm)
         sites = [replace(site, fused=fused.get(site.node)) for site in sites]
     graph.lint()
@@ -310,13 +305,14 @@ def excite_graph(
             UserWarning,
             stacklevel=3,
         )
-    return Report(sites=sites, unhandled=unhandled, temp=temp, pool_temp=pool_temp, gate=gate, rules=active,
-                  smooth=smooth, saved=saved, preset=preset, pool_backward=pool_backward)
+    return Report(sites=sites, unhandled=unhandled, temp=options.temp, pool_temp=options.pool_temp, gate=gate,
+                  rules=active, smooth=smooth, saved=saved, preset=options.preset, pool_backward=pool_backward)
 
 
 def excite(
     model: Union[nn.Module, "torch.export.ExportedProgram"],
     *,
+    options: Optional[Options] = None,
     preset: Optional[str] = None,
     temp: Optional[float] = None,
     pool_temp: Optional[float] = None,
@@ -343,6 +339,8 @@ def excite(
         A plain module is traced with ``torch.fx.symbolic_trace``; a GraphModule
         (custom tracer, ``ep.module()``, an excited model) is rewritten as it is.
         An ExportedProgram is rewritten through ``ep.module()``.
+    options : excitation.Options, optional
+        Every choice below in one object (``Options.build(...)``); give it or the keywords, not both.
     preset : {"paper", "semantic"}, optional
         The rule set the options below start from (:data:`excitation.PRESETS`):
         ``"paper"`` (default: sigmoid gate at 0.3, soft-pool gradient at ``temp``) or
@@ -420,18 +418,12 @@ def excite(
         )
     check_not_compiled(model, "excite")
     model = _uncompiled(model)  # an excited model in a compile wrapper: re-excite the excited module
-    # Validate options before the (possibly slow) trace.
-    resolve_preset(preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward)
-    check_saved(saved)
-    if not isinstance(fuse, bool):
-        raise TypeError(f"fuse must be True or False, got {fuse!r} ({type(fuse).__name__}).")
-    resolve_rules(rules, 0.3, 0.3)
+    # Checked before the (possibly slow) trace.
+    options = options_from(options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
+                           pool_backward=pool_backward, temps=temps, rules=rules, saved=saved, fuse=fuse)
     gm = copy_graph_module(model) if isinstance(model, fx.GraphModule) else trace(clone_module_tree(model))
-    result = excite_graph(
-        gm, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate, pool_backward=pool_backward, temps=temps,
-        rules=rules, saved=saved, fuse=fuse,
-    )
-    recompute_cheap_convolutions(gm, enabled=saved == "exact")  # gm's modules are our clones
+    result = excite_graph(gm, options=options)
+    recompute_cheap_convolutions(gm, enabled=options.saved == "exact")  # gm's modules are our clones
     gm = make_excited(gm, result)
     if not result.sites:
         warnings.warn(
