@@ -25,11 +25,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .api import check_input, prepare
 from .fxpass.options import Options
 from .fxpass.rules import RULES
+from .kernels.compiled import batch_norm_relu_with_c_backward
 from .kernels.fused import batch_norm_relu, batch_norm_relu_pre_activation
 from .fxpass.sites import SITE_NODE_META, surrogate_rule
 from .fxpass.tracing import TRACE_GATE
@@ -61,8 +63,7 @@ class _Recorder(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         rule = surrogate_rule(target)
         if rule is not None and RULES[rule].default_temp is not None:
-            # A fused BatchNorm -> ReLU site's input is the pre-activation it computes inside.
-            z = (batch_norm_relu_pre_activation(*args[:3]) if target is batch_norm_relu else args[0]).detach()
+            z = _pre_activation(target, args).detach()
             flat = z.reshape(1, -1)
             self.rules[self.current_node.meta[SITE_NODE_META]] = rule
             if rule == "max_pool":
@@ -79,6 +80,16 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n):
         self.current_node = n
         return super().run_node(n)
+
+
+def _pre_activation(target: Callable, args: Sequence) -> Tensor:
+    """A site's pre-activation: its input, or what a fused BatchNorm -> ReLU site computes inside."""
+    if target is batch_norm_relu:
+        return batch_norm_relu_pre_activation(*args[:3])
+    if target is batch_norm_relu_with_c_backward:  # the backend's lowering: (x, weight, bias, mean, var, eps, ...)
+        x, weight, bias, running_mean, running_var, eps = args[:6]
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    return args[0]
 
 
 class _DynamoRecorder:

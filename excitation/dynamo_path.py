@@ -184,10 +184,8 @@ class CompiledExcited(nn.Module):
         self.model = clone_module_tree(model)
         self.model.eval()
         self.trace_error = trace_error
-        # A callable inner step may interpret the graph's surrogate calls (calibration's recorder does).
         self.backend = ExcitationBackend(options=options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
-                                         pool_backward=pool_backward, temps=temps, rules=rules, inner=inner,
-                                         c_backward=not callable(inner))
+                                         pool_backward=pool_backward, temps=temps, rules=rules, inner=inner)
         self.backend.warn_unused_temps = False  # _check_temps() checks after each call instead
         counting = _CountingBackend(self.backend)
         # Not a registered submodule: parameters() and modules() see the clone once.

@@ -199,3 +199,42 @@ def test_one_graph_run_for_several_blocks_is_calibrated_on_all_their_inputs():
     (value,) = temps.values()
     want = 0.3 * _numpy_robust_std(torch.cat(mode.inputs))
     assert abs(value - want) / want < 1e-5
+
+
+class FrozenBatchNormBranchy(nn.Module):
+    """Conv -> eval BatchNorm -> ReLU blocks around a data-dependent branch (fx cannot trace it)."""
+
+    def __init__(self, branch: bool = True) -> None:
+        super().__init__()
+        self.branch = branch
+        self.c1, self.c2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.c1(x)))
+        if not self.branch or x.mean() > -1e9:
+            h = F.relu(self.bn2(self.c2(h)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_calibrate_reads_the_backends_c_backward_sites_as_the_fx_path_reads_its_fused_ones():
+    # On the dynamo path the backend lowers each float32 CPU ReLU site (and a frozen BatchNorm
+    # feeding it) to its C-backward form; calibration must read those sites' pre-activations.
+    torch.manual_seed(0)
+    model = FrozenBatchNormBranchy().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 3.0)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # frozen: the backend fuses BatchNorm into the C backward
+    twin = FrozenBatchNormBranchy(branch=False).eval()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    dynamo = excitation.calibrate(model, x, progress=False)
+    fx = excitation.calibrate(twin, x, progress=False)
+    assert excitation.api.path_of(excitation.prepare(model)) == "dynamo"
+    assert len(dynamo) == len(fx) == 2
+    for ours, want in zip(sorted(dynamo.values()), sorted(fx.values())):
+        assert abs(ours - want) / want < 1e-5

@@ -323,14 +323,13 @@ def test_backend_with_options(case):
     assert counts == excitation.report(case.excited).counts()
 
 
-@pytest.mark.parametrize("c_kernels", [True, False, "off"], ids=["c_kernels", "torch_gate", "c_backward_false"])
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c_kernels", "torch_gate"])
 def test_backend_runs_the_c_kernels_as_each_relu_backward(c_kernels, monkeypatch):
     """On float32 CPU graphs the backend, like the compile view, makes each ReLU's backward one extern C call
-    (not without the kernels, nor with ``c_backward=False``)."""
-    _with_or_without_c_kernels(c_kernels in (True, "off"), monkeypatch)  # "off": kernels built, not asked for
+    (not without the kernels)."""
+    _with_or_without_c_kernels(c_kernels, monkeypatch)
     case = _case("all_forms")
-    grad, _, targets = _compiled_ops(case.model, case.x,
-                                     lambda inner: excitation.backend(inner=inner, c_backward=c_kernels != "off"),
+    grad, _, targets = _compiled_ops(case.model, case.x, lambda inner: excitation.backend(inner=inner),
                                      select=lambda out: out[:, TARGET].sum())
     case.check(grad, COMPILED_TOL)
     externs = targets.count("excitation.relu_gate_backward_cpu.default")
@@ -454,8 +453,6 @@ def test_backend_rejects_bad_options():
         excitation.backend(gate="step")
     with pytest.raises(TypeError, match="inner"):
         excitation.backend(inner=3)
-    with pytest.raises(TypeError, match="c_backward"):
-        excitation.backend(c_backward="yes")
 
 
 def test_compile_dynamic_shapes_with_the_semantic_preset():

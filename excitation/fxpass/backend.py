@@ -47,9 +47,8 @@ class ExcitationBackend:
     several graphs), and :attr:`unused_temps` lists the keys no graph has held so far.
 
     On float32 CPU graphs each exact ReLU site's backward becomes one call of its C kernel
-    (:func:`use_c_backward`) unless ``c_backward=False`` or ``inner="eager"``: an inner step
-    that interprets the graph's surrogate calls itself (calibration's recorder) needs them as
-    they are.
+    (:func:`use_c_backward`) unless ``inner="eager"``, which runs the graph's surrogate calls as
+    they are (they take the eager C kernels already).
 
     Attributes
     ----------
@@ -70,7 +69,6 @@ class ExcitationBackend:
         rules: RulesSpec = None,
         saved: str = "exact",
         inner: Union[str, Callable] = "inductor",
-        c_backward: bool = True,
     ) -> None:
         #: The pass's options (:class:`~excitation.Options`); BatchNorm fusion is the compiler's here.
         self.options = options_from(options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
@@ -86,9 +84,6 @@ class ExcitationBackend:
         if not (isinstance(inner, str) or callable(inner)):
             raise TypeError(f"inner must be a backend name such as 'inductor' or 'eager', or a callable; got {inner!r}.")
         self.inner = inner
-        if not isinstance(c_backward, bool):
-            raise TypeError(f"c_backward must be True or False, got {c_backward!r}.")
-        self.c_backward = c_backward
         self.reports: List[Report] = []
         self._lock = threading.Lock()
 
@@ -132,7 +127,7 @@ class ExcitationBackend:
         if self.saved == "exact":
             mark_relu_outputs_for_recompute(gm)
             # inner="eager" runs the graph as it is: its surrogate ops take the eager C kernels already.
-            if self.c_backward and self.inner != "eager" and use_c_backward(gm):
+            if self.inner != "eager" and use_c_backward(gm):
                 gm.recompile()
             tag_cheap_convolutions(gm)  # after the sites take their final form; tags are meta, no new code
         with self._lock:
@@ -266,7 +261,6 @@ def backend(
     rules: RulesSpec = None,
     saved: str = "exact",
     inner: Union[str, Callable] = "inductor",
-    c_backward: bool = True,
 ) -> ExcitationBackend:
     """A ``torch.compile`` backend with these options: ``torch.compile(model, backend=excitation.backend(...))``.
 
@@ -274,8 +268,8 @@ def backend(
     :class:`ExcitationBackend`; ``calibrate`` returns them for models on the dynamo path).  ``inner``
     is the backend that compiles the excited graph (``"inductor"``,
     ``"aot_eager"``, ``"eager"`` or any callable backend).  ``preset``, ``pool_backward``, ``rules`` and
-    ``saved`` as in :func:`excitation.excite`.  ``c_backward=False`` keeps the surrogate ops at every
-    site, where ``True`` gives float32 CPU sites the C kernels' backward (:func:`use_c_backward`).
+    ``saved`` as in :func:`excitation.excite`.  Float32 CPU ReLU sites get the C kernels' backward
+    (:func:`use_c_backward`) unless ``inner="eager"``.
 
     Parameters
     ----------
@@ -287,8 +281,6 @@ def backend(
     inner : str or callable
         The backend that compiles each excited graph: ``"inductor"`` (default), ``"aot_eager"``,
         ``"eager"`` (the rewritten graph as it is, forward bit for bit) or any callable backend.
-    c_backward : bool
-        Run each float32 CPU ReLU site's backward as one C kernel call (default ``True``).
 
     Returns
     -------
@@ -311,8 +303,7 @@ def backend(
     torch.Size([2, 4])
     """
     return ExcitationBackend(options=options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
-                             pool_backward=pool_backward, temps=temps, rules=rules, saved=saved, inner=inner,
-                             c_backward=c_backward)
+                             pool_backward=pool_backward, temps=temps, rules=rules, saved=saved, inner=inner)
 
 
 def excitation_backend(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):

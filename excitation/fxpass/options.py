@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
@@ -151,6 +152,12 @@ def _freeze_temps(temps: TempsSpec) -> Union[None, Tuple[Tuple[str, float], ...]
     return tuple(sorted((str(key), check_temp(value, argument=f"temps[{key!r}]")) for key, value in temps.items()))
 
 
+@functools.lru_cache(maxsize=256)
+def _build_cached(chosen: Tuple[Tuple[str, Any], ...]) -> Options:
+    # Entry points build their options on every call: a cached prepare() must stay cheap.
+    return Options.build(**dict(chosen))
+
+
 def options_from(options: Optional[Options], **keywords: Any) -> Options:
     """``options`` if given (then no keyword may be), else :meth:`Options.build` of the keywords.
 
@@ -159,7 +166,11 @@ def options_from(options: Optional[Options], **keywords: Any) -> Options:
     given = {key: value for key, value in keywords.items() if value is not None and key in _KEYWORDS
              and not (key == "saved" and value == "exact") and not (key == "fuse" and value is True)}
     if options is None:
-        return Options.build(**{key: value for key, value in keywords.items() if key in _KEYWORDS})
+        chosen = tuple((key, value) for key, value in keywords.items() if key in _KEYWORDS)
+        try:
+            return _build_cached(chosen)
+        except TypeError:  # an unhashable choice (a dict of temps or rules): build it every time
+            return Options.build(**dict(chosen))
     if not isinstance(options, Options):
         raise TypeError(f"options must be an excitation.Options (Options.build(...)), got {type(options).__name__}.")
     if given:

@@ -35,6 +35,7 @@ from ..kernels import (
     surrogate_scaled_dot_product_attention,
     surrogate_softmax,
 )
+from ..kernels.compiled import batch_norm_relu_with_c_backward, relu_with_c_backward
 from ..kernels.fused import batch_norm_relu
 from ..spec import ACTIVATIONS, GATED_KINDS, SPECS, Form
 from .rules import KIND_TO_RULE
@@ -147,10 +148,12 @@ _OWN_SURROGATES: Dict[str, Callable] = {
     "scaled_dot_product_attention": surrogate_scaled_dot_product_attention,
 }
 
-# Every surrogate function -> its rule.
+# Every surrogate function -> its rule; the backend's C-backward lowering of a ReLU site too.
 _SURROGATE_RULES: Dict[Callable, str] = {
     surrogate_relu: "relu",
     batch_norm_relu: "relu",
+    relu_with_c_backward: "relu",
+    batch_norm_relu_with_c_backward: "relu",
     surrogate_max_pool2d: "max_pool",
     surrogate_max_pool: "max_pool",
     surrogate_adaptive_max_pool: "max_pool",
