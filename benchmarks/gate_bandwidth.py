@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from excitation.kernels.ops import relu_gate_backward as surrogate_relu_backward, triton_available
+from excitation.kernels.dispatch import triton_available
+from excitation.kernels.ops import relu_gate_backward as surrogate_relu_backward
 
 
 def _time(fn, device: torch.device, repeats: int) -> float:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from excitation.kernels import native
-from excitation.kernels.ops import pool2d_backward, triton_available
+from excitation.kernels.dispatch import triton_available
+from excitation.kernels.ops import pool2d_backward
 from excitation.kernels.torch_paths import soft_max_pool2d_backward_chunked
 
 #: name -> (channels, input side, kernel, stride, padding, ceil_mode), as in the torchvision models.

@@ -27,6 +27,7 @@ from .api import clear_cache, gradient, prepare, pullback, pullbacks
 from .ascent import IMAGENET_NORMALIZE, Normalized, ascend
 from .calibrate import calibrate
 from .evaluation import evaluate
+from .explain import explain_dispatch
 from .extract import extract, load_extract
 from .errors import ExcitationError, ExcitationTraceError, InplaceAliasError
 from .fxpass import Report, Site, Unhandled, excite, excite_graph, is_excited, report
@@ -60,6 +61,7 @@ __all__ = [
     "gradient",
     "prepare",
     "clear_cache",
+    "explain_dispatch",
     "surrogate_relu",
     "surrogate_max_pool2d",
     "Report",

@@ -142,7 +142,7 @@ def test_triton_kernels_launch_directly_only_where_no_tracer_records(monkeypatch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from excitation.kernels.ops import launch_directly as _launch_directly
+    from excitation.kernels.dispatch import launch_directly as _launch_directly
 
     x = torch.randn(3)
     seen = []

@@ -18,7 +18,7 @@ from typing import Any, Callable, Tuple
 import torch.nn as nn
 from torch import fx
 
-from ..kernels.registry import dynamo_compiling
+from ..kernels.dispatch import dynamo_compiling
 from .compile_view import compiled_forward
 from .report import Report
 from .scripting import to_scriptable

@@ -18,6 +18,9 @@ from torch import Tensor
 from ..gates import leaky_relu_gate
 from ..presets import DEFAULT_PRESET
 from ..spec import ACTIVATIONS, RULE_BACKWARDS, SPECS, ActivationSpec, spec_temp
+from . import native
+from .dispatch import activation_backward_path, backward_runtime, device_type, triton_available
+from .ops import native_activation_backward, run_relu_backward
 from .reference import flush_subnormal, gated_backward
 from .registry import define_surrogate_op
 
@@ -52,16 +55,16 @@ def surrogate_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: floa
     time, and the contract's six per site were most of efficientnet's and convnext's extra time in
     the zoo (measured in docs/design-measurements.md).
     """
-    from .ops import native_activation_backward, relu_gate_backward  # ops imports this module's siblings
-
-    fast = native_activation_backward(grad, z, kind, temp, params)
-    if fast is not None:
-        return fast
     spec = _spec(kind)
-    # float64 keeps the contract: the fast path's softplus_backward returns the gate 1 past
-    # z / temp > 20 (off by e^-20 ~ 2e-9, below float32's resolution but not float64's).
-    if spec.relu_gate is not None and z.dtype != torch.float64:
-        return relu_gate_backward(grad, z, temp, spec.relu_gate)
+    path = activation_backward_path(
+        backward_runtime(grad, z), device_type(z), z.dtype, kind, spec.relu_gate,
+        grad.shape == z.shape and native.supports(grad, z) and native.available(),
+        triton=z.is_cuda and triton_available(), grad_mode=torch.is_grad_enabled(),
+    )
+    if path == "c":
+        return native_activation_backward(grad, z, kind, temp, params)
+    if path.startswith("relu:"):
+        return run_relu_backward(path[len("relu:"):], grad, z, temp, spec.relu_gate)
     compute = z.to(torch.promote_types(z.dtype, torch.float32))
     return gated_backward(grad, spec.gate(compute, temp, *params))
 

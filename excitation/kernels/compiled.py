@@ -40,7 +40,8 @@ from torch.utils.checkpoint import checkpoint
 from . import native
 from .fused import batch_norm_eval, batch_norm_relu, batch_norm_relu_pre_activation, fusable
 from .ops import call_surrogate_relu, surrogate_relu
-from .registry import NAMESPACE, recompute_in_backward
+from .dispatch import recompute_in_backward
+from .registry import NAMESPACE
 
 __all__ = ["compiled_relu", "compiled_batch_norm_relu", "compiled_relu_concat", "relu_with_c_backward",
            "batch_norm_relu_with_c_backward", "c_backward_applies"]

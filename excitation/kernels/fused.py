@@ -38,7 +38,8 @@ from torch import Tensor
 from . import native
 from .ops import c_kernels_apply, relu_gate_backward, relu_gate_backward_, surrogate_relu
 from .reference import flush_subnormal
-from .registry import define_surrogate_op, dispatch_mode_active, dynamo_compiling, functional_backward, mechanism
+from .dispatch import backward_runtime, dynamo_compiling, forward_runtime, functional_backward
+from .registry import define_surrogate_op
 from .torch_paths import flush_subnormal_
 
 __all__ = ["batch_norm_relu", "batch_norm_relu_pre_activation", "FUSABLE_BATCH_NORMS", "fusable"]
@@ -166,7 +167,7 @@ def _cpu_input_gradients(grad: Tensor, saved, needs, eps: float, temp: float, ga
     # ``ready`` (:func:`_native_ready`) was decided in the forward: only a dispatch mode entered
     # since could make a C call unseen.  Then grad, as cheaply as it can be asked (at batch 1 these
     # checks are a site's host time): a plain float32 tensor of x's shape with contiguous planes.
-    if (ready and not dispatch_mode_active() and type(grad) is torch.Tensor
+    if (ready and backward_runtime(grad) == "eager"
             and grad.dtype == torch.float32 and grad.shape == x.shape and native.planes_contiguous(grad)):
         dx, dresidual = native.batch_norm_relu_gate_backward_unchecked(
             grad, x, running_mean, running_var, weight, bias, eps, temp, residual, wants_residual, gate)
@@ -327,7 +328,7 @@ def batch_norm_relu(
         parameters, buffers = bn._parameters, bn._buffers
         args = (x, parameters["weight"], parameters["bias"], buffers["running_mean"], buffers["running_var"],
                 float(bn.eps), residual, temp, gate)
-        if mechanism(x) == "eager":
+        if forward_runtime(x) == "eager":
             return (_EagerCpuBatchNormReLU if x.is_cpu else _EagerBatchNormReLU).apply(*args)
         return _call_surrogate_batch_norm_relu(*args)
     return surrogate_relu(batch_norm_relu_pre_activation(x, bn, residual), temp, gate, saved)

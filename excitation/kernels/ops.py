@@ -5,16 +5,16 @@ Each op is registered by :func:`.registry.define_surrogate_op` in three mechanis
 ``torch.func`` and ``torch.compile``, a classic Function for plain eager; the
 registry's docstring says why, with measurements), all sharing one forward, one
 ``setup_context`` and one backward.  The backward's math is the contract of
-:mod:`.reference`; this module chooses the implementation per call
-(:func:`relu_gate_backward`, :func:`pool2d_backward`):
+:mod:`.reference`; :mod:`.dispatch` names the implementation per call and
+:func:`relu_gate_backward` / :func:`pool2d_backward` run it:
 
 * CUDA with Triton: the Triton kernels (:mod:`.triton`);
 * plain float32 CPU tensors outside any tracer: the C kernels (:mod:`.native`), when they built;
 * everywhere else (tracers, ``torch.func``, ``create_graph``, other dtypes, no compiler): the
   torch-op paths of :mod:`.torch_paths`.
 
-Why one module: the two ops share the choice of implementation per call, and each op's
-forward, ``setup_context`` and backward must be read beside that choice.
+Why one module: the two ops share their kernels' runners and the eager CPU fast paths, and each
+op's forward, ``setup_context`` and backward must be read beside them.
 """
 
 from __future__ import annotations
@@ -27,15 +27,18 @@ from torch.utils.checkpoint import checkpoint
 
 from . import native
 from .reference import flush_subnormal, max_pool2d_output_size
-from .registry import (
-    NAMESPACE,
-    define_surrogate_op,
-    dispatch_mode_active,
+from .dispatch import (
+    backward_runtime,
+    device_type,
+    forward_runtime,
     functional_backward,
-    mechanism,
+    launch_directly,
+    pool2d_backward_path,
     recompute_in_backward,
-    under_functorch,
+    relu_backward_path,
+    triton_available,
 )
+from .registry import NAMESPACE, define_surrogate_op
 from .torch_paths import (
     compact_gate,
     relu_backward,
@@ -46,46 +49,11 @@ from .torch_paths import (
 
 __all__ = [
     "surrogate_relu", "surrogate_max_pool2d", "NAMESPACE", "relu_gate_backward", "relu_gate_backward_",
-    "pool2d_backward", "triton_available", "launch_directly",
+    "run_relu_backward", "native_activation_backward", "pool2d_backward",
 ]
 
 
 IntOrPair = Union[int, Sequence[int]]
-
-_TRITON: "bool | None" = None
-
-
-def triton_available() -> bool:
-    """True once ``excitation.kernels.triton`` imported (Triton present); checked once per process."""
-    global _TRITON
-    if _TRITON is None:
-        try:
-            from . import triton as _  # noqa: F401  (registers the triton_op)
-
-            _TRITON = True
-        except Exception:  # ImportError, or a Triton that cannot initialise here
-            _TRITON = False
-    return _TRITON
-
-
-def launch_directly(*tensors: Tensor) -> bool:
-    """Whether a kernel may be called raw (a Python-launched Triton kernel, a ctypes C call) rather than as an op.
-
-    In plain eager an op's dispatch only adds host time (measured in docs/design-measurements.md).
-    But a tracer must see the op: AOTAutograd traces a compiled backward under
-    a dispatch mode (``torch.compiler.is_compiling()`` is not set there), and a raw launch on
-    its functional / fake tensors is invisible to it: the traced graph kept the zero-filled
-    output buffer, and the compiled pullback came out zero upstream of every pool (on CUDA, caught
-    by ``test_compile_cuda``).  A raw C call on a fake tensor would read memory it has not got.
-    """
-    return (
-        not torch.compiler.is_compiling()
-        and not under_functorch()  # functorch's wrapper tensors hide the real storage
-        and not dispatch_mode_active()
-        and not torch.jit.is_tracing()
-        and all(type(t) is torch.Tensor for t in tensors)
-    )
-
 
 def c_kernels_apply(*tensors: Tensor) -> bool:
     """The C kernels may run: real, contiguous float32 CPU tensors, no tracer, and the library built."""
@@ -93,43 +61,37 @@ def c_kernels_apply(*tensors: Tensor) -> bool:
 
 
 def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
-    """``grad * gate(z / temp)``, gate floored and result flushed (:func:`.reference.relu_backward`), on the fastest path.
+    """``grad * gate(z / temp)``, gate floored and result flushed (:func:`.reference.relu_backward`), on the
+    implementation :func:`.dispatch.relu_backward_path` names for this call."""
+    path = relu_backward_path(
+        backward_runtime(grad, z), device_type(z), gate,
+        gate in native.RELU_GATES and grad.shape == z.shape and native.supports(grad, z) and native.available(),
+        triton=z.is_cuda and triton_available(), grad_mode=torch.is_grad_enabled(),
+    )
+    return run_relu_backward(path, grad, z, temp, gate)
 
-    The normal-CDF gate has no fused ATen form (``grad * Phi(z / temp)`` is five passes), so in
-    eager CUDA it runs the fused Triton kernel and on the CPU the C kernel (both gates); under
-    ``torch.compile`` Inductor fuses the torch expression itself.
-    """
-    if z.is_cuda and gate == "normal_cdf" and not torch.compiler.is_compiling() and triton_available():
-        if launch_directly(grad, z):
-            from .triton import launch_surrogate_relu_backward
 
-            return launch_surrogate_relu_backward(grad, z, temp, gate)
-        return torch.ops.excitation.surrogate_relu_backward_triton(grad, z, temp, gate)
-    functional = functional_backward()
-    if gate in native.RELU_GATES and not functional and c_kernels_apply(grad, z) and grad.shape == z.shape:
+def run_relu_backward(path: str, grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
+    """The ReLU gate's backward on the implementation ``path`` (:func:`.dispatch.relu_backward_path`)."""
+    if path == "c":
         return native.relu_gate_backward(grad, z, temp, gate)
-    return relu_backward(grad, z, temp, gate, functional=functional)
+    if path == "triton":
+        from .triton import launch_surrogate_relu_backward
+
+        return launch_surrogate_relu_backward(grad, z, temp, gate)
+    if path == "triton_op":
+        return torch.ops.excitation.surrogate_relu_backward_triton(grad, z, temp, gate)
+    return relu_backward(grad, z, temp, gate, functional=path == "torch_functional")
 
 
-def native_activation_backward(
-    grad: Tensor, z: Tensor, kind: str, temp: float, params: Sequence[float]
-) -> Optional[Tensor]:
-    """A ReLU relative's backward on its C kernel (the soft windows of Hardtanh / ReLU6 and Hardsigmoid,
-    Hardswish's gate), or ``None`` where none runs (another kind, dtype or tracer: the caller's torch path).
-
-    At batch 1 the contract's half-dozen small passes made each such site ~3x vanilla's
-    (mobilenet_v2's ReLU6, mobilenet_v3's Hardswish and Hardsigmoid).
-    """
-    if kind not in _NATIVE_KINDS or functional_backward() or not c_kernels_apply(grad, z) or grad.shape != z.shape:
-        return None
+def native_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: float, params: Sequence[float]) -> Tensor:
+    """A ReLU relative's C backward (:data:`.dispatch.NATIVE_ACTIVATION_KINDS`): the soft windows of Hardtanh /
+    ReLU6 and Hardsigmoid, Hardswish's gate."""
     if kind == "hardtanh":
         return native.hardtanh_sigmoid_backward(grad, z, temp, params[0], params[1])
     if kind == "hardsigmoid":  # relu6(z + 3) / 6: the window [-3, 3] of z, scaled
         return native.hardtanh_sigmoid_backward(grad, z, temp, -3.0, 3.0, 1.0 / 6.0)
     return native.hardswish_backward(grad, z, temp)
-
-
-_NATIVE_KINDS = ("hardtanh", "hardsigmoid", "hardswish")
 
 
 def relu_gate_backward_(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
@@ -142,28 +104,37 @@ def relu_gate_backward_(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tens
 def pool2d_backward(
     grad: Tensor, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], ceil_mode: bool, temp: float, pool_backward: str = "soft", functional: bool = False,
+    path: Optional[str] = None,
 ) -> Tensor:
-    """The 2-D soft-pool backward (:func:`.reference.soft_max_pool2d_backward`) on the fastest path.
+    """The 2-D soft-pool backward (:func:`.reference.soft_max_pool2d_backward`) on the implementation
+    :func:`.dispatch.pool2d_backward_path` names (or ``path``, when the caller asked already).
 
     ``functional=True`` avoids in-place writes that involve ``grad`` (needed under
     ``torch.func`` transforms, where ``grad`` may be batched and ``x`` not, and for double backward).
     """
     pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp, pool_backward)
-    if functional:
+    if path is None:
+        path = pool2d_backward_path(
+            backward_runtime(grad, x), device_type(x),
+            native.pool_window_supported(kernel_size) and native.supports(x) and native.available(),
+            triton=x.is_cuda and triton_available(), functional=functional,
+        )
+    if path == "torch_functional":
         return soft_max_pool2d_backward_functional(grad, x, *pool_args)
-    if x.is_cuda and triton_available():
-        # One fused kernel instead of ~9 passes per window offset.
-        if launch_directly(grad, x):
-            from .triton import launch_soft_max_pool2d_backward
+    if path == "triton":  # one fused kernel instead of ~9 passes per window offset
+        from .triton import launch_soft_max_pool2d_backward
 
-            return launch_soft_max_pool2d_backward(grad, x, *pool_args)
+        return launch_soft_max_pool2d_backward(grad, x, *pool_args)
+    if path == "triton_op":
         return torch.ops.excitation.soft_max_pool2d_backward_triton(grad, x, *pool_args)  # tracers see the kernel
-    if c_kernels_apply(x) and native.pool_window_supported(kernel_size):
+    if path == "c":
         grad = grad.contiguous()  # the C kernel reads it densely (a copy only for unusual layouts)
         out_hw = [max_pool2d_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
                   for i in range(2)]
         return native.soft_max_pool2d_backward(grad, x, kernel_size, stride, padding, dilation, out_hw, temp,
                                                pool_backward)
+    if path == "extern":
+        return torch.ops.excitation.soft_max_pool2d_backward(grad, x, *pool_args)
     return soft_max_pool2d_backward_chunked(grad, x, *pool_args)
 
 
@@ -217,12 +188,10 @@ class _EagerCpuSigmoidReLU(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (z,) = ctx.saved_tensors
         if (
-            type(grad) is Tensor
-            and grad.dtype is torch.float32
+            grad.dtype is torch.float32
             and grad.is_contiguous()
             and grad.shape == z.shape
-            and not torch.is_grad_enabled()
-            and not dispatch_mode_active()
+            and backward_runtime(grad) == "eager"
         ):
             return native.relu_sigmoid_backward(grad, z, ctx.temp), None
         return relu_gate_backward(grad, z, ctx.temp, "sigmoid"), None
@@ -235,7 +204,7 @@ def _eager_cpu_sigmoid_site(z: Tensor) -> bool:
         and z.dtype is torch.float32
         and z.is_cpu
         and z.is_contiguous()
-        and mechanism(z) == "eager"
+        and forward_runtime(z) == "eager"
         and native.available()
     )
 
@@ -325,11 +294,7 @@ def _(info, in_dims, grad, x, kernel_size, stride, padding, dilation, ceil_mode,
 
 def _pool_backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
     (x,) = ctx.saved_tensors
-    if x.device.type == "cpu" and torch.compiler.is_compiling():
-        # A compiled CPU graph: ours as one extern call (see _soft_max_pool2d_backward_op).
-        kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward = ctx.pool_args
-        pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp, pool_backward)
-        return torch.ops.excitation.soft_max_pool2d_backward(grad, x, *pool_args), *NO_POOL_ARG_GRADS
+    # A compiled CPU graph calls ours as one extern op (see _soft_max_pool2d_backward_op).
     dx = pool2d_backward(grad, x, *ctx.pool_args, functional=functional_backward())
     return dx, *NO_POOL_ARG_GRADS
 
@@ -369,13 +334,7 @@ class _EagerCpuMaxPool2d(torch.autograd.Function):
     def backward(ctx, grad: Tensor, _grad_indices: Optional[Tensor]):
         (x,) = ctx.saved_tensors
         kernel_size, stride, padding, dilation, ceil_mode, temp, pool_backward = ctx.pool_args
-        if (
-            type(grad) is Tensor
-            and grad.dtype is torch.float32
-            and grad.is_contiguous()
-            and not torch.is_grad_enabled()
-            and not dispatch_mode_active()
-        ):
+        if grad.dtype is torch.float32 and grad.is_contiguous() and backward_runtime(grad) == "eager":
             dx = native.soft_max_pool2d_backward(grad, x, kernel_size, stride, padding, dilation, ctx.out_hw, temp,
                                                  pool_backward)
         else:
@@ -388,7 +347,7 @@ def _eager_cpu_pool_site(x: Tensor, kernel_size: List[int], stride: List[int], p
     """The output size if ``x`` may take :class:`_EagerCpuMaxPool2d` (a plain contiguous float32 CPU [C, H, W] or
     [N, C, H, W] tensor, a window the C kernels take, plain eager, C kernels built), else ``None``."""
     if not (type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu and x.dim() in (3, 4) and x.is_contiguous()
-            and x.numel() and native.pool_window_supported(kernel_size) and mechanism(x) == "eager"
+            and x.numel() and native.pool_window_supported(kernel_size) and forward_runtime(x) == "eager"
             and native.available()):
         return None
     height, width = x.shape[-2:]

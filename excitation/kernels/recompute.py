@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .registry import recompute_in_backward
+from .dispatch import recompute_in_backward
 
 __all__ = ["RecomputedConv2d", "RECOMPUTE_MAX_MACS", "cheap_to_recompute"]
 
