@@ -135,9 +135,9 @@ def calibrate(
     batches : Tensor or iterable of Tensors
         Input batches (a single batch is fine).
     scale_factor : float
-        ``temp = scale_factor * robust_std(site input)`` at ReLU, ReLU6/Hardtanh,
-        LeakyReLU, PReLU, ELU/CELU/SELU, Hardsigmoid and max-pool sites; 0.3 puts unit-variance
-        (BatchNorm'd) pre-activations at the published temperature.  SiLU, Mish,
+        ``temp = scale_factor * robust_std(site input)`` at ReLU, ReLU6/Hardtanh, LeakyReLU,
+        RReLU, Threshold, PReLU, ELU/CELU/SELU, Hardsigmoid and max-pool sites; 0.3 puts
+        unit-variance (BatchNorm'd) pre-activations at the published temperature.  SiLU, Mish,
         Hardswish, hard_mish (1.6) and GELU (1.0) sites use their rule's default instead.
     max_samples : int
         Values kept per site and batch (a random subsample) to bound memory.

@@ -330,8 +330,9 @@ def excite(
     ATen ``relu``/``relu_``) gets the backward ``grad * gate(z / temp)``, and every
     max-pool site (``nn.MaxPool1d/2d/3d``, adaptive max-pools, their functional,
     ``torch`` and ATen forms) the gradient of soft pooling at ``pool_temp``.  The
-    other rules (ReLU6/Hardtanh, LeakyReLU, PReLU, ELU/CELU/SELU, SiLU, Mish, GELU,
-    Hardswish, timm's hard_mish, Hardsigmoid, LayerNorm, attention) are listed in :data:`excitation.RULES`; all apply by default.
+    other rules (ReLU6/Hardtanh, LeakyReLU, eval-mode RReLU, Threshold, PReLU, ELU/CELU/SELU, SiLU,
+    Mish, GELU, Hardswish, timm's hard_mish, Hardsigmoid, LayerNorm, attention) are listed in
+    :data:`excitation.RULES`; all apply by default.
 
     Parameters
     ----------
