@@ -12,6 +12,7 @@ from .api import prepare
 from .fxpass.rewrite import report as site_report
 from .fxpass.sites import SITE_NODE_META
 from .kernels import native
+from .kernels.compiled import c_backward_applies
 from .kernels.dispatch import (
     RUNTIMES,
     activation_backward_path,
@@ -55,7 +56,8 @@ def explain_dispatch(model: torch.nn.Module, x: Tensor, *, runtime: str = "eager
     ``model`` is prepared as :func:`excitation.pullback` prepares it (fx, or the dynamo path for
     models fx cannot trace); one forward with ``x`` records each site's input device and dtype
     (nothing is run backward).  ``runtime`` is one of :data:`RUNTIMES`; ``"eager"`` is what
-    ``pullback`` runs, ``"dynamo"`` what ``torch.compile`` of the excited model runs.
+    ``pullback`` runs, ``"dynamo"`` what ``torch.compile`` of the excited model runs (its float32 CPU
+    ReLU sites are retargeted to the C backward when the graph is compiled: ``"c (compiled)"``).
 
     Returns
     -------
@@ -75,7 +77,8 @@ def explain_dispatch(model: torch.nn.Module, x: Tensor, *, runtime: str = "eager
     inputs = _site_inputs(prepared, x)
     triton = triton_available() if torch.cuda.is_available() else False
     explained = []
-    for site in site_report(prepared).sites:
+    found = site_report(prepared)
+    for site in found.sites:
         z = inputs.get(site.node)
         device = z.device.type if z is not None else x.device.type
         dtype = z.dtype if z is not None else x.dtype
@@ -85,6 +88,11 @@ def explain_dispatch(model: torch.nn.Module, x: Tensor, *, runtime: str = "eager
             if forward == "eager" and site.fused:
                 forward = "eager (BatchNorm fused)"
             backward = relu_backward_path(runtime, device, site.gate or "sigmoid", c_ready, triton=triton)
+            example = z if z is not None else torch.empty(0, dtype=dtype, device=device)
+            exact = found.saved == "exact" or site.fused is not None
+            if runtime == "dynamo" and exact and c_backward_applies(example, site.gate or "sigmoid"):
+                # Compiled graphs retarget such sites when they are compiled (kernels/compiled.py).
+                backward = "c (compiled)"
         elif site.kind == "max_pool2d":
             backward = pool2d_backward_path(runtime, device, c_ready, triton=triton)
         elif site.kind.startswith(("max_pool", "adaptive_max_pool")):
