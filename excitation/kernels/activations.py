@@ -19,7 +19,7 @@ from ..gates import leaky_relu_gate
 from ..presets import DEFAULT_PRESET
 from ..spec import ACTIVATIONS, RULE_BACKWARDS, SPECS, ActivationSpec, spec_temp
 from . import native
-from .dispatch import activation_backward_path, backward_runtime, device_type, triton_available
+from .dispatch import NATIVE_ACTIVATION_KINDS, activation_backward_path, backward_runtime, device_type, triton_available
 from .ops import native_activation_backward, run_relu_backward
 from .reference import flush_subnormal, gated_backward
 from .registry import define_surrogate_op
@@ -58,7 +58,9 @@ def surrogate_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: floa
     spec = _spec(kind)
     path = activation_backward_path(
         backward_runtime(grad, z), device_type(z), z.dtype, kind, spec.relu_gate,
-        grad.shape == z.shape and native.supports(grad, z) and native.available(),
+        # Only kinds with a C path ask whether the C kernels take these tensors.
+        (kind in NATIVE_ACTIVATION_KINDS or spec.relu_gate is not None)
+        and grad.shape == z.shape and native.supports(grad, z) and native.available(),
         triton=z.is_cuda and triton_available(), grad_mode=torch.is_grad_enabled(),
     )
     if path == "c":

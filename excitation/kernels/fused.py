@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import native
-from .ops import c_kernels_apply, relu_gate_backward, relu_gate_backward_, surrogate_relu
+from .ops import relu_gate_backward, relu_gate_backward_, surrogate_relu
 from .reference import flush_subnormal
 from .dispatch import backward_runtime, dynamo_compiling, forward_runtime, functional_backward
 from .registry import define_surrogate_op
