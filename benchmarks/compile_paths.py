@@ -31,18 +31,18 @@ from excitation.bench import _input_gradient, _saved_bytes, cpu_model
 
 
 def _without_c_backward() -> Callable:
-    """The backend with its C-backward lowering skipped for each graph it compiles (a benchmark-only switch)."""
-    import excitation.fxpass.backend as backend_module
+    """The backend's steps with the lowering's C backward off (recompute tags kept): a benchmark-only compiler."""
+    from torch._dynamo.backends.registry import lookup_backend
 
-    compiler = excitation.backend()
+    from excitation.fxpass.dynamo_names import name_dynamo_nodes
+    from excitation.fxpass.lowering import lower
 
     def compile_graph(gm, example_inputs):
-        lowering = backend_module.use_c_backward
-        backend_module.use_c_backward = lambda graph: 0
-        try:
-            return compiler(gm, example_inputs)
-        finally:
-            backend_module.use_c_backward = lowering
+        name_dynamo_nodes(gm)
+        excitation.excite_graph(gm)
+        if lower(gm, mark="tag", c_backward=False).code_changed:
+            gm.recompile()
+        return lookup_backend("inductor")(gm, example_inputs)
 
     return compile_graph
 

@@ -66,6 +66,7 @@ def prepare(
     model: nn.Module,
     *,
     excited: bool = True,
+    compile: bool = False,
     options: Optional[Options] = None,
     preset: Optional[str] = None,
     temp: Optional[float] = None,
@@ -87,12 +88,18 @@ def prepare(
     line on the ``"excitation"`` logger says so.  :func:`path_of` tells which path a
     prepared module took.  ``excite(model)`` still raises the fx error.
 
+    ``compile=True`` gives the compiled excited module, by the path the model takes:
+    ``torch.compile(excite(model))`` on the fx path, and the dynamo path's backend with Inductor as
+    its inner compiler.  Both lower their ReLU sites the same way (:mod:`excitation.fxpass.lowering`).
+
     Parameters
     ----------
     model : nn.Module
         A plain or excited model.
     excited : bool
         The excited module (``True``) or the plain one :func:`gradient` runs.
+    compile : bool
+        Compile the excited module with Inductor (only with ``excited=True``).
     options, preset, temp, pool_temp, gate, pool_backward, temps, rules
         As for :func:`excitation.excite`; only for plain models.  The cache is keyed by the
         :class:`~excitation.Options` they make.
@@ -123,6 +130,9 @@ def prepare(
     check_not_compiled(model, "pullback" if excited else "gradient")
     chosen = options is not None or any(value is not None for value in (preset, temp, pool_temp, gate,
                                                                         pool_backward, temps, rules))
+    if compile and not excited:
+        raise ValueError("prepare(compile=True) compiles the excited module; pass excited=True, or torch.compile the "
+                         "plain model yourself for the vanilla gradient.")
     if excited and getattr(model, "excitation_path", None) == "dynamo":
         return model  # already a CompiledExcited from an earlier prepare()
     if excited and is_excited(model):
@@ -133,27 +143,33 @@ def prepare(
                 f"options (preset, temp, pool_temp, gate, pool_backward, temps, rules) apply only to plain models. "
                 f"Re-excite it with excitation.excite(model, ...) instead."
             )
-        return model
-    if excited:
+        if not compile or isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            return model
+    elif excited:
         options = options_from(options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
                                pool_backward=pool_backward, temps=temps, rules=rules)
-    key = ("excited", options) if excited else ("vanilla",)
+    key = ("excited", options, compile) if excited else ("vanilla",)
     identity = _identity(model)
     with _CACHE_LOCK:
         cached = _CACHE.get(model, {}).get(key)
     if cached is not None and cached[0] == identity:
         return cached[1]
-    if excited:
+    if excited and is_excited(model):
+        prepared = torch.compile(model)  # the excited model's own compile view
+    elif excited:
         try:
             prepared = excite(model, options=options)
             prepared.excitation_path = "fx"
+            if compile:
+                prepared = torch.compile(prepared.eval())
         except ExcitationTraceError as exc:
             from .dynamo_path import DEFAULT_INNER, CompiledExcited
 
+            inner = "inductor" if compile else DEFAULT_INNER
             reason = str(exc).splitlines()[0]
             log.info("excitation: %s does not trace with torch.fx (%s); using the torch.compile path "
-                     "(excitation.backend, inner %r)", type(model).__name__, reason, DEFAULT_INNER)
-            prepared = CompiledExcited(model, trace_error=reason, options=options)
+                     "(excitation.backend, inner %r)", type(model).__name__, reason, inner)
+            prepared = CompiledExcited(model, trace_error=reason, options=options, inner=inner)
     else:
         prepared = clone_module_tree(model)
     prepared.eval()
@@ -320,6 +336,7 @@ def pullback(
     pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
     rules: RulesSpec = None,
+    compile: bool = False,
     create_graph: bool = False,
 ) -> Tensor:
     """The excitation pullback ``d(sum_i out[i, target_i]) / dx``.
@@ -335,6 +352,9 @@ def pullback(
         The class per sample, or ``callable(output) -> Tensor [N]``.
     options, preset, temp, pool_temp, gate, pool_backward, temps, rules
         As for :func:`excitation.excite`; only for plain models.
+    compile : bool
+        Run the excited module compiled with Inductor (:func:`prepare` says how; compiled once and
+        cached): the same values, to a compiled graph's rounding, faster after the first call.
     create_graph : bool
         Keep the graph of the pullback for higher-order derivatives.
 
@@ -365,8 +385,8 @@ def pullback(
     >>> bool(torch.allclose(pb, excitation.gradient(net, x, target=[0, 2])))
     False
     """
-    module = prepare(model, excited=True, options=options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
-                     pool_backward=pool_backward, temps=temps, rules=rules)
+    module = prepare(model, excited=True, compile=compile, options=options, preset=preset, temp=temp,
+                     pool_temp=pool_temp, gate=gate, pool_backward=pool_backward, temps=temps, rules=rules)
     return _input_gradient(module, x, target, create_graph)
 
 
@@ -420,6 +440,7 @@ def pullbacks(
     pool_backward: Optional[str] = None,
     temps: TempsSpec = None,
     rules: RulesSpec = None,
+    compile: bool = False,
 ) -> Tensor:
     """Pullbacks of K classes per input in one backward pass: a Tensor [N, K, ...].
 
@@ -437,6 +458,8 @@ def pullbacks(
         The same K classes for every input, or K classes per input.
     options, preset, temp, pool_temp, gate, pool_backward, temps, rules
         As for :func:`excitation.excite`; only for plain models.
+    compile : bool
+        As for :func:`pullback`; the K backward passes then run one by one through the compiled graphs.
 
     Returns
     -------
@@ -462,8 +485,8 @@ def pullbacks(
     >>> bool(torch.allclose(grid[:, 1], excitation.pullback(net, x, target=1), atol=1e-6))
     True
     """
-    module = prepare(model, excited=True, options=options, preset=preset, temp=temp, pool_temp=pool_temp, gate=gate,
-                     pool_backward=pool_backward, temps=temps, rules=rules)
+    module = prepare(model, excited=True, compile=compile, options=options, preset=preset, temp=temp,
+                     pool_temp=pool_temp, gate=gate, pool_backward=pool_backward, temps=temps, rules=rules)
     x = check_input(module, x)
     batch = x.shape[0]
     index = torch.as_tensor(targets) if not isinstance(targets, Tensor) else targets
@@ -473,7 +496,7 @@ def pullbacks(
         index = index[None, :].expand(batch, -1)
     if index.dim() != 2 or index.shape[0] != batch or index.shape[1] == 0:
         raise ValueError(f"targets must have shape [K] or [{batch}, K] with K >= 1, got {tuple(index.shape)}.")
-    if path_of(module) == "dynamo":
+    if compile or path_of(module) == "dynamo":
         # torch.func.vjp/vmap do not compose with dynamo's compiled custom backward.
         return _pullbacks_by_loop(module, x, index)
     with TRACE_GATE.running(), torch.enable_grad(), _eval_mode(module):
@@ -491,7 +514,7 @@ def pullbacks(
 
 
 def _pullbacks_by_loop(module: nn.Module, x: Tensor, index: Tensor) -> Tensor:
-    """:func:`pullbacks` for a dynamo-excited module: [N, K, ...] from K pullback calls.
+    """:func:`pullbacks` for a compiled or dynamo-excited module: [N, K, ...] from K pullback calls.
 
     The inner backend may be AOTAutograd's (``aot_eager``, ``inductor``), whose compiled backward
     donates its buffers and runs once per forward (no ``retain_graph``): each of the K targets gets its own forward and backward,

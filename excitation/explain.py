@@ -91,7 +91,7 @@ def explain_dispatch(model: torch.nn.Module, x: Tensor, *, runtime: str = "eager
             example = z if z is not None else torch.empty(0, dtype=dtype, device=device)
             exact = found.saved == "exact" or site.fused is not None
             if runtime == "dynamo" and exact and c_backward_applies(example, site.gate or "sigmoid"):
-                # Compiled graphs retarget such sites when they are compiled (kernels/compiled.py).
+                # Compiled graphs retarget such sites when they are compiled (fxpass/lowering.py).
                 backward = "c (compiled)"
         elif site.kind == "max_pool2d":
             backward = pool2d_backward_path(runtime, device, c_ready, triton=triton)

@@ -479,6 +479,20 @@ def compiled_gradient_and_saved_bytes(fn, x: Tensor, backend) -> Tuple[Tensor, i
     return grad, saved_bytes(lambda: compiled(x.clone().requires_grad_()))
 
 
+def without_recompute_tags(targets, inner: str = "inductor"):
+    """An inner backend for ``excitation.backend(inner=...)`` that drops the lowering's recompute tags from the
+    nodes calling one of ``targets``, then compiles with ``inner``: what the graph keeps without them."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    def compile_graph(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in targets:
+                node.meta.pop("recompute", None)
+        return lookup_backend(inner)(gm, example_inputs)
+
+    return compile_graph
+
+
 # ------------------------------------------------------------------ subnormals
 from excitation.subnormals import SubnormalCounter  # noqa: E402,F401  (re-exported for the tests)
 

@@ -228,3 +228,42 @@ def test_compiled_modules_get_a_clear_error_or_work_when_excited():
     compiled = torch.compile(excited, backend="aot_eager")
     assert excitation.is_excited(compiled) and excitation.report(compiled).counts()["relu"] == 2
     assert rel_err(excitation.pullback(compiled, x, 0), excitation.pullback(excited, x, 0)) < 1e-6
+
+
+def test_compile_runs_the_same_pullbacks_compiled_and_cached():
+    """``pullback(..., compile=True)``: torch.compile(excite(model)) on the fx path, once per model and options."""
+    model = _mlp().float()
+    x = torch.randn(4, 10)
+    torch._dynamo.reset()
+    compiled = excitation.prepare(model, compile=True)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and api.path_of(compiled) == "fx"
+    assert excitation.prepare(model, compile=True) is compiled
+    assert excitation.prepare(model, compile=True, temp=0.5) is not compiled
+    assert excitation.prepare(model) is not compiled  # the eager module is cached apart
+    expected = excitation.pullback(model, x, [0, 1, 2, 3])
+    assert rel_err(excitation.pullback(model, x, [0, 1, 2, 3], compile=True), expected) < 1e-5
+    assert rel_err(excitation.pullback(model, x, [0, 1, 2, 3], compile=True), vanilla_gradient(model, x, 0)) > 1e-3
+    grid = excitation.pullbacks(model, x, [0, 3], compile=True)
+    assert rel_err(grid, excitation.pullbacks(model, x, [0, 3])) < 1e-5
+    excited = excitation.excite(model)
+    assert isinstance(excitation.prepare(excited, compile=True), torch._dynamo.eval_frame.OptimizedModule)
+    assert rel_err(excitation.pullback(excited, x, 1, compile=True), excitation.pullback(excited, x, 1)) < 1e-5
+
+
+def test_compile_on_the_dynamo_path_compiles_with_inductor():
+    from .test_dynamo_fallback import Branchy, _inputs
+
+    from excitation.dynamo_path import DEFAULT_INNER
+
+    model = Branchy().eval()
+    torch._dynamo.reset()
+    prepared = excitation.prepare(model, compile=True)
+    assert api.path_of(prepared) == "dynamo" and prepared.backend.inner == "inductor" != DEFAULT_INNER
+    assert excitation.prepare(model).backend.inner == DEFAULT_INNER
+    for x in _inputs():  # both branches
+        assert rel_err(excitation.pullback(model, x, 1, compile=True), excitation.pullback(model, x, 1)) < 1e-5
+
+
+def test_compile_needs_the_excited_module():
+    with pytest.raises(ValueError, match=r"compile=True\) compiles the excited module; pass excited=True"):
+        excitation.prepare(_mlp(), excited=False, compile=True)

@@ -11,7 +11,6 @@ import torch.nn as nn
 import torchvision
 
 import excitation
-from excitation.fxpass import compile_view as compile_view_module
 from excitation.fxpass.compile_view import compile_view
 from excitation.kernels import RecomputedConv2d, batch_norm_relu, surrogate_relu
 from excitation.kernels.compiled import compiled_batch_norm_relu, compiled_relu, compiled_relu_concat
@@ -88,7 +87,7 @@ def test_every_way_to_compile_an_excited_model_traces_its_view(how):
     x = torch.rand(2, 8, 16, 16)
     expected = _pullback(excited, x)
     seen = []
-    real = compile_view_module.compiled_relu_concat
+    real = compiled_relu_concat
 
     # Count calls at trace time through the function the view's code calls.
     def counting(*args, **kwargs):

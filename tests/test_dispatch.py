@@ -9,8 +9,10 @@ from excitation.kernels import dispatch
 from excitation.kernels.dispatch import (
     RUNTIMES,
     activation_backward_path,
+    compiled_relu_backward_path,
     forward_mechanism,
     pool2d_backward_path,
+    pool_forward_path,
     relu_backward_path,
 )
 
@@ -38,6 +40,53 @@ def test_relu_backward_on_the_cpu(runtime, c_ready):
     else:
         assert path == "torch_functional"
     assert relu_backward_path("trace", "cpu", "sigmoid", c_ready, grad_mode=True) == "torch_functional"
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("c_ready", [True, False])
+def test_relu_backward_into_a_buffer_the_caller_owns(runtime, c_ready):
+    # The eager CPU fast path of fused BatchNorm -> ReLU writes the gate into its own buffer: C only
+    # where a raw call is safe (no recorder, no transform, no compiler).
+    path = relu_backward_path(runtime, "cpu", "sigmoid", c_ready, in_place=True)
+    assert path == ("c" if c_ready and runtime in ("eager", "double_backward") else "torch")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("c_ready", [True, False])
+def test_max_pool_forward(runtime, c_ready):
+    assert pool_forward_path(runtime, c_ready) == ("c" if c_ready and runtime == "eager" else "torch")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("c_built", [True, False])
+def test_compiled_relu_backward(device, dtype, c_built):
+    expected = "extern" if (device, dtype, c_built) == ("cpu", torch.float32, True) else "inductor"
+    assert compiled_relu_backward_path(device, dtype, "sigmoid", c_built) == expected
+
+
+def test_functional_backward_follows_the_table():
+    x = torch.randn(3, requires_grad=True)
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(t):
+            return t * 1.0
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(dispatch.functional_backward())
+            return grad * 1.0
+
+    Probe.apply(x).sum().backward()
+    torch.autograd.grad(Probe.apply(x).sum(), x, create_graph=True)
+    torch.func.grad(lambda t: Probe.apply(t).sum())(x.detach())
+    assert seen == [False, True, True]
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)

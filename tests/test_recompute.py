@@ -3,13 +3,15 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 import excitation
 from excitation.kernels import RecomputedConv2d
 from excitation.kernels.recompute import RECOMPUTE_MAX_MACS, cheap_to_recompute
 
-from .helpers import compiled_gradient_and_saved_bytes, eval_with_statistics, fingerprint, reference_pullback, rel_err
+from .helpers import (compiled_gradient_and_saved_bytes, eval_with_statistics, fingerprint, reference_pullback, rel_err,
+                      without_recompute_tags)
 
 TARGET = 1
 
@@ -106,10 +108,8 @@ def test_compiled_graph_keeps_neither_z_nor_the_pool_input(backend):
 
 
 @pytest.mark.parametrize("batch_norm", [True, False], ids=["conv-bn-relu", "conv-relu"])
-def test_backend_graph_keeps_neither_z_nor_the_pool_input(batch_norm, monkeypatch):
+def test_backend_graph_keeps_neither_z_nor_the_pool_input(batch_norm):
     """The "excitation" backend tags the same stem in dynamo's graph (no modules there): it keeps no more than vanilla."""
-    from excitation.fxpass import backend as backend_module
-
     model = _frozen(PooledStem(batch_norm=batch_norm))
     x = torch.randn(2, 3, 12, 12)
     z_bytes = 2 * 8 * 12 * 12 * 4
@@ -121,21 +121,19 @@ def test_backend_graph_keeps_neither_z_nor_the_pool_input(batch_norm, monkeypatc
     _, vanilla_bytes = compiled_gradient_and_saved_bytes(score, x, "inductor")
     grad, ours_bytes = compiled_gradient_and_saved_bytes(score, x, excitation.backend())
     assert rel_err(grad, expected) < 1e-5 and ours_bytes <= vanilla_bytes
-    monkeypatch.setattr(backend_module, "tag_cheap_convolutions", lambda gm: 0)
-    grad, kept_bytes = compiled_gradient_and_saved_bytes(score, x, excitation.backend())
+    convolutions_kept = excitation.backend(inner=without_recompute_tags((torch.conv2d, F.conv2d)))
+    grad, kept_bytes = compiled_gradient_and_saved_bytes(score, x, convolutions_kept)
     assert rel_err(grad, expected) < 1e-5 and kept_bytes - ours_bytes > 0.99 * z_bytes
 
 
 def test_backend_tags_only_a_cheap_convolution_feeding_a_pooled_relu():
     """In dynamo's graph of googlenet only the 7x7 RGB stem qualifies, as ``excite`` picks ``conv1.conv``."""
-    from excitation.fxpass import recompute as recompute_module
-
     model = _frozen(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True))
     tagged = []
 
     def inner(gm, example_inputs):
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target in recompute_module._CONV2D and node.meta.get("recompute"):
+            if node.op == "call_function" and node.target in (torch.conv2d, F.conv2d) and node.meta.get("recompute"):
                 tagged.append(tuple(node.args[1].meta["example_value"].shape))
         return gm.forward
 

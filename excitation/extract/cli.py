@@ -44,7 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(PRESETS), help="rule set (default: paper)")
     p.add_argument("--temp", type=float, help="ReLU gate temperature (default: the preset's)")
     p.add_argument("--rules", help="comma-separated rules to apply (see excitation.RULES)")
-    p.add_argument("--compile", action="store_true", help="torch.compile with the excitation backend")
+    p.add_argument("--compile", action="store_true", help="run the pullbacks compiled with Inductor, as pullback(compile=True) does")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each rank's LOCAL_RANK GPU)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise",

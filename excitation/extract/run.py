@@ -144,23 +144,6 @@ def _versions() -> Dict[str, str]:
             "zarr": zarr.__version__, "python": sys.version.split()[0], "numpy": np.__version__}
 
 
-def _compiled_pullback(module: nn.Module, x: Tensor, score) -> Tensor:
-    """``d sum_i score(module(x))_i / dx`` through a compiled module (``pullback`` refuses compiled ones)."""
-    leaf = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(score(module(leaf)).sum(), leaf)
-    return grad
-
-
-def _input_gradient(module: nn.Module, x: Tensor, index: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(logits, d sum_i out[i, index_i] / dx)`` through ``module`` (used for the compiled path)."""
-    leaf = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        out = module(leaf)
-        (grad,) = torch.autograd.grad(out.gather(1, index[:, None]).sum(), leaf)
-    return out.detach(), grad
-
-
 def extract(
     model: "str | nn.Module",
     images: "str | Path",
@@ -210,8 +193,8 @@ def extract(
         Also store the vanilla gradient, and (``ascend_steps > 0``) the pullback accentuation
         of :func:`excitation.ascend`.
     preset, temp, rules, options, compile
-        As for :func:`excitation.excite`; ``compile`` runs ``torch.compile(..., backend=excitation.backend(...))``
-        with the same options.
+        As for :func:`excitation.excite`; ``compile`` runs the pullbacks compiled, as
+        ``excitation.pullback(..., compile=True)`` does (on either path).
     device, workers, on_error, progress
         ``"cpu"`` / ``"cuda"`` (rank ``LOCAL_RANK``'s GPU under torchrun), DataLoader workers,
         ``"raise"`` or ``"skip"`` for undecodable images (skipped ones are recorded in the
@@ -306,13 +289,12 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
     from ..api import gradient as vanilla_gradient
     from ..api import prepare, pullback, pullbacks
     from ..ascent import Normalized, ascend
-    from ..fxpass.backend import backend
 
     die = DieHook.from_env()  # test-only (see .faults); read first, so a bad value fails before any work
     pixel_model = (Normalized(net, *norm, device=dev) if norm is not None else net).to(dev).eval()
-    # prepare() excites a copy (the caller's model is never touched), through dynamo where fx cannot trace it.
-    excited = prepare(pixel_model, options=options)
-    compiled = torch.compile(pixel_model, backend=backend(options=options)) if compile else None
+    # prepare() excites a copy (the caller's model is never touched), through dynamo where fx cannot trace it,
+    # and compiles it as pullback(compile=True) does.
+    excited = prepare(pixel_model, options=options, compile=bool(compile))
 
     n = len(image_list)
     probe = transform(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (512, 512)))
@@ -418,12 +400,9 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
                 with torch.no_grad():
                     out_logits = pixel_model(x)
                 index = choose(out_logits)
-                if compiled is not None:
-                    p = torch.stack([_input_gradient(compiled, x, index[:, j])[1] for j in range(k)], 1)
-                else:
-                    p = pullbacks(excited, x, index)
+                p = pullbacks(excited, x, index, compile=bool(compile))
             else:
-                p = pullback(excited, x, score) if compiled is None else _compiled_pullback(compiled, x, score)
+                p = pullback(excited, x, score, compile=bool(compile))
                 out_logits, index = seen["logits"], seen["index"]
             pb[where] = p.detach().cpu().numpy().astype(np_dtype)
             logits[where] = out_logits.cpu().numpy()
@@ -436,7 +415,7 @@ def _run(*, net, transform, norm, model_id, world: World, dev, image_list: Image
             if "accentuation" in extra:
                 reps = x.repeat_interleave(k, 0) if multi else x
                 wanted = index.reshape(-1)
-                acc = ascend(excited, reps, wanted, steps=ascend_steps, step_size=step_size, radius=radius,
+                acc = ascend(prepare(pixel_model, options=options), reps, wanted, steps=ascend_steps, step_size=step_size, radius=radius,
                              progress=False)
                 acc = acc.view(len(good), k, *x.shape[1:]) if multi else acc
                 extra["accentuation"][where] = acc.detach().cpu().numpy().astype(np_dtype)

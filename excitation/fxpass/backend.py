@@ -12,29 +12,23 @@ the way to excite models that do not trace.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from typing import Callable, List, Mapping, Optional, Sequence, Set, Union
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
-from ..kernels import surrogate_relu
-from ..kernels.compiled import batch_norm_relu_with_c_backward, c_backward_applies, relu_with_c_backward
 from .dynamo_names import is_dynamo_graph, name_dynamo_nodes
-from .recompute import tag_cheap_convolutions
+from .lowering import lower
 from .report import Report
 from .options import Options, TempsSpec, options_from
 from .rewrite import excite_graph
 from .rules import RulesSpec
-from .sites import SURROGATE_RELU_PARAMS, bind_arguments
 
 _LOG = logging.getLogger("excitation")
 
-__all__ = ["ExcitationBackend", "backend", "excitation_backend", "mark_relu_outputs_for_recompute",
-           "use_c_backward"]
+__all__ = ["ExcitationBackend", "backend", "excitation_backend"]
 
 
 class ExcitationBackend:
@@ -46,9 +40,10 @@ class ExcitationBackend:
     module's path); each graph takes the keys it holds (a graph break spreads the sites over
     several graphs), and :attr:`unused_temps` lists the keys no graph has held so far.
 
-    On float32 CPU graphs each exact ReLU site's backward becomes one call of its C kernel
-    (:func:`use_c_backward`) unless ``inner="eager"``, which runs the graph's surrogate calls as
-    they are (they take the eager C kernels already).
+    Each graph is then lowered as ``torch.compile(excite(model))`` lowers its compile view
+    (:func:`.lowering.lower`, with recompute tags in place of regions): on float32 CPU graphs each
+    exact ReLU site's backward becomes one call of its C kernel unless ``inner="eager"``, which
+    runs the graph's surrogate calls as they are (they take the eager C kernels already).
 
     Attributes
     ----------
@@ -125,11 +120,9 @@ class ExcitationBackend:
             name_dynamo_nodes(gm)
         result = excite_graph(gm, options=self.options.replace(temps=self._graph_temps()))
         if self.saved == "exact":
-            mark_relu_outputs_for_recompute(gm)
             # inner="eager" runs the graph as it is: its surrogate ops take the eager C kernels already.
-            if self.inner != "eager" and use_c_backward(gm):
+            if lower(gm, mark="tag", c_backward=self.inner != "eager").code_changed:
                 gm.recompile()
-            tag_cheap_convolutions(gm)  # after the sites take their final form; tags are meta, no new code
         with self._lock:
             self.reports.append(result)
             unused = self.unused_temps
@@ -143,110 +136,6 @@ class ExcitationBackend:
     def __repr__(self) -> str:
         return (f"excitation.backend(preset={self.preset!r}, temp={self.temp}, pool_temp={self.pool_temp}, "
                 f"gate={self.gate!r}, pool_backward={self.pool_backward!r}, inner={self.inner!r})")
-
-
-def mark_relu_outputs_for_recompute(gm: fx.GraphModule) -> int:
-    """Tag each exact surrogate ReLU so AOTAutograd's partitioner recomputes ``relu(z)`` in the backward.
-
-    The graph then keeps ``z`` alone, where it would keep ``z`` and ``relu(z)`` (a
-    convolution's backward reads its input even for an input gradient only), so compiled
-    saved bytes come close to vanilla's (measured in docs/design-measurements.md).  This is what
-    the checkpoint in :func:`excitation.kernels.surrogate_relu` does for graphs dynamo
-    traces; a backend sees the graph after dynamo, so it writes the checkpoint policy's tag
-    directly (AOTAutograd copies ``meta["recompute"]`` onto the ops each node traces to).
-    A ``torch.cat`` of tagged ReLUs that feed nothing else is tagged too, as the compile view
-    groups them (:func:`excitation.kernels.compiled.compiled_relu_concat` says why); the tags
-    carry no region id, so no boundary between them is kept.  Returns the number of nodes tagged.
-    """
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    tagged = 0
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is surrogate_relu and node.kwargs.get("saved", "exact") == "exact":
-            node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
-            tagged += 1
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in (torch.cat, torch.concat) or not node.args:
-            continue
-        parts = node.args[0]
-        if isinstance(parts, (list, tuple)) and parts and all(
-            isinstance(part, fx.Node) and part.meta.get("recompute") is CheckpointPolicy.PREFER_RECOMPUTE
-            and len(part.users) == 1 for part in parts
-        ):
-            node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
-            tagged += 1
-    return tagged
-
-
-_BATCH_NORM_PARAMS = tuple(inspect.signature(F.batch_norm).parameters)
-
-
-def _example(value: object) -> object:
-    """What dynamo recorded for a graph value (a fake tensor), or the value itself if it is no node."""
-    return value.meta.get("example_value") if isinstance(value, fx.Node) else value
-
-
-def _frozen_eval_batch_norm(z: object) -> Optional[dict]:
-    """The arguments of ``z`` if it is an eval-mode ``F.batch_norm`` call with frozen parameters and one user."""
-    if not (isinstance(z, fx.Node) and z.op == "call_function" and z.target is F.batch_norm and len(z.users) == 1):
-        return None
-    bound = dict(zip(_BATCH_NORM_PARAMS, z.args))
-    bound.update(z.kwargs)
-    if bound.get("training", False) is not False or not isinstance(bound.get("eps", 1e-5), (int, float)):
-        return None
-    tensors = [_example(bound.get(name)) for name in ("running_mean", "running_var", "weight", "bias")]
-    if not all(isinstance(t, torch.Tensor) for t in tensors[:2]) or any(
-        t is not None and not (isinstance(t, torch.Tensor) and not t.requires_grad) for t in tensors
-    ):
-        return None
-    x = _example(bound["input"])
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        return None
-    return bound
-
-
-def use_c_backward(gm: fx.GraphModule) -> int:
-    """Give each exact ReLU site of a float32 CPU graph the C kernels' backward, as the compile view does.
-
-    ``torch.compile(excite(model))`` gets them through the compile view: Inductor's own loop for
-    the excitation gate is compute-bound on the CPU (a Sleef exponential and a division per
-    element), the C kernel is not.  Here a site calls
-    :func:`~excitation.kernels.compiled.relu_with_c_backward`, and a site fed by a frozen
-    eval-mode ``F.batch_norm`` alone calls
-    :func:`~excitation.kernels.compiled.batch_norm_relu_with_c_backward` in place of both (one C
-    pass for the gate and BatchNorm's input gradient).  Which sites qualify is read from the
-    example values dynamo records on each node (``meta["example_value"]``): a site without
-    one, on another device or dtype, or with a gate the kernels lack keeps ``surrogate_relu``.
-    Values are the same either way.  Call it after :func:`mark_relu_outputs_for_recompute`:
-    the new nodes keep the site's recompute tag.  Returns the number of sites changed; the
-    caller recompiles ``gm``.
-    """
-    changed = 0
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not surrogate_relu:
-            continue
-        site = bind_arguments(SURROGATE_RELU_PARAMS, node.args, node.kwargs)
-        temp, gate, z = site["temp"], site["gate"], site["input"]
-        if site["saved"] != "exact" or not isinstance(temp, (int, float)) or not isinstance(gate, str):
-            continue
-        if not c_backward_applies(node.meta.get("example_value", _example(z)), gate):
-            continue
-        bn = _frozen_eval_batch_norm(z)
-        if bn is None:
-            node.target = relu_with_c_backward
-            node.args, node.kwargs = (z, float(temp), gate), {}
-        else:
-            with graph.inserting_before(node):
-                fused = graph.call_function(batch_norm_relu_with_c_backward, (
-                    bn["input"], bn.get("weight"), bn.get("bias"), bn["running_mean"], bn["running_var"],
-                    float(bn.get("eps", 1e-5)), float(temp), gate))
-            fused.meta = dict(node.meta)
-            node.replace_all_uses_with(fused)
-            graph.erase_node(node)
-            graph.erase_node(z)
-        changed += 1
-    return changed
 
 
 def backend(
@@ -269,7 +158,7 @@ def backend(
     is the backend that compiles the excited graph (``"inductor"``,
     ``"aot_eager"``, ``"eager"`` or any callable backend).  ``preset``, ``pool_backward``, ``rules`` and
     ``saved`` as in :func:`excitation.excite`.  Float32 CPU ReLU sites get the C kernels' backward
-    (:func:`use_c_backward`) unless ``inner="eager"``.
+    (:func:`.lowering.lower`) unless ``inner="eager"``.
 
     Parameters
     ----------

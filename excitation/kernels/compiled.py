@@ -4,7 +4,7 @@ An excited graph is traced by dynamo through its *compile view*
 (:mod:`excitation.fxpass.compile_view`), whose ReLU sites call the functions here instead
 of :func:`~.ops.surrogate_relu` / :func:`~.fused.batch_norm_relu`; the ``"excitation"``
 backend puts :func:`relu_with_c_backward` and :func:`batch_norm_relu_with_c_backward` into the
-graphs dynamo hands it (``fxpass/backend.py::use_c_backward``).  Outside dynamo each
+graphs dynamo hands it; both are placed by one lowering (:mod:`excitation.fxpass.lowering`).  Outside dynamo each
 one is exactly the function it stands for.  Under dynamo they differ in two ways, neither of
 which changes a value:
 
@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from . import native
 from .fused import batch_norm_eval, batch_norm_relu, batch_norm_relu_pre_activation, fusable
 from .ops import call_surrogate_relu, surrogate_relu
-from .dispatch import recompute_in_backward
+from .dispatch import compiled_relu_backward_path, device_type, recompute_in_backward
 from .registry import NAMESPACE
 
 __all__ = ["compiled_relu", "compiled_batch_norm_relu", "compiled_relu_concat", "relu_with_c_backward",
@@ -54,8 +54,9 @@ def _c_kernels_built() -> bool:
 
 
 def _cpu_backward(t: Tensor, gate: str) -> bool:
-    """The C kernels may run this site's backward: a float32 CPU tensor, a gate they implement, the library built."""
-    return t.is_cpu and t.dtype == torch.float32 and gate in native.RELU_GATES and _c_kernels_built()
+    """The C kernels run this site's backward (:func:`.dispatch.compiled_relu_backward_path`)."""
+    c_built = gate in native.RELU_GATES and _c_kernels_built()
+    return compiled_relu_backward_path(device_type(t), t.dtype, gate, c_built) == "extern"
 
 
 def _dense(t: Tensor) -> bool:

@@ -49,7 +49,9 @@ __all__ = [
     "forward_runtime",
     "backward_runtime",
     "forward_mechanism",
+    "pool_forward_path",
     "relu_backward_path",
+    "compiled_relu_backward_path",
     "activation_backward_path",
     "pool2d_backward_path",
     "functional_runtime",
@@ -130,13 +132,13 @@ def device_type(t: Tensor) -> str:
 
 
 def functional_backward() -> bool:
-    """Whether a backward must not write into buffers in place (the ``torch_functional`` paths).
+    """Whether a backward running now must not write into buffers in place (the ``torch_functional`` paths).
 
-    In-place buffers are only safe in a plain first-order eager backward: with
-    ``create_graph`` (grad mode on, e.g. ``torch.func.grad``) autograd tracks the inputs,
-    under ``vmap`` the gradient is batched, and a compiler's tracer wants a functional graph.
+    The table's rule (:func:`functional_runtime`) for the backward's runtime: in-place buffers are
+    only safe in a plain first-order eager backward.  With ``create_graph`` autograd tracks the
+    inputs, under ``vmap`` the gradient is batched, and a compiler's tracer wants a functional graph.
     """
-    return torch.is_grad_enabled() or under_functorch() or torch.compiler.is_compiling()
+    return functional_runtime(backward_runtime(), torch.is_grad_enabled())
 
 
 def recompute_in_backward(t: Tensor) -> bool:
@@ -193,13 +195,19 @@ def forward_mechanism(runtime: str) -> str:
     return _MECHANISMS[runtime]
 
 
+def pool_forward_path(runtime: str, c_ready: bool) -> str:
+    """A max-pool's forward: ``"c"`` (the C kernel, bit-identical to ATen's and faster than its NCHW
+    scalar loop) in plain eager where the C kernels take the tensor and the window, else ``"torch"``."""
+    return "c" if runtime == "eager" and c_ready else "torch"
+
+
 def functional_runtime(runtime: str, grad_mode: bool) -> bool:
     # A recorder's backward is first-order unless grad mode is on (make_fx of a create_graph backward).
     return runtime in ("double_backward", "functorch", "dynamo", "export") or (runtime == "trace" and grad_mode)
 
 
 def relu_backward_path(runtime: str, device: str, gate: str, c_ready: bool, *, triton: bool = False,
-                       grad_mode: bool = False) -> str:
+                       grad_mode: bool = False, in_place: bool = False) -> str:
     """The ReLU gate's backward ``grad * gate(z / temp)``.
 
     ``c_ready``: the C kernels are built, take this gate, and take the tensors (plain contiguous
@@ -207,12 +215,26 @@ def relu_backward_path(runtime: str, device: str, gate: str, c_ready: bool, *, t
     is on (it matters under ``"trace"`` only).  The normal-CDF gate has no fused ATen form
     (``grad * Phi(z / temp)`` is five passes), so eager CUDA runs Triton; the sigmoid gate's
     ``softplus_backward`` is one fused ATen kernel already; compilers fuse the torch expression.
+    ``in_place``: the caller owns ``z`` and takes the result in it (an eager CPU fast path): ``"c"``
+    or ``"torch"``, both writing into ``z``.
     """
+    if in_place:
+        return "c" if runtime in ("eager", "double_backward") and c_ready else "torch"
     if device == "cuda" and gate == "normal_cdf" and triton and runtime not in ("dynamo", "export"):
         return "triton" if runtime in ("eager", "double_backward") else "triton_op"
     if runtime == "eager" and c_ready:
         return "c"
     return "torch_functional" if functional_runtime(runtime, grad_mode) else "torch"
+
+
+def compiled_relu_backward_path(device: str, dtype: torch.dtype, gate: str, c_built: bool) -> str:
+    """What an exact ReLU site of a compiled graph calls for its backward, decided when it is compiled.
+
+    ``"extern"``: the C kernels as one extern op (float32 CPU, a gate they implement, the library
+    built): Inductor's own loop for the gate is compute-bound on the CPU.  Else ``"inductor"``: the
+    surrogate's torch expression, which Inductor fuses.
+    """
+    return "extern" if device == "cpu" and dtype == torch.float32 and c_built else "inductor"
 
 
 def activation_backward_path(runtime: str, device: str, dtype: torch.dtype, kind: str, relu_gate: Optional[str],

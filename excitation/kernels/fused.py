@@ -140,8 +140,8 @@ def _native_ready(x: Tensor, running_mean: Tensor, running_var: Tensor, weight: 
     """What the C backward needs of a site's saved tensors (``grad`` is checked when it comes).
 
     Called in plain eager on the CPU only (:func:`batch_norm_relu` has ruled out every tracer,
-    dispatch mode and ``torch.func`` transform), so of :func:`.ops.c_kernels_apply`'s checks only the
-    tensors' own remain: one pass of cheap tests, since at batch 1 each Python check is host
+    dispatch mode and ``torch.func`` transform), so of the dispatch's checks only the tensors' own
+    remain: one pass of cheap tests, since at batch 1 each Python check is host
     time that a chain of the general checks would repeat (measured in docs/design-measurements.md).
     """
     if gate not in native.RELU_GATES or type(x) is not torch.Tensor or x.dim() < 2 or not native.available():

@@ -32,8 +32,8 @@ from .dispatch import (
     device_type,
     forward_runtime,
     functional_backward,
-    launch_directly,
     pool2d_backward_path,
+    pool_forward_path,
     recompute_in_backward,
     relu_backward_path,
     triton_available,
@@ -54,11 +54,6 @@ __all__ = [
 
 
 IntOrPair = Union[int, Sequence[int]]
-
-def c_kernels_apply(*tensors: Tensor) -> bool:
-    """The C kernels may run: real, contiguous float32 CPU tensors, no tracer, and the library built."""
-    return native.supports(*tensors) and launch_directly(*tensors) and native.available()
-
 
 def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """``grad * gate(z / temp)``, gate floored and result flushed (:func:`.reference.relu_backward`), on the
@@ -96,7 +91,12 @@ def native_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: float, 
 
 def relu_gate_backward_(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """:func:`relu_gate_backward` written into ``z`` (a tensor the caller owns and no longer needs); returns ``z``."""
-    if gate in native.RELU_GATES and c_kernels_apply(grad, z) and grad.shape == z.shape:
+    path = relu_backward_path(
+        backward_runtime(grad, z), "cpu", gate,
+        gate in native.RELU_GATES and grad.shape == z.shape and native.supports(grad, z) and native.available(),
+        in_place=True,
+    )
+    if path == "c":
         return native.relu_gate_backward(grad, z, temp, gate, out=z)
     return relu_backward_(grad, z, temp, gate)
 
@@ -235,7 +235,9 @@ def pool_forward(
     indices; tests/test_native.py), because ATen's NCHW max-pool is a scalar loop, a large share of
     a pool-heavy model's input gradient, vanilla's too (measured in docs/design-measurements.md).
     """
-    if native.pool_window_supported(kernel_size) and x.dim() in (3, 4) and c_kernels_apply(x) and x.numel():
+    c_ready = native.pool_window_supported(kernel_size) and x.dim() in (3, 4) and native.supports(x) and x.numel() > 0 \
+        and native.available()
+    if pool_forward_path(forward_runtime(x), c_ready) == "c":
         out_hw = [max_pool2d_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
                   for i in range(2)]
         if min(out_hw) > 0:

@@ -17,7 +17,7 @@ time (saved bytes and times per model in docs/design-measurements.md).
 :func:`excitation.fxpass.recompute.recompute_cheap_convolutions` gives this class to the
 excited model's own clones of such convolutions (never to the user's modules); the
 ``"excitation"`` backend tags the same convolutions in dynamo's graphs
-(:func:`excitation.fxpass.recompute.tag_cheap_convolutions`).  Outside
+(:func:`excitation.fxpass.lowering.lower`).  Outside
 ``torch.compile`` it is exactly ``nn.Conv2d``.
 """
 
