@@ -4,8 +4,9 @@ A ReLU network's input gradient hard-gates every ReLU with ``1[z > 0]``.  The
 excitation pullback keeps the forward pass bit-exact and soft-gates only the
 backward: ``dz = g * sigmoid(z / temp)`` at ReLUs, and the gradient of soft
 pooling ``sum_w softmax(x_w / temp) x_w`` at max-pools.  Rules of the same kind
-cover ReLU6, LeakyReLU, SiLU, GELU, Hardswish, Hardsigmoid, LayerNorm and
+cover ReLU6, LeakyReLU, SiLU, GELU, Hardswish, Hardsigmoid, LayerNorm, RMSNorm and
 attention (:data:`RULES`; ``excite(model, rules=...)`` chooses among them).
+Language models: :mod:`excitation.text` pulls back to the input embeddings.
 
 >>> import torch, excitation
 >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -38,12 +39,14 @@ from .gates import GATES
 from .kernels import surrogate_max_pool2d, surrogate_relu
 from .presets import DEFAULT_PRESET, POOL_BACKWARDS, PRESETS, Preset
 from .quantus import quantus_explain_func
+from . import text
 
 __version__ = "0.2.0"
 
 __all__ = [
     "excite",
     "excite_graph",
+    "text",
     "Options",
     "backend",
     "report",

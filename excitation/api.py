@@ -26,6 +26,7 @@ from .fxpass.options import Options, TempsSpec, options_from
 from .fxpass.rewrite import check_not_compiled, excite, is_excited, report
 from .fxpass.rules import RulesSpec
 from .fxpass.tracing import TRACE_GATE, clone_module_tree
+from .outputs import OutputSpec, select_output
 
 __all__ = ["pullback", "pullbacks", "gradient", "prepare", "clear_cache", "path_of"]
 
@@ -230,6 +231,11 @@ def check_input(model: nn.Module, x: Any, *, argument: str = "x") -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{argument} must be a torch.Tensor, got {type(x).__name__}.")
     if not x.is_floating_point():
+        if x.dtype in (torch.int64, torch.int32) and any(isinstance(m, nn.Embedding) for m in model.modules()):
+            raise TypeError(
+                f"{argument} holds integer token ids ({x.dtype}), which carry no gradient; use "
+                f"excitation.text.pullback(model, input_ids, target), which pulls back to the input embeddings."
+            )
         raise TypeError(
             f"{argument} has integer dtype {x.dtype}; gradients need floating point. "
             f"Convert it, e.g. {argument}.float() / 255."
@@ -313,11 +319,12 @@ def target_indices(target: Any, batch: int, classes: int, *, device: torch.devic
     return index
 
 
-def _input_gradient(module: nn.Module, x: Tensor, target: Target, create_graph: bool) -> Tensor:
+def _input_gradient(module: nn.Module, x: Tensor, target: Target, create_graph: bool,
+                    output: OutputSpec = None) -> Tensor:
     x = check_input(module, x)
     leaf = x.detach().requires_grad_(True)
     with TRACE_GATE.running(), torch.enable_grad(), _eval_mode(module):
-        out = module(leaf)
+        out = select_output(module(leaf), output)
         score = select_target(out, target, x.shape[0])
         (grad,) = torch.autograd.grad(score.sum(), leaf, create_graph=create_graph)
     return grad
@@ -337,6 +344,7 @@ def pullback(
     temps: TempsSpec = None,
     rules: RulesSpec = None,
     compile: bool = False,
+    output: OutputSpec = None,
     create_graph: bool = False,
 ) -> Tensor:
     """The excitation pullback ``d(sum_i out[i, target_i]) / dx``.
@@ -355,6 +363,9 @@ def pullback(
     compile : bool
         Run the excited module compiled with Inductor (:func:`prepare` says how; compiled once and
         cached): the same values, to a compiled graph's rounding, faster after the first call.
+    output : str, int, callable or None
+        Which tensor of the model's output the target indexes (:func:`excitation.outputs.select_output`):
+        by default the output itself, or its ``logits`` (a Hugging Face ``ModelOutput``).
     create_graph : bool
         Keep the graph of the pullback for higher-order derivatives.
 
@@ -387,10 +398,11 @@ def pullback(
     """
     module = prepare(model, excited=True, compile=compile, options=options, preset=preset, temp=temp,
                      pool_temp=pool_temp, gate=gate, pool_backward=pool_backward, temps=temps, rules=rules)
-    return _input_gradient(module, x, target, create_graph)
+    return _input_gradient(module, x, target, create_graph, output)
 
 
-def gradient(model: nn.Module, x: Tensor, target: Target, *, create_graph: bool = False) -> Tensor:
+def gradient(model: nn.Module, x: Tensor, target: Target, *, output: OutputSpec = None,
+             create_graph: bool = False) -> Tensor:
     """The vanilla input gradient ``d(sum_i out[i, target_i]) / dx``, in eval mode, for comparison.
 
     Parameters
@@ -401,6 +413,8 @@ def gradient(model: nn.Module, x: Tensor, target: Target, *, create_graph: bool 
         Input batch [N, ...], on the model's device and dtype.
     target : int, sequence of ints, LongTensor [N] or callable
         The class per sample, or ``callable(output) -> Tensor [N]``.
+    output : str, int, callable or None
+        As for :func:`pullback`.
     create_graph : bool
         Keep the graph of the gradient for higher-order derivatives.
 
@@ -424,7 +438,7 @@ def gradient(model: nn.Module, x: Tensor, target: Target, *, create_graph: bool 
     torch.Size([2, 4])
     """
     module = prepare(model, excited=False)
-    return _input_gradient(module, x, target, create_graph)
+    return _input_gradient(module, x, target, create_graph, output)
 
 
 def pullbacks(
@@ -441,6 +455,7 @@ def pullbacks(
     temps: TempsSpec = None,
     rules: RulesSpec = None,
     compile: bool = False,
+    output: OutputSpec = None,
 ) -> Tensor:
     """Pullbacks of K classes per input in one backward pass: a Tensor [N, K, ...].
 
@@ -460,6 +475,8 @@ def pullbacks(
         As for :func:`excitation.excite`; only for plain models.
     compile : bool
         As for :func:`pullback`; the K backward passes then run one by one through the compiled graphs.
+    output : str, int, callable or None
+        As for :func:`pullback`.
 
     Returns
     -------
@@ -498,9 +515,9 @@ def pullbacks(
         raise ValueError(f"targets must have shape [K] or [{batch}, K] with K >= 1, got {tuple(index.shape)}.")
     if compile or path_of(module) == "dynamo":
         # torch.func.vjp/vmap do not compose with dynamo's compiled custom backward.
-        return _pullbacks_by_loop(module, x, index)
+        return _pullbacks_by_loop(module, x, index, output)
     with TRACE_GATE.running(), torch.enable_grad(), _eval_mode(module):
-        out, vjp = torch.func.vjp(module, x.detach())
+        out, vjp = torch.func.vjp(lambda t: select_output(module(t), output), x.detach())
         if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != batch:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"pullbacks() needs a model output of shape [N, classes]; got {shape}.")
@@ -513,12 +530,12 @@ def pullbacks(
     return grads.transpose(0, 1)
 
 
-def _pullbacks_by_loop(module: nn.Module, x: Tensor, index: Tensor) -> Tensor:
+def _pullbacks_by_loop(module: nn.Module, x: Tensor, index: Tensor, output: OutputSpec = None) -> Tensor:
     """:func:`pullbacks` for a compiled or dynamo-excited module: [N, K, ...] from K pullback calls.
 
     The inner backend may be AOTAutograd's (``aot_eager``, ``inductor``), whose compiled backward
     donates its buffers and runs once per forward (no ``retain_graph``): each of the K targets gets its own forward and backward,
     all through the same compiled graphs (and in grad mode, so no new guards fail).
     """
-    grads = [_input_gradient(module, x, index[:, k].contiguous(), False) for k in range(index.shape[1])]
+    grads = [_input_gradient(module, x, index[:, k].contiguous(), False, output) for k in range(index.shape[1])]
     return torch.stack(grads, dim=1)

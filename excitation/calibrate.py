@@ -9,7 +9,7 @@ pre-activations thus lands on the published 0.3.  Max-pool sites use the
 scale of their positive inputs (see ``_Recorder``).  Rules with their own
 published temperature scale it instead of ``scale_factor``: SiLU, Mish, Hardswish and
 hard_mish get ``1.6 * robust_std``, GELU ``1.0 * robust_std``, so unit-variance inputs keep
-the published defaults.  LayerNorm and attention sites have no temperature.
+the published defaults.  LayerNorm, RMSNorm and attention sites have no temperature.
 
 Models that ``symbolic_trace`` cannot trace are calibrated on the dynamo path, like
 :func:`~excitation.pullback` runs them: a clone is compiled with the excitation backend and

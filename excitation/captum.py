@@ -17,6 +17,16 @@ path integral of pullbacks):
 >>> ig = wrap(IntegratedGradients)(model, preset="semantic")
 >>> attr = ig.attribute(x, baselines=0 * x, target=3, n_steps=16)
 >>> cam = wrap(LayerGradCam)(model, model.features[-1], preset="semantic")   # the layer is mapped by name
+
+For language models, :class:`LLMPullbackAttribution` takes the place of Captum's
+``LLMGradientAttribution(LayerGradientXActivation(model, embeddings), tokenizer)``: the same
+``attribute(TextTokenInput, target=...)`` and the same ``LLMAttributionResult``, with pullbacks:
+
+>>> from captum.attr import TextTokenInput
+>>> from excitation.captum import LLMPullbackAttribution
+>>> llm_attr = LLMPullbackAttribution(model, tokenizer)          # was LLMGradientAttribution(...)
+>>> result = llm_attr.attribute(TextTokenInput("The capital of France is", tokenizer), target=" Paris")
+>>> result.seq_attr, result.token_attr                           # per input token; per output x input token
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ try:
 except ImportError as exc:  # pragma: no cover - captum is in the eval extra
     raise ImportError("excitation.captum needs Captum: pip install 'excitation[eval]'") from exc
 
-__all__ = ["ExcitationPullback", "wrap", "PULLBACK_OPTIONS"]
+__all__ = ["ExcitationPullback", "wrap", "PULLBACK_OPTIONS", "LLMPullbackAttribution"]
 
 
 class ExcitationPullback(GradientAttribution):
@@ -172,3 +182,67 @@ def wrap(attribution_cls: Type["Attribution"]) -> Callable[..., "Attribution"]:
     construct.__doc__ = (f"{attribution_cls.__name__} on the excited copy of ``model``: "
                          f"``(model, *args, preset=..., temp=..., **kwargs)``.")
     return construct
+
+
+class LLMPullbackAttribution:
+    """Captum's LLM gradient attribution with pullbacks: ``attribute(inp, target)`` -> ``LLMAttributionResult``.
+
+    For each token of the target response, the pullback of its log-probability (given the prompt
+    and the response's earlier tokens, teacher-forced) with respect to the input embeddings,
+    reduced to one score per prompt token as ``LayerGradientXActivation`` on the embedding layer
+    reduces gradients: ``sum_d pullback * embedding`` (:func:`excitation.text.pullback`,
+    ``reduction="input_x_pullback"``).  ``seq_attr`` sums them over the response's tokens.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A Hugging Face causal language model (``get_input_embeddings()``, ``inputs_embeds=``).
+    tokenizer
+        Its tokenizer.
+    options, keywords
+        As for :func:`excitation.text.pullback` (``preset``, ``temp``, ``rules``, ...).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, **options: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.options = options
+
+    def _target_ids(self, prompt: Tensor, target: Any, gen_args: Optional[Dict[str, Any]]) -> Tensor:
+        if isinstance(target, str):
+            return torch.tensor(self.tokenizer.encode(target, add_special_tokens=False), dtype=torch.long)
+        if isinstance(target, Tensor):
+            return target.reshape(-1).long()
+        if target is None:
+            args = {"max_new_tokens": 25, "do_sample": False, **(gen_args or {})}
+            generated = self.model.generate(prompt, **args)
+            return generated[0, prompt.shape[1]:]
+        raise TypeError(f"target must be a string, a tensor of token ids or None, got {type(target).__name__}.")
+
+    def attribute(self, inp: Any, target: Any = None, gen_args: Optional[Dict[str, Any]] = None, **kwargs: Any):
+        """Attribute each token of ``target`` (a string, token ids, or ``None`` to generate it) to ``inp``'s tokens."""
+        from captum.attr._core.llm_attr import LLMAttributionResult
+
+        from . import text
+
+        if kwargs:
+            raise TypeError(f"LLMPullbackAttribution.attribute takes no {sorted(kwargs)}; the pullback has no "
+                            f"attribution-method arguments (set temp=, preset=, rules= when constructing it).")
+        prompt = inp.to_model_input().long()  # the token ids (to_tensor() is the interpretable mask)
+        if prompt.dim() == 1:
+            prompt = prompt[None]
+        wanted = self._target_ids(prompt, target, gen_args).to(prompt.device)
+        if wanted.numel() == 0:
+            raise ValueError("the target response has no tokens.")
+        rows = []
+        for k in range(wanted.numel()):
+            ids = torch.cat([prompt, wanted[None, :k]], dim=1)
+            result = text.pullback(self.model, ids, wanted[k:k + 1], score="log_prob", **self.options)
+            rows.append(result.scores("input_x_pullback")[0, :prompt.shape[1]])
+        token_attr = torch.stack(rows)
+        mask = getattr(inp, "itp_mask", None)
+        if mask is not None:
+            token_attr = token_attr[mask.to(token_attr.device).expand_as(token_attr)].view(token_attr.shape[0], -1)
+        outputs = [self.tokenizer.decode([int(t)]) for t in wanted]
+        return LLMAttributionResult(seq_attr=token_attr.sum(0), token_attr=token_attr, input_tokens=inp.values,
+                                    output_tokens=outputs)

@@ -104,6 +104,15 @@ _TIMM_ONLY = ("modules", "all", "size", "budget")
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
+    if args.source == "huggingface":
+        given = [f"--{name}" for name in _TIMM_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise ValueError(f"{' '.join(given)} apply to the timm zoo only; with --source huggingface choose "
+                             f"architectures with --models (e.g. --models vit swin).")
+        from . import zoo_hf
+
+        args.repeats = 1 if args.repeats is None else args.repeats
+        return zoo_hf.run(args)
     if args.source == "timm":
         from . import zoo_timm
 
@@ -204,10 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
                          description="For each torchvision classification model (random weights, small input): "
                                      "traced?, sites by kind, unhandled sites, forward bit-identical?, finite?, "
                                      "relative difference from the gradient, time ratio. Prints a Markdown table. "
-                                     "--source timm: one row per timm model module instead (as `zoo-timm`).")
-    zoo.add_argument("--source", choices=["torchvision", "timm"], default="torchvision",
-                     help="whose models (default torchvision); timm takes --modules / --all / --size / --budget")
-    zoo.add_argument("--models", nargs="+", help="model names (default: all of list_models(module=torchvision.models))")
+                                     "--source timm: one row per timm model module instead (as `zoo-timm`); "
+                                     "--source huggingface: one row per transformers image-classification "
+                                     "architecture.")
+    zoo.add_argument("--source", choices=["torchvision", "timm", "huggingface"], default="torchvision",
+                     help="whose models (default torchvision); timm takes --modules / --all / --size / --budget; "
+                          "huggingface builds each image-classification architecture from a small random config")
+    zoo.add_argument("--models", nargs="+", help="model names (default: all of list_models(module=torchvision.models)); "
+                                                 "with --source huggingface, architectures (model types)")
     zoo.add_argument("--repeats", type=int, help="timed rounds per model, interleaved with vanilla (default: "
                                                  "3 torchvision, 1 timm)")
     from .zoo_timm import add_timm_options  # timm itself is imported only when it runs

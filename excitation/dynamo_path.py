@@ -10,9 +10,9 @@ runs as it is, so nothing is re-traced and the forward is the model's own, bit f
 Guarantees of this path (each checked at run time, not only promised):
 
 * **no silent vanilla.**  Each compiled graph is wrapped so that its run counts
-  the activation sites it holds (rewritten or reported unhandled).  After every call
+  the activation sites it holds (rewritten or reported unhandled) and its norm and softmax calls.  After every call
   that compiled a new graph, the model is also run once eagerly under a
-  ``TorchFunctionMode`` that counts every activation-like call; if it saw more than
+  ``TorchFunctionMode`` that counts every activation-like, norm and softmax call; if it saw more than
   the graphs account for, some activation ran outside dynamo's graphs (with a
   vanilla backward) and :class:`~excitation.errors.ExcitationError` is raised.
 * **forward equals the model's.**  The same eager run gives the plain output; the
@@ -53,7 +53,8 @@ from .fxpass.sites import ACTIVATION_CALL_NAMES
 from .fxpass.tracing import clone_module_tree
 from .spec import ACTIVATIONS
 
-__all__ = ["CompiledExcited", "ACTIVATION_FUNCTIONS", "DEFAULT_INNER", "count_activation_calls"]
+__all__ = ["CompiledExcited", "ACTIVATION_FUNCTIONS", "NORM_SOFTMAX_FUNCTIONS", "DEFAULT_INNER",
+           "count_activation_calls"]
 
 log = logging.getLogger("excitation")
 
@@ -78,6 +79,10 @@ def _collect(names: Sequence[str]) -> frozenset:
 
 #: Callables counted as one activation call each by :func:`count_activation_calls`.
 ACTIVATION_FUNCTIONS = _collect(sorted(ACTIVATION_CALL_NAMES))
+#: Norm and softmax callables, counted too: a LayerNorm, RMSNorm or attention softmax run outside
+#: dynamo's graphs would keep its vanilla backward as silently as an activation.  A graph counts its
+#: calls of them before it is excited (a softmax that feeds no matmul is a call, not a site).
+NORM_SOFTMAX_FUNCTIONS = _collect(["layer_norm", "rms_norm", "softmax", "scaled_dot_product_attention"])
 # The sites and unhandled ops of a report that are element-wise activations or max-pools.
 # timm's hard_mish is no torch call but an expression around one ``clamp(0, 2)``: the eager count
 # counts clamps with a constant floor 0 (each such clamp in a graph is a hard_mish site or an
@@ -91,6 +96,8 @@ def _is_zero_floor_clamp_call(args: Sequence[Any], kwargs: Dict[str, Any]) -> bo
     """``clamp(x, 0, hi)`` / ``x.clamp(min=0, ...)`` with constant bounds, as ``fxpass.sites`` matches it in graphs."""
     if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
         return False  # an index clamp (gemma4's position_ids.clamp(min=0)), as fxpass.sites skips it
+    if args and isinstance(args[0], torch.Tensor) and not args[0].requires_grad:
+        return False  # no gradient flows through it (SigLIP 2's interpolation weights), as fxpass.sites skips it
     low = args[1] if len(args) > 1 else kwargs.get("min")
     high = args[2] if len(args) > 2 else kwargs.get("max")
     constant = (int, float)
@@ -106,15 +113,20 @@ class _ActivationCounter(TorchFunctionMode):
         self.count = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in ACTIVATION_FUNCTIONS or (func in _CLAMPS and _is_zero_floor_clamp_call(args, kwargs or {})):
+        if func in ACTIVATION_FUNCTIONS or func in NORM_SOFTMAX_FUNCTIONS or (
+                func in _CLAMPS and _is_zero_floor_clamp_call(args, kwargs or {})):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
 
 def count_activation_calls(module: nn.Module, *args: Any) -> "tuple[int, Any]":
-    """Run ``module(*args)`` eagerly (no grad) and count its activation-like calls: ``(count, output)``."""
+    """Run ``module(*args)`` eagerly and count its activation-like calls: ``(count, output)``.
+
+    Grad mode stays as the caller has it, so which tensors require grad is what dynamo saw when it
+    traced the same call (a clamp through which no gradient flows is not counted, on either side).
+    """
     counter = _ActivationCounter()
-    with torch.no_grad(), counter:
+    with counter:
         out = module(*args)
     return counter.count, out
 
@@ -123,6 +135,20 @@ def _graph_activation_count(result: Report) -> int:
     """Activation sites in one excited graph: rewritten (of a counted kind) plus left alone."""
     rewritten = sum(site.kind in _COUNTED_KINDS for site in result.sites)
     return rewritten + len(result.unhandled)
+
+
+def _norm_softmax_calls(gm: fx.GraphModule) -> int:
+    """Calls of :data:`NORM_SOFTMAX_FUNCTIONS` in a graph as dynamo captured it (``.softmax()`` methods too)."""
+    found = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target == "softmax":
+            found += 1
+        elif node.op == "call_function":
+            try:
+                found += node.target in NORM_SOFTMAX_FUNCTIONS
+            except TypeError:  # unhashable target
+                pass
+    return found
 
 
 class _CountingBackend:
@@ -134,8 +160,9 @@ class _CountingBackend:
         self._lock = threading.Lock()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Tensor]) -> Callable:
+        calls = _norm_softmax_calls(gm)  # before the backend rewrites the graph in place
         compiled = self.inner(gm, example_inputs)
-        sites = _graph_activation_count(self.inner.reports[-1])
+        sites = _graph_activation_count(self.inner.reports[-1]) + calls
 
         @functools.wraps(compiled)  # keeps attributes such as _boxed_call
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -266,13 +293,13 @@ class CompiledExcited(nn.Module):
             eager_count, eager_out = count_activation_calls(self.model, *args)
             if eager_count > executed:
                 raise ExcitationError(
-                    f"{type(self.model).__name__}: {eager_count} activation calls ran, but the graphs dynamo "
+                    f"{type(self.model).__name__}: {eager_count} activation, norm and softmax calls ran, but the graphs dynamo "
                     f"captured hold only {executed}; {eager_count - executed} ran outside them and would keep a "
                     f"vanilla backward.  Make the code around them traceable by dynamo (no skipped frames), "
                     f"or excite an fx-traceable version of the model."
                 )
             if isinstance(out, Tensor) and isinstance(eager_out, Tensor):
-                diff = float((out.detach() - eager_out).abs().max()) if out.numel() else 0.0
+                diff = float((out.detach() - eager_out.detach()).abs().max()) if out.numel() else 0.0
                 self.forward_max_diff = max(self.forward_max_diff, diff)
                 if diff != 0.0:
                     log.warning("excitation: dynamo path forward of %s differs from eager by %.3g",

@@ -16,8 +16,11 @@ census, the rule table (:data:`excitation.RULES`) and the rules page of the docs
 read this table; none of them lists kinds of its own.  Adding a gated activation is
 one entry here, a gate in :mod:`excitation.gates` if it is new, and its tests.
 
-Rules that are not element-wise activations (LayerNorm, attention) rewrite several
+Rules that are not element-wise activations (LayerNorm, RMSNorm, attention) rewrite several
 ops together and are declared in :mod:`excitation.fxpass.rules`.
+
+Why one module: the table is the single place a kind is declared; split, a kind's forms, forward
+and gate would again live apart, which is what the table exists to prevent.
 """
 
 from __future__ import annotations
@@ -202,6 +205,24 @@ def _hard_mish(z: Tensor) -> Tensor:
     return 0.5 * z * (z + 2).clamp(min=0, max=2)
 
 
+def _gelu_new(z: Tensor, c: float, k: float, p: float) -> Tensor:
+    # GPT-2's gelu_new (transformers' NewGELUActivation), operation for operation (so the same bits).
+    return 0.5 * z * (1.0 + torch.tanh(c * (z + k * torch.pow(z, p))))
+
+
+def _gelu_new_gate(z: Tensor, temp: float, c: float, k: float, p: float) -> Tensor:
+    return gates.normal_cdf_gate(z, temp)
+
+
+def _quick_gelu(z: Tensor, a: float) -> Tensor:
+    # transformers' QuickGELUActivation (CLIP), operation for operation (so the same bits).
+    return z * torch.sigmoid(a * z)
+
+
+def _quick_gelu_gate(z: Tensor, temp: float, a: float) -> Tensor:
+    return gates.sigmoid_gate(a * z, temp)
+
+
 #: Every activation kind, in the order reports and the docs list them.
 ACTIVATIONS: Tuple[ActivationSpec, ...] = (
     ActivationSpec(
@@ -358,6 +379,19 @@ ACTIVATIONS: Tuple[ActivationSpec, ...] = (
     ActivationSpec(
         "gelu_tanh", "gelu", 1.0, forward=lambda z: F.gelu(z, approximate="tanh"), gate=gates.normal_cdf_gate,
         relu_gate="normal_cdf", variant_of="gelu",
+    ),
+    # GPT-2's gelu_new is an expression, not a call: fxpass.sites recognises its shape.
+    ActivationSpec(
+        "gelu_new", "gelu", 1.0, (("c", 0.7978845608028654), ("k", 0.044715), ("p", 3.0)),
+        forward=_gelu_new, gate=_gelu_new_gate, relu_gate="normal_cdf",
+        sites="Hugging Face's `gelu_new` / `NewGELUActivation` (GPT-2): the traced "
+              "`0.5 * x * (1 + tanh(c * (x + k * x ** p)))`",
+    ),
+    # CLIP's quick_gelu, z * sigmoid(1.702 z), is an expression too: its gate is the sigmoid, softened.
+    ActivationSpec(
+        "quick_gelu", "gelu", 1.0, (("a", 1.702),), forward=_quick_gelu, gate=_quick_gelu_gate,
+        backward="", sites="Hugging Face's `quick_gelu` / `QuickGELUActivation` (CLIP): the traced "
+                           "`x * sigmoid(a * x)`, gate `sigmoid(a * z / temp)`",
     ),
     ActivationSpec(
         "hardswish", "hardswish", 1.6, forward=lambda z: F.hardswish(z), gate=gates.hard_sigmoid_gate,

@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import date
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,7 @@ from .fxpass.rewrite import excite, report
 __all__ = [
     "ZooRow", "zoo_models", "input_size", "randomise_zero_heads", "check_model", "run_zoo", "format_zoo_table",
     "rows_to_json",
+    "compare_with_gradient",
 ]
 
 # Models whose input size is fixed by their architecture (position embeddings, partitions).
@@ -152,26 +153,32 @@ def check_model(
         row.sites = {k: v for k, v in result.counts().items() if v}
         row.unhandled = result.unhandled_counts()
         row.smooth = _merge([{u.op: 1} for u in result.smooth])
-    pulled = pullback(run, x, target) if result is not None else _input_grad(run, x, target)
-    vanilla = gradient(model, x, target)
-    row.finite = bool(torch.isfinite(pulled).all())
-    norm = float(vanilla.norm())
-    row.rel_diff = float((pulled - vanilla).norm()) / norm if norm > 0 else math.nan
-
-    def vanilla_call() -> torch.Tensor:
-        return gradient(model, x, target)
-
     def ours_call() -> torch.Tensor:
         return pullback(run, x, target) if result is not None else _input_grad(run, x, target)
 
-    calls = max(1, min(64, math.ceil(_MIN_ROUND_SECONDS / max(seconds_per_call(vanilla_call), 1e-6))))
-    ours_t, vanilla_t = [], []
-    for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
-        vanilla_t.append(seconds_per_call(vanilla_call, calls))
-        ours_t.append(seconds_per_call(ours_call, calls))
-    row.time_ratio = statistics.median(ours_t) / statistics.median(vanilla_t)
+    row.finite, row.rel_diff, row.time_ratio = compare_with_gradient(ours_call, lambda: gradient(model, x, target),
+                                                                     repeats)
     row.seconds = time.perf_counter() - start
     return row
+
+
+def compare_with_gradient(ours: Callable[[], torch.Tensor], vanilla: Callable[[], torch.Tensor],
+                          repeats: int) -> Tuple[bool, float, float]:
+    """``(finite, rel. diff, time ratio)`` of a pullback call against the gradient call, as every zoo reports them.
+
+    The relative difference is ``||pullback - gradient|| / ||gradient||`` (NaN for a zero gradient);
+    the time ratio is the median of interleaved rounds, each at least :data:`_MIN_ROUND_SECONDS` long.
+    """
+    pulled, plain = ours(), vanilla()
+    finite = bool(torch.isfinite(pulled).all())
+    norm = float(plain.norm())
+    rel_diff = float((pulled - plain).norm()) / norm if norm > 0 else math.nan
+    calls = max(1, min(64, math.ceil(_MIN_ROUND_SECONDS / max(seconds_per_call(vanilla), 1e-6))))
+    ours_t, vanilla_t = [], []
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit both alike
+        vanilla_t.append(seconds_per_call(vanilla, calls))
+        ours_t.append(seconds_per_call(ours, calls))
+    return finite, rel_diff, statistics.median(ours_t) / statistics.median(vanilla_t)
 
 
 def _input_grad(run: Callable, x: torch.Tensor, target: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .bench import cpu_model
-from .zoo import seconds_per_call
+from .zoo import compare_with_gradient, seconds_per_call
 
 __all__ = ["TimmRow", "smallest_per_module", "reinit_zero_weights", "check_timm_model", "run_timm_zoo",
            "format_timm_table", "add_parser", "run"]
@@ -153,16 +153,8 @@ def check_timm_model(model: nn.Module, x: torch.Tensor, *, module: str, name: st
     row.unhandled = result.unhandled_counts()
     with torch.no_grad():
         row.forward_identical = bool(torch.equal(prepared(x), expected))
-    pulled = api.pullback(model, x, target)
-    vanilla = api.gradient(model, x, target)
-    row.finite = bool(torch.isfinite(pulled).all())
-    norm = float(vanilla.norm())
-    row.rel_diff = float((pulled - vanilla).norm()) / norm if norm > 0 else math.nan
-    ours, plain = [], []
-    for _ in range(repeats):  # interleaved: load drifts hit both alike
-        plain.append(seconds_per_call(lambda: api.gradient(model, x, target)))
-        ours.append(seconds_per_call(lambda: api.pullback(model, x, target)))
-    row.time_ratio = statistics.median(ours) / statistics.median(plain)
+    row.finite, row.rel_diff, row.time_ratio = compare_with_gradient(
+        lambda: api.pullback(model, x, target), lambda: api.gradient(model, x, target), repeats)
     return row
 
 

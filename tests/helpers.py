@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -227,6 +227,14 @@ class ExcitationReference(TorchFunctionMode):
             rstd = torch.rsqrt(z.var(dims, unbiased=False, keepdim=True) + eps).detach()
             smooth = (z - mean) * rstd * (1 if weight is None else weight) + (0 if bias is None else bias)
             kind, exact = "layer_norm", F.layer_norm(z, shape, weight, bias, eps)
+        elif func is F.rms_norm:
+            z, shape = args[0], _arg(args, kwargs, 1, "normalized_shape", None)
+            weight, eps = _arg(args, kwargs, 2, "weight", None), _arg(args, kwargs, 3, "eps", None)
+            dims = tuple(range(-len(shape), 0))
+            eps = torch.finfo(z.dtype).eps if eps is None else eps
+            rstd = torch.rsqrt(z.pow(2).mean(dims, keepdim=True) + eps).detach()
+            smooth = z * rstd * (1 if weight is None else weight)
+            kind, exact = "rms_norm", F.rms_norm(z, shape, weight, eps)
         elif func in (F.softmax, torch.softmax, Tensor.softmax):
             self.calls["softmax"] = self.calls.get("softmax", 0) + 1
             return func(*args, **kwargs).detach()  # in the models we check, every softmax is attention
@@ -570,6 +578,95 @@ def more_forms_reference(model: nn.Module, x: Tensor, target: int, hard_mish_typ
         for child_name, child in list(module.named_children()):
             if isinstance(child, hard_mish_types):
                 setattr(module, child_name, ReferenceHardMish())
+    return reference_pullback(swapped, x, target, rules=True)
+
+
+# ------------------------------------------------- the Hugging Face forms: RMSNorm, gelu_new, quick_gelu
+def gelu_new(x: Tensor) -> Tensor:
+    """transformers' ``NewGELUActivation`` (GPT-2), as written there."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """transformers' ``QuickGELUActivation`` (CLIP), as written there."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class GeluNew(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu_new(x)
+
+
+class QuickGelu(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return quick_gelu(x)
+
+
+class LlamaRMSNorm(nn.Module):
+    """Llama's RMSNorm as transformers writes it (float32 statistics, cast back)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+        self.eps = eps
+
+    def forward(self, h: Tensor) -> Tensor:
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class ReferenceExpression(nn.Module):
+    """Swapped in for an expression module by :func:`hf_forms_reference`: its value, the GELU rule's gradient."""
+
+    def __init__(self, kind: str, weight: Optional[Tensor] = None) -> None:
+        super().__init__()
+        self.kind, self.weight = kind, weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "gelu_new":
+            return _straight_through(gelu_new(x), gaussian_smoothed_relu(x, RULE_TEMPS["gelu"]))
+        if self.kind == "quick_gelu":
+            return _straight_through(quick_gelu(x), softplus(1.702 * x) / 1.702)  # temp 1: sigmoid(1.702 z)
+        h = x.to(torch.float32)  # the RMS held constant
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6).detach()
+        return self.weight * (h * rstd).to(x.dtype)
+
+
+class HFForms(nn.Module):
+    """One site of each rule transformers brought: RMSNorm as ``nn.RMSNorm``, ``F.rms_norm`` and Llama's
+    hand-written form, GPT-2's gelu_new and CLIP's quick_gelu expressions."""
+
+    def __init__(self, classes: int = 10, dim: int = 8) -> None:
+        super().__init__()
+        self.up = nn.Linear(12, dim)
+        self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.llama_norm = LlamaRMSNorm(dim)
+        self.gelu_new, self.quick_gelu = GeluNew(), QuickGelu()
+        self.scale = nn.Parameter(torch.linspace(1.5, 0.5, dim))
+        self.head = nn.Linear(dim, classes)
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.gelu_new(self.norm(self.up(x.flatten(1)[:, :12])))
+        h = self.quick_gelu(F.rms_norm(h * 2, (self.dim,), self.scale, 1e-6))
+        return self.head(self.llama_norm(h))
+
+
+# Sites per kind in HFForms.
+HF_FORMS_KINDS = {"relu": 0, "max_pool2d": 0, "rms_norm": 3, "gelu_new": 1, "quick_gelu": 1}
+
+
+def hf_forms_reference(model: nn.Module, x: Tensor, target: int) -> Tensor:
+    """:func:`reference_pullback` (``rules=True``) of a copy of :class:`HFForms` whose expression modules and
+    hand-written RMSNorm are swapped for :class:`ReferenceExpression` (``nn.RMSNorm`` and ``F.rms_norm`` are
+    intercepted by the reference itself)."""
+    import copy
+
+    swapped = copy.deepcopy(model)
+    swapped.gelu_new, swapped.quick_gelu = ReferenceExpression("gelu_new"), ReferenceExpression("quick_gelu")
+    swapped.llama_norm = ReferenceExpression("rms_norm", swapped.llama_norm.weight)
     return reference_pullback(swapped, x, target, rules=True)
 
 

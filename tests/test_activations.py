@@ -15,6 +15,7 @@ from excitation.kernels import (
     surrogate_celu,
     surrogate_elu,
     surrogate_gelu,
+    surrogate_gelu_new,
     surrogate_hard_mish,
     surrogate_hardsigmoid,
     surrogate_hardswish,
@@ -22,6 +23,7 @@ from excitation.kernels import (
     surrogate_leaky_relu,
     surrogate_mish,
     surrogate_prelu,
+    surrogate_quick_gelu,
     surrogate_rrelu,
     surrogate_selu,
     surrogate_silu,
@@ -60,6 +62,13 @@ CASES = {
                     lambda z, t: soft_clamp(z + 3, 0.0, 6.0, t) / 6),
     "mish": (lambda z, t: surrogate_mish(z, temp=t), F.mish, soft_mish_standin),
     "hard_mish": (lambda z, t: surrogate_hard_mish(z, temp=t), hard_mish, soft_hard_mish_standin),
+    # GPT-2's gelu_new, transformers' own expression; the GELU rule's gate Phi(z / temp).
+    "gelu_new": (lambda z, t: surrogate_gelu_new(z, temp=t),
+                 lambda z: 0.5 * z * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * torch.pow(z, 3.0)))),
+                 gaussian_smoothed_relu),
+    # CLIP's quick_gelu z * sigmoid(1.702 z): gate sigmoid(1.702 z / temp), the derivative of t softplus(1.702 z / t) / 1.702.
+    "quick_gelu": (lambda z, t: surrogate_quick_gelu(z, temp=t), lambda z: z * torch.sigmoid(1.702 * z),
+                   lambda z, t: t * softplus(1.702 * z / t) / 1.702),
 }
 
 # ELU, CELU, SELU: (surrogate call, the op itself). Their rule soft-switches between the unit's two

@@ -139,3 +139,33 @@ def test_wrap_maps_layers_by_name_and_keeps_the_model():
         wrap(LayerGradCam)(model, model[1])          # the ReLU became a surrogate op
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(isinstance(m, nn.ReLU) for m in model if not isinstance(m, (nn.Conv2d, nn.Flatten, nn.Linear)))
+
+
+def test_captum_llm_attribution_is_the_text_pullback_of_each_target_token():
+    """The one-line switch from Captum's LLMGradientAttribution: its result type, with pullbacks per target token."""
+    transformers = pytest.importorskip("transformers")
+    from captum.attr import TextTokenInput
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from excitation import text
+    from excitation.captum import LLMPullbackAttribution
+
+    words = ["[UNK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                                                 vocab_size=8, bos_token_id=0, eos_token_id=0)).eval()
+    inp = TextTokenInput("the cat sat", tokenizer)
+    result = LLMPullbackAttribution(model, tokenizer).attribute(inp, target="on the mat")
+    assert result.input_tokens == ["the", "cat", "sat"] and result.output_tokens == ["on", "the", "mat"]
+    assert result.token_attr.shape == (3, 3)
+    prompt, wanted = torch.tensor([[1, 2, 3]]), [4, 1, 5]
+    for k, token in enumerate(wanted):
+        ids = torch.cat([prompt, torch.tensor([wanted[:k]], dtype=torch.long)], 1)
+        expected = text.pullback(model, ids, token, score="log_prob").scores()[0, :3]
+        torch.testing.assert_close(result.token_attr[k], expected)
+    torch.testing.assert_close(result.seq_attr, result.token_attr.sum(0))
+    with pytest.raises(TypeError, match="takes no \\['n_steps'\\]"):
+        LLMPullbackAttribution(model, tokenizer).attribute(inp, target="on", n_steps=5)

@@ -185,6 +185,45 @@ def _hidden_relu(x):
     return torch.relu(x)
 
 
+class HiddenNorm(nn.Module):
+    """A LayerNorm inside a frame dynamo must not compile: its vanilla backward would go unnoticed but for the census."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return _hidden_norm(self.norm, x) + x.sum() * 0 if x.sum() > -1e9 else x
+
+
+@torch._dynamo.disable
+def _hidden_norm(norm, x):
+    return norm(x).softmax(-1)
+
+
+def test_a_norm_or_softmax_outside_the_graphs_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), HiddenNorm(), nn.Linear(4, 2))
+    assert count_activation_calls(model, torch.randn(1, 4))[0] == 2  # layer_norm and softmax
+    with pytest.raises(excitation.ExcitationError, match="2 activation, norm and softmax calls ran"):
+        excitation.pullback(model, torch.randn(1, 4), 0)
+    inside = BranchyNorm()
+    excitation.pullback(inside, torch.randn(1, 4), 0)  # counted in the graphs: no error
+    assert excitation.api.path_of(excitation.prepare(inside)) == "dynamo"
+
+
+class BranchyNorm(nn.Module):
+    """fx cannot trace it; dynamo's graphs hold its LayerNorm and a softmax that is no attention (it feeds a Linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.head = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.norm(self.lin(x))
+        h = h.softmax(-1) if h.sum() > 0 else torch.softmax(2 * h, -1)
+        return self.head(h)
+
+
 def test_activation_outside_the_graphs_is_refused():
     model = nn.Sequential(nn.Linear(4, 4), Hidden(), nn.Linear(4, 2))
     assert count_activation_calls(model, torch.randn(1, 4))[0] == 1
@@ -269,11 +308,29 @@ def test_timm_activation_outside_the_graphs_is_refused(act):
 
 def test_census_counts_zero_floor_clamps_only():
     # hard_mish's clamp(0, 2) counts (it is one activation); other clamps do not.
-    x = torch.randn(3)
+    x = torch.randn(3, requires_grad=True)
     counted = [count_activation_calls(lambda t, f=f: f(t), x)[0] for f in (
         lambda t: t.clamp(0, 2), lambda t: torch.clamp(t, min=0), lambda t: t.clamp(-1, 1), lambda t: t.clamp(max=0),
         lambda t: t.clamp_min(0))]
     assert counted == [1, 1, 0, 0, 0]
+    # A clamp through which no gradient flows is no gate: neither counted here nor reported in a graph.
+    assert count_activation_calls(lambda t: t.clamp(0, 2), x.detach())[0] == 0
+
+
+class GridClamp(nn.Module):
+    """SigLIP 2's pattern: weights made from constants and clamped at 0, then applied to the input."""
+
+    def forward(self, x):
+        grid = (1 - (torch.arange(4.0) - 1.5).abs() / 2).clamp_(min=0)
+        return torch.relu(x * grid) if x.sum() > -1e9 else x
+
+
+def test_a_constant_clamp_is_neither_counted_nor_reported_on_the_dynamo_path():
+    model = nn.Sequential(nn.Linear(4, 4), GridClamp(), nn.Linear(4, 2))
+    x = torch.randn(2, 4)
+    excitation.pullback(model, x, 0)  # the census agrees with the graphs: no error
+    report = excitation.prepare(model).report()
+    assert report.counts()["relu"] == 1 and report.unhandled == []
 
 
 def test_an_integer_clamp_is_an_index_not_an_activation():

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import math
 import warnings
 
 import pytest
@@ -14,8 +15,11 @@ from excitation.kernels import ExcitedMultiheadAttention
 
 from .helpers import (
     MORE_FORMS_KINDS,
+    HF_FORMS_KINDS,
+    HFForms,
     STEP_FORMS_KINDS,
     StepForms,
+    hf_forms_reference,
     ZOO_FORMS_KINDS,
     ExcitationReference,
     MoreForms,
@@ -56,8 +60,10 @@ def test_every_rule_is_found_and_reported(excited):
     # ZooForms, MoreForms and StepForms together hold every rule but ReLU (AllForms has those).
     more = excitation.report(excitation.excite(MoreForms())).rule_counts()
     steps = excitation.report(excitation.excite(StepForms().eval())).rule_counts()
-    assert set(report.rule_counts()) | set(more) | set(steps) == set(excitation.RULES) - {"relu"}
+    hf = excitation.report(excitation.excite(HFForms().eval())).rule_counts()
+    assert set(report.rule_counts()) | set(more) | set(steps) | set(hf) == set(excitation.RULES) - {"relu"}
     assert not set(report.rule_counts()) & set(more) and not (set(report.rule_counts()) | set(more)) & set(steps)
+    assert set(hf) == {"rms_norm", "gelu"}  # gelu_new and quick_gelu are GELU's rule
     temps = {s.kind: s.temp for s in report.sites}
     assert temps["silu"] == 1.6 and temps["gelu"] == 1.0 and temps["hardswish"] == 1.6
     assert temps["hardtanh"] == temps["leaky_relu"] == temps["hardsigmoid"] == temps["max_pool2d"] == 0.3
@@ -509,3 +515,156 @@ def test_step_forms_decomposed_graph_reports_what_it_cannot_rewrite(step_forms, 
         excited = excitation.excite(decomposed)
     report = excitation.report(excited)
     assert report.unhandled_counts() == {"threshold (decomposed)": 3, "rrelu_with_noise_functional": 2}
+
+
+# ------------------------------------------------- the Hugging Face forms through every runtime
+@pytest.fixture(scope="module")
+def hf_forms():
+    torch.manual_seed(0)
+    return HFForms().double().eval()
+
+
+@pytest.fixture(scope="module")
+def hf_excited(hf_forms):
+    return excitation.excite(hf_forms)
+
+
+def test_hf_forms_sites_are_found_and_match_the_reference(hf_forms, hf_excited, x):
+    report = excitation.report(hf_excited)
+    assert report.counts() == HF_FORMS_KINDS and report.unhandled == [] and report.smooth == []
+    assert {s.form for s in report.sites} == {"module", "function"}
+    ours = excitation.pullback(hf_excited, x, TARGET)
+    assert rel_err(ours, hf_forms_reference(hf_forms, x, TARGET)) < 1e-6  # the hand-written norm is float32
+    assert rel_err(ours, excitation.gradient(hf_forms, x, TARGET)) > 0.05
+    with torch.no_grad():
+        assert torch.equal(hf_excited(x), hf_forms(x))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_hf_forms_runtimes_agree_with_eager(hf_forms, hf_excited, x):
+    eager = excitation.pullback(hf_excited, x, TARGET)
+    check = lambda result: rel_err(result, eager) <= 1e-10  # noqa: E731
+    assert check(torch.func.grad(lambda t: hf_excited(t)[:, TARGET].sum())(x))
+    torch._dynamo.reset()
+    assert check(_grad(torch.compile(hf_excited, backend="aot_eager", fullgraph=True), x))
+    exported = torch.export.export(hf_excited, (x,))
+    assert "excitation.surrogate_rms_norm.default" in {str(n.target) for n in exported.graph.nodes}
+    assert check(_grad(exported.module(), x))
+    assert check(_grad(torch.jit.trace(copy.deepcopy(hf_excited), (x,), check_trace=False), x))
+    assert check(_grad(torch.jit.script(hf_excited), x))
+    torch._dynamo.reset()
+    compiler = excitation.backend(inner="aot_eager")
+    result = _grad(torch.compile(hf_forms, backend=compiler), x)
+    kinds = sorted(s.kind for report in compiler.reports for s in report.sites)
+    assert kinds == ["gelu_new", "quick_gelu"] + ["rms_norm"] * 3 and check(result)
+    aten = excitation.excite(torch.export.export(hf_forms, (x,)))
+    assert excitation.report(aten).counts() == HF_FORMS_KINDS
+    assert rel_err(excitation.pullback(aten, x, TARGET), eager) < 1e-10
+
+
+# ------------------------------------------------- the Hugging Face expressions: gelu_new, quick_gelu, RMSNorm
+_C = math.sqrt(2.0 / math.pi)
+
+
+@pytest.mark.parametrize("expression, kind, is_site", [
+    (lambda x: 0.5 * x * (1.0 + torch.tanh(_C * (x + 0.044715 * torch.pow(x, 3.0)))), "gelu_new", True),
+    (lambda x: x * 0.5 * (1.0 + torch.tanh(_C * (x + 0.044715 * torch.pow(x, 3.0)))), "gelu_new", True),
+    (lambda x: 0.5 * x * (torch.tanh((x + 0.044715 * x.pow(3.0)) * _C) + 1.0), "gelu_new", True),
+    (lambda x: 0.5 * x * (2.0 + torch.tanh(_C * (x + 0.044715 * torch.pow(x, 3.0)))), "gelu_new", False),
+    (lambda x: 0.5 * x * (1.0 + torch.tanh(_C * (x.detach() + 0.044715 * torch.pow(x, 3.0)))), "gelu_new", False),
+    (lambda x: x * torch.sigmoid(1.702 * x), "quick_gelu", True),
+    (lambda x: torch.sigmoid(x * 1.702) * x, "quick_gelu", True),
+    (lambda x: x * torch.sigmoid(1.702 * x.detach()), "quick_gelu", False),
+])
+def test_gelu_expressions_are_recognised_only_in_their_shape(expression, kind, is_site):
+    class Expression(nn.Module):
+        def forward(self, x):
+            return expression(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), Expression(), nn.Linear(6, 2)).double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        excited = excitation.excite(model)
+    report = excitation.report(excited)
+    assert report.counts().get(kind, 0) == int(is_site)
+    if is_site:  # no tanh / sigmoid left behind as a smooth op, and the graph holds none of the expression's ops
+        assert not report.smooth and not report.unhandled
+        assert len([n for n in excited.graph.nodes if n.op == "call_function"]) == 1
+    with torch.no_grad():
+        assert torch.equal(excited(x), model(x))
+    # The pullback: the GELU rule's gate on z = first layer's output (temp 1.0).
+    z = model[0](x)
+    gate = (torch.special.ndtr(z) if kind == "gelu_new" else torch.sigmoid(1.702 * z)) if is_site else None
+    if gate is not None:
+        expected = (model[2].weight[1] * gate) @ model[0].weight
+        assert rel_err(excitation.pullback(excited, x, 1), expected.detach()) < 1e-10
+
+
+class HandRMS(nn.Module):
+    """Llama's RMSNorm, as transformers writes it."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+        self.eps = eps
+
+    def forward(self, h):
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class DivRMS(HandRMS):
+    """ImageGPT's: a division by the root mean square."""
+
+    def forward(self, h):
+        h = h / torch.sqrt(torch.mean(torch.square(h), axis=-1, keepdim=True) + self.eps)
+        return h * self.weight
+
+
+@pytest.mark.parametrize("norm", [HandRMS(8), DivRMS(8), nn.RMSNorm(8, eps=1e-6)], ids=["rsqrt", "sqrt", "nn.RMSNorm"])
+def test_rms_norm_holds_the_root_mean_square_in_every_form(norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), norm, nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 8))
+    excited = excitation.excite(model)
+    report = excitation.report(excited)
+    assert report.counts()["rms_norm"] == 1 and not report.unhandled
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.equal(excited(x), model(x))
+    leaf = x.clone().requires_grad_()
+    h = model[0](leaf)
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6).detach()  # the reference: the RMS a constant
+    (expected,) = torch.autograd.grad(model[2](norm.weight * (h * rstd))[:, 1].sum(), leaf)
+    assert rel_err(excitation.pullback(excited, x, 1), expected) < 1e-6
+    assert rel_err(excitation.gradient(model, x, 1), expected) > 1e-3
+    if not isinstance(norm, DivRMS):  # ImageGPT's torch.mean(..., axis=-1) is not TorchScript, excited or not
+        scripted = torch.jit.script(excited)
+        with torch.no_grad():
+            assert torch.equal(scripted(x), model(x))
+
+
+@pytest.mark.parametrize("expression, is_site", [
+    (lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), True),
+    (lambda h: h * torch.rsqrt((h * h).mean(-1, keepdim=True) + 1e-6), True),
+    (lambda h: h * torch.rsqrt(h.pow(2).mean(0, keepdim=True) + 1e-6), False),   # over the batch: not a norm
+    (lambda h: h * torch.rsqrt(h.pow(3).mean(-1, keepdim=True) + 1e-6), False),  # not a square
+    (lambda h: h * torch.rsqrt(h.pow(2).mean(-1)[:, None] + 1e-6), False),       # the mean does not keep dims
+])
+def test_only_a_mean_square_over_the_last_dims_is_an_rms_norm(expression, is_site):
+    class Expression(nn.Module):
+        def forward(self, h):
+            return expression(h)
+
+    model = nn.Sequential(nn.Linear(4, 8), Expression(), nn.Linear(8, 3)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = excitation.report(excitation.excite(model))
+    assert report.counts().get("rms_norm", 0) == int(is_site)

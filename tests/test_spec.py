@@ -116,7 +116,7 @@ def test_default_temperatures_follow_the_presets():
 def test_rules_are_the_tables_in_its_order():
     table_rules = list(dict.fromkeys(spec.rule for spec in SITE_SPECS))
     assert list(excitation.RULES)[: len(table_rules)] == table_rules
-    assert list(excitation.RULES)[len(table_rules):] == ["layer_norm", "attention"]
+    assert list(excitation.RULES)[len(table_rules):] == ["layer_norm", "rms_norm", "attention"]
     for spec in ACTIVATIONS:
         assert KIND_TO_RULE[spec.kind] == spec.rule
         if spec.variant_of is None:

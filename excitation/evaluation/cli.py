@@ -20,10 +20,12 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         description="Explainers x Quantus metrics, one score per image, paired bootstrap 95 % intervals of "
                     "(explainer - gradient). Default: the in-repo digits model on its held-out images (offline). "
                     "Writes a Markdown table, a JSON file and one figure.")
-    p.add_argument("--dataset", choices=["digits", "images", "scenes"],
+    p.add_argument("--dataset", choices=["digits", "images", "scenes", "tokens"],
                    help="digits: the in-repo digits models on held-out digits (the default without --images); "
                         "images: --model on the --images folder (the default with --images); scenes: the in-repo "
-                        "scene models on held-out scenes with ground-truth masks (localisation, Focus, faithfulness)")
+                        "scene models on held-out scenes with ground-truth masks (localisation, Focus, faithfulness); "
+                        "tokens: the in-repo transformer on the keyword task, whose deciding token is known "
+                        "(needs transformers: the hf extra)")
     p.add_argument("--model", nargs="+", help="digits-a (default), digits-b, a torchvision/timm classifier name, or "
                                               "with --dataset scenes: resnet and/or vgg (default both)")
     p.add_argument("--weights", help="torchvision weight set or timm tag (e.g. IMAGENET1K_V2)")
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--temp-sweep must be positive, got {args.temp_sweep}.")
     if args.dataset == "scenes":
         return _run_scenes(args)
+    if args.dataset == "tokens":
+        return _run_tokens(args)
     if args.dataset == "digits" and args.images:
         raise ValueError("--dataset digits uses the held-out digits; --images goes with --dataset images.")
     needing = [m for m in (args.metrics or []) if m in LOCALISATION_METRICS]
@@ -99,6 +103,48 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {md}, {js}, {png}")
     print(f"cost: {result.seconds:.1f} s")
     return 0
+
+
+def _run_tokens(args: argparse.Namespace) -> int:
+    from .tokens import evaluate_tokens
+
+    conflicts = [flag for flag, value in (("--images", args.images), ("--weights", args.weights),
+                                          ("--weights-file", args.weights_file), ("--size", args.size),
+                                          ("--model", args.model), ("--metrics", args.metrics),
+                                          ("--explainers", args.explainers), ("--temp-sweep", args.temp_sweep))
+                 if value is not None]
+    if conflicts:
+        raise ValueError(f"--dataset tokens explains the in-repo keyword model with its own token explainers and "
+                         f"metrics; {' '.join(conflicts)} do not apply to it.")
+    report = evaluate_tokens(args.n or 512, batch_size=args.batch_size, progress=not args.no_progress)
+    print(report.table())
+    written = report.write(args.out)
+    figure = Path(args.out).with_name(Path(args.out).name + "_tokens.html")
+    token_figure(figure)
+    print(f"wrote {', '.join(str(p) for p in written + [figure])}")
+    print(f"cost: {report.seconds:.1f} s")
+    return 0
+
+
+def token_figure(path: Path, n: int = 6) -> Path:
+    """An HTML page: ``n`` held-out keyword sequences, pullback and gradient x input heatmaps one above the other."""
+    from .. import text
+    from ..token_heatmap import save_page, tokens_html
+    from ..tokens import load_model, make_sequences
+    from ..tokens.task import token_names
+    from ..tokens.train import HELD_OUT_SEED
+
+    model = load_model()
+    data = make_sequences(n, HELD_OUT_SEED)
+    names = token_names(data.input_ids)
+    pulled = text.pullback(model, data.input_ids)
+    plain = text.gradient(model, data.input_ids, pulled.target)
+    parts = []
+    for i in range(n):
+        truth = f"keyword at position {int(data.keyword[i])}, predicted class {int(pulled.target[i])}"
+        parts.append(tokens_html(names[i], pulled.scores()[i], title=f"pullback (input x pullback): {truth}"))
+        parts.append(tokens_html(names[i], plain.scores()[i], title="gradient x input"))
+    return save_page(path, parts, title="excitation: keyword task, pullback vs gradient x input")
 
 
 def _run_scenes(args: argparse.Namespace) -> int:

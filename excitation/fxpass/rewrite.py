@@ -180,7 +180,7 @@ def _surrogate_node(graph: fx.Graph, match: SiteMatch, site: Site, saved: str) -
     if match.kind == "attention_function":
         return graph.call_function(target, match.node.args, match.node.kwargs)
     for key in ("weight", "bias"):
-        if match.kind in ("layer_norm", "prelu") and match.form == "module" and isinstance(kwargs.get(key), str):
+        if match.kind in ("layer_norm", "rms_norm", "prelu") and match.form == "module" and isinstance(kwargs.get(key), str):
             with graph.inserting_before(match.node):  # defined before the surrogate that reads it
                 kwargs[key] = graph.get_attr(kwargs[key])
     return graph.call_function(target, (match.input,), kwargs)

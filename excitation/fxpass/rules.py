@@ -2,7 +2,7 @@
 
 A *rule* is a family of sites with one backward (``"relu"``, ``"max_pool"``,
 ``"attention"``, ...).  The activation rules come from the activation table
-(:mod:`excitation.spec`); LayerNorm and attention, which rewrite more than one
+(:mod:`excitation.spec`); LayerNorm, RMSNorm and attention, which rewrite more than one
 element-wise op, are declared here.  ``excite(model, rules=...)`` picks the rules that apply;
 :data:`DEFAULT_RULES` is all of them.  Every rule is forward-exact.
 """
@@ -53,12 +53,13 @@ def _activation_rules() -> Tuple[Rule, ...]:
     return tuple(Rule(name, tuple(kinds[name]), first[name].temp, RULE_BACKWARDS[name]) for name in kinds)
 
 
-#: Every rule by name, in the order reports list them: the activation table's, then LayerNorm and attention.
+#: Every rule by name, in the order reports list them: the activation table's, then the norms and attention.
 RULES: Dict[str, Rule] = {
     rule.name: rule
     for rule in (
         *_activation_rules(),
         Rule("layer_norm", ("layer_norm",), None, "mean and variance held constant: grad * weight * rstd"),
+        Rule("rms_norm", ("rms_norm",), None, "root mean square held constant: grad * weight * rstd"),
         Rule("attention", ("softmax", "scaled_dot_product_attention", "multihead_attention", "attention_function"),
              None, "attention weights held constant: gradient flows through the values only"),
     )
@@ -126,6 +127,8 @@ def _sites_text(rule: str) -> str:
 
 _STRUCTURAL_SITES = {
     "layer_norm": "`nn.LayerNorm`, `F.layer_norm` (so ConvNeXt's `LayerNorm2d`), ATen `layer_norm`",
+    "rms_norm": "`nn.RMSNorm`, `F.rms_norm`, ATen `rms_norm`; the hand-written `x * rsqrt(mean(x ** 2) + eps)` of "
+                "Llama, Qwen, Gemma and T5 and ImageGPT's `x / sqrt(...)`, held at their root",
     "attention": "`nn.MultiheadAttention`, `F.scaled_dot_product_attention`, `F.multi_head_attention_forward`, "
                  "torchvision's `shifted_window_attention` (Swin), any softmax whose output feeds a matmul "
                  "(MaxViT, hand-written attention)",

@@ -68,6 +68,15 @@ def _lower(graph: fx.Graph, gm: fx.GraphModule, node: fx.Node) -> Any:
         shape = [int(v) for v in _constant(match, p["normalized_shape"], "normalized_shape")]
         normed = graph.call_function(ops.surrogate_layer_norm, (match.input, shape, p["weight"], p["bias"], float(p["eps"])))
         return graph.call_function(operator.getitem, (normed, 0))
+    if match.kind == "rms_norm":
+        if "normalized_shape" not in p:  # the hand-written form: its (r)sqrt, detached
+            root = torch.sqrt if p.get("held") == "sqrt" else torch.rsqrt
+            return graph.call_method("detach", (graph.call_function(root, (match.input,)),))
+        shape = [int(_constant(match, v, "normalized_shape")) for v in _constant(match, p["normalized_shape"],
+                                                                                   "normalized_shape")]
+        eps = p.get("eps")
+        return graph.call_function(ops.surrogate_rms_norm, (match.input, shape, p.get("weight"),
+                                                             None if eps is None else float(eps)))
     if match.kind == "softmax":
         return graph.call_function(ops.constant_softmax, (match.input, int(_constant(match, p["dim"], "dim")), p.get("dtype")))
     if match.kind == "scaled_dot_product_attention":

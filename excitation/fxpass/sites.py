@@ -26,12 +26,15 @@ from ..kernels import (
     ExcitedMultiheadAttention,
     freeze_attention,
     surrogate_adaptive_max_pool,
+    held_rsqrt,
+    held_sqrt,
     surrogate_layer_norm,
     surrogate_native_layer_norm,
     surrogate_max_pool,
     surrogate_max_pool2d,
     surrogate_prelu,
     surrogate_relu,
+    surrogate_rms_norm,
     surrogate_scaled_dot_product_attention,
     surrogate_softmax,
 )
@@ -81,6 +84,7 @@ def _entries(kind: str, forms: Sequence[Form], read_schema: bool = True) -> Dict
 
 
 _LAYER_NORM = (("input", None), ("normalized_shape", None), ("weight", None), ("bias", None), ("eps", 1e-5))
+_RMS_NORM = (("input", None), ("normalized_shape", None), ("weight", None), ("eps", None))
 _SOFTMAX = (("input", None), ("dim", None), ("_stacklevel", 3), ("dtype", None))
 _SDPA = (("query", None), ("key", None), ("value", None), ("attn_mask", None), ("dropout_p", 0.0),
          ("is_causal", False), ("scale", None), ("enable_gqa", False))
@@ -104,6 +108,8 @@ _FUNCTIONS: Dict[Any, _Entry] = {}
 for _spec in ACTIVATIONS:
     _FUNCTIONS.update(_entries(_spec.kind, _spec.functions))
 _FUNCTIONS.update(_entries("layer_norm", _LAYER_NORM_FORMS))
+_FUNCTIONS.update(_entries("rms_norm", (Form((F.rms_norm, torch.rms_norm, aten.rms_norm, aten.rms_norm.default),
+                                             _RMS_NORM),)))
 _FUNCTIONS.update(_entries("softmax", _SOFTMAX_FORMS))
 _FUNCTIONS.update(_entries("scaled_dot_product_attention", _SDPA_FORMS))
 
@@ -119,6 +125,7 @@ _MODULES: Dict[type, Tuple[str, Tuple[str, ...], Dict[str, Any], Optional[Callab
     for spec in ACTIVATIONS for form in spec.modules
 }
 _MODULES[nn.LayerNorm] = ("layer_norm", ("normalized_shape", "eps"), {}, None)
+_MODULES[nn.RMSNorm] = ("rms_norm", ("normalized_shape", "eps"), {}, None)
 _MODULES[nn.MultiheadAttention] = ("multihead_attention", (), {}, None)
 _MODULES[ExcitedMultiheadAttention] = ("multihead_attention", (), {}, None)
 
@@ -137,6 +144,9 @@ _SURROGATE_KINDS: Dict[Callable, str] = {
     surrogate_prelu: "prelu",
     surrogate_layer_norm: "layer_norm",
     surrogate_native_layer_norm: "layer_norm",
+    surrogate_rms_norm: "rms_norm",
+    held_rsqrt: "rms_norm",
+    held_sqrt: "rms_norm",
     surrogate_softmax: "softmax",
     surrogate_scaled_dot_product_attention: "scaled_dot_product_attention",
 }
@@ -144,6 +154,7 @@ _SURROGATE_KINDS: Dict[Callable, str] = {
 _OWN_SURROGATES: Dict[str, Callable] = {
     "prelu": surrogate_prelu,
     "layer_norm": surrogate_layer_norm,
+    "rms_norm": surrogate_rms_norm,
     "softmax": surrogate_softmax,
     "scaled_dot_product_attention": surrogate_scaled_dot_product_attention,
 }
@@ -359,9 +370,10 @@ def _match_module(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
     bound["input"] = node.args[0] if node.args else node.kwargs.get("input")
     if kind == "prelu":
         bound["weight"] = f"{node.target}.weight"  # read with a get_attr at the rewrite
-    if kind == "layer_norm":
+    if kind in ("layer_norm", "rms_norm"):
         bound["weight"] = f"{node.target}.weight" if module.weight is not None else None
-        bound["bias"] = f"{node.target}.bias" if module.bias is not None else None
+        if kind == "layer_norm":
+            bound["bias"] = f"{node.target}.bias" if module.bias is not None else None
         bound["normalized_shape"] = list(module.normalized_shape)
     return _site(node, kind, "module", bound, bool(getattr(module, "inplace", False)))
 
@@ -374,7 +386,8 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         entry = _METHODS.get(node.target)
         if entry is not None:
             return _bound_site(node, "method", entry)
-        return _hard_mish_site(node, "method")
+        return _hard_mish_site(node, "method") or _gelu_new_site(node, "method") or _quick_gelu_site(node, "method") \
+            or _rms_site(node, "method")
     if node.op != "call_function":
         return None
     target = node.target
@@ -410,7 +423,8 @@ def match_site(gm: GraphModule, node: Node) -> Optional[SiteMatch]:
         original = getattr(target, "__wrapped_original__", target)
         return SiteMatch(node, "attention_function", form, node.args[0] if node.args else None,
                          params={"function": original})
-    return _hard_mish_site(node, form)
+    return (_hard_mish_site(node, form) or _gelu_new_site(node, form) or _quick_gelu_site(node, form)
+            or _rms_site(node, form))
 
 
 # ------------------------------------------------------------ timm's hard_mish
@@ -484,6 +498,140 @@ def _hard_mish_site(node: Node, form: str) -> Optional[SiteMatch]:
     return None
 
 
+# ------------------------------------------------------------ GPT-2's gelu_new
+# transformers' NewGELUActivation is ``0.5 * x * (1.0 + tanh(sqrt(2 / pi) * (x + 0.044715 * pow(x, 3.0))))``, an
+# expression like timm's hard_mish: only that shape is a site, with its constants carried to the surrogate,
+# which recomputes it op for op.
+_TANH = {torch.tanh, aten.tanh, aten.tanh.default}
+_POW = {torch.pow, aten.pow, aten.pow.Tensor_Scalar}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scaled(node: Any, method: str = "mul") -> Optional[Tuple[float, Node]]:
+    """``(c, x)`` if ``node`` is ``c * x`` / ``x * c`` (a Python number ``c``) with one user, else ``None``."""
+    if not _is_call(node, _MUL, method) or len(node.users) != 1 or (pair := _operands(node)) is None:
+        return None
+    a, b = pair
+    if _number(a) and isinstance(b, Node):
+        return float(a), b
+    if _number(b) and isinstance(a, Node):
+        return float(b), a
+    return None
+
+
+def _gelu_new_inner(tanh: Any) -> Optional[Tuple[Node, Dict[str, float], Tuple[Node, ...]]]:
+    """``(x, constants, nodes)`` if ``tanh`` is ``tanh(c * (x + k * pow(x, p)))`` with one user, else ``None``."""
+    if not _is_call(tanh, _TANH, "tanh") or len(tanh.users) != 1 or len(tanh.args) != 1 or tanh.kwargs:
+        return None
+    outer = _scaled(tanh.args[0])
+    if outer is None:
+        return None
+    c, total = outer
+    if not _is_call(total, _ADD, "add") or len(total.users) != 1 or (pair := _operands(total)) is None:
+        return None
+    for x, cubic in (pair, pair[::-1]):
+        inner = _scaled(cubic)
+        if inner is None or not isinstance(x, Node):
+            continue
+        k, power = inner
+        if (_is_call(power, _POW, "pow") and len(power.users) == 1 and len(power.args) == 2 and not power.kwargs
+                and power.args[0] is x and _number(power.args[1])):
+            return x, {"c": c, "k": k, "p": float(power.args[1])}, (tanh.args[0], total, cubic, power)
+    return None
+
+
+def _gelu_new_site(node: Node, form: str) -> Optional[SiteMatch]:
+    """A :class:`SiteMatch` if ``node`` is the final ``mul`` of GPT-2's gelu_new, else ``None``."""
+    if not _is_call(node, _MUL, "mul") or (pair := _operands(node)) is None:
+        return None
+    for half, one_plus in (pair, pair[::-1]):
+        x = _half_of(half)
+        if x is None or not _is_call(one_plus, _ADD, "add") or len(one_plus.users) != 1:
+            continue
+        operands = _operands(one_plus)
+        if operands is None:
+            continue
+        for one, tanh in (operands, operands[::-1]):
+            found = _gelu_new_inner(tanh) if _is_number(one, 1.0) else None
+            if found is not None and found[0] is x:
+                _, constants, nodes = found
+                return SiteMatch(node, "gelu_new", form, x, params=constants,
+                                 absorbed=(half, one_plus, tanh, *nodes))
+    return None
+
+
+_SIGMOID = {torch.sigmoid, aten.sigmoid, aten.sigmoid.default}
+
+
+def _quick_gelu_site(node: Node, form: str) -> Optional[SiteMatch]:
+    """A :class:`SiteMatch` if ``node`` is CLIP's quick_gelu ``x * sigmoid(a * x)`` (``a`` a number), else ``None``."""
+    if not _is_call(node, _MUL, "mul") or (pair := _operands(node)) is None:
+        return None
+    for x, sigmoid in (pair, pair[::-1]):
+        if not (isinstance(x, Node) and _is_call(sigmoid, _SIGMOID, "sigmoid") and len(sigmoid.users) == 1
+                and len(sigmoid.args) == 1 and not sigmoid.kwargs):
+            continue
+        scaled = _scaled(sigmoid.args[0])
+        if scaled is not None and scaled[1] is x:
+            return SiteMatch(node, "quick_gelu", form, x, params={"a": scaled[0]},
+                             absorbed=(sigmoid, sigmoid.args[0]))
+    return None
+
+
+# ------------------------------------------------------------ hand-written RMSNorm
+# Llama's, Qwen's, Gemma's and T5's RMSNorm is an expression, ``x * rsqrt(mean(x^2, -1, keepdim=True) + eps)``;
+# ImageGPT's divides, ``x / sqrt(mean(square(x), -1, keepdim=True) + eps)``.  The site is the ``rsqrt`` (``sqrt``)
+# of a mean square plus a number, which :func:`held_rsqrt` (:func:`held_sqrt`) computes with no gradient.
+_RSQRT = {torch.rsqrt, aten.rsqrt, aten.rsqrt.default}
+_SQRT = {torch.sqrt, aten.sqrt, aten.sqrt.default}
+_SQUARE = {torch.square, aten.square, aten.square.default}
+_MEAN = {torch.mean, aten.mean, aten.mean.dim}
+
+
+def _square_of(node: Any) -> bool:
+    """``node`` is ``x ** 2`` / ``x.pow(2)`` / ``torch.square(x)`` / ``x * x`` of some ``x``."""
+    if _is_call(node, _SQUARE, "square"):
+        return True
+    if _is_call(node, _POW, "pow") or (isinstance(node, Node) and node.op == "call_function"
+                                      and node.target is operator.pow):
+        return len(node.args) == 2 and _is_number(node.args[1], 2)
+    if _is_call(node, _MUL, "mul") and (pair := _operands(node)) is not None:
+        return isinstance(pair[0], Node) and pair[0] is pair[1]
+    return False
+
+
+def _mean_square(node: Any) -> bool:
+    """``node`` is a mean over the last dimension(s), keeping them, of a square."""
+    if not _is_call(node, _MEAN, "mean") or not node.args or not _square_of(node.args[0]):
+        return False
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis"))
+    dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    return keepdim is True and all(isinstance(d, int) and d < 0 for d in dims) and bool(dims)
+
+
+def _rms_site(node: Node, form: str) -> Optional[SiteMatch]:
+    """A :class:`SiteMatch` if ``node`` is the ``rsqrt`` / ``sqrt`` of ``mean(x^2) + eps`` of an RMSNorm, else ``None``."""
+    if _is_call(node, _RSQRT, "rsqrt"):
+        held = "rsqrt"
+    elif _is_call(node, _SQRT, "sqrt"):
+        held = "sqrt"
+    else:
+        return None
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    total = node.args[0]
+    if not _is_call(total, _ADD, "add") or (pair := _operands(total)) is None:
+        return None
+    for mean, eps in (pair, pair[::-1]):
+        if _number(eps) and _mean_square(mean):
+            return SiteMatch(node, "rms_norm", form, total, params={"held": held})
+    return None
+
+
 def surrogate_call(match: SiteMatch, temp: Optional[float], pool_backward: str = "soft") -> Tuple[Callable, Dict[str, Any]]:
     """The surrogate function for a general site and the keyword arguments it takes (besides the input)."""
     kind, params = match.kind, dict(match.params)
@@ -496,6 +644,8 @@ def surrogate_call(match: SiteMatch, temp: Optional[float], pool_backward: str =
         return target, {**params, "temp": temp, **extra}
     if kind == "layer_norm" and match.returns_tuple:  # the 3-output aten.native_layer_norm
         return surrogate_native_layer_norm, params
+    if kind == "rms_norm" and "normalized_shape" not in params:  # the hand-written form, held at its (r)sqrt
+        return (held_sqrt if params.get("held") == "sqrt" else held_rsqrt), {}
     target = SURROGATES.get(kind) or _OWN_SURROGATES[kind]
     if temp is not None:
         params["temp"] = temp
@@ -586,7 +736,18 @@ def _is_zero_floor_clamp(node: Node) -> bool:
     high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
     if _known_integer(node.args[0] if node.args else None):
         return False  # e.g. gemma4's position_ids.clamp(min=0): an index, no gradient flows through it
+    if _known_constant(node.args[0] if node.args else None):
+        return False  # e.g. SigLIP 2's interpolation weights, made from the patch grid: no gradient flows
     return isinstance(low, (int, float)) and low == 0 and (high is None or isinstance(high, (int, float)))
+
+
+def _known_constant(value: Any) -> bool:
+    """Whether dynamo recorded a graph value as a tensor that does not require grad (nothing flows back through it).
+
+    Only dynamo's ``example_value`` says so: export's ``val`` is traced without autograd.
+    """
+    example = value.meta.get("example_value") if isinstance(value, Node) else None
+    return isinstance(example, torch.Tensor) and not example.requires_grad
 
 
 def _known_integer(value: Any) -> bool:
@@ -668,5 +829,9 @@ def match_unhandled(gm: GraphModule, node: Node) -> Optional[Tuple[str, str]]:
     if name in _SMOOTH_NAMES:
         if any(_is_decomposed_silu(user) or _is_decomposed_mish(user) for user in node.users):
             return None  # reported once, by the multiplication
+        if name == "tanh" and any(_gelu_new_site(final, "") for user in node.users for final in user.users):
+            return None  # the tanh of a gelu_new site (1 + tanh(...)), rewritten with it
+        if name == "sigmoid" and any(_quick_gelu_site(user, "") for user in node.users):
+            return None  # the sigmoid of a quick_gelu site, rewritten with it
         return name, "smooth"
     return None

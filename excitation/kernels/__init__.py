@@ -14,7 +14,7 @@ from .attention import (
     surrogate_softmax,
 )
 from .fused import batch_norm_relu
-from .normalization import surrogate_layer_norm, surrogate_native_layer_norm
+from .normalization import held_rsqrt, held_sqrt, surrogate_layer_norm, surrogate_native_layer_norm, surrogate_rms_norm
 from .ops import surrogate_max_pool2d, surrogate_relu
 from .pooling import surrogate_adaptive_max_pool, surrogate_max_pool
 from .recompute import RecomputedConv2d
@@ -32,6 +32,9 @@ SURROGATE_FUNCTIONS = (
     *SURROGATES.values(),
     surrogate_prelu,
     surrogate_layer_norm,
+    surrogate_rms_norm,
+    held_rsqrt,
+    held_sqrt,
     surrogate_native_layer_norm,
     surrogate_softmax,
     surrogate_scaled_dot_product_attention,
@@ -46,6 +49,9 @@ __all__ = [
     *(function.__name__ for function in SURROGATES.values()),
     "surrogate_prelu",
     "surrogate_layer_norm",
+    "surrogate_rms_norm",
+    "held_rsqrt",
+    "held_sqrt",
     "surrogate_native_layer_norm",
     "surrogate_softmax",
     "surrogate_scaled_dot_product_attention",
