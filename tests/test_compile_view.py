@@ -4,6 +4,7 @@ import copy
 import inspect
 import logging
 import pickle
+import sys
 
 import pytest
 import torch
@@ -140,3 +141,37 @@ def test_a_view_that_cannot_be_built_warns_and_compile_traces_the_graph(monkeypa
     x = torch.rand(2, 8, 16, 16)
     torch._dynamo.reset()
     assert rel_err(_pullback(torch.compile(excited), x), _pullback(excited, x)) < 1e-5
+
+
+def test_dynamo_traces_an_excited_model_in_one_graph(monkeypatch):
+    """No graph break: a break splits the recompute regions, and the compiled pullback keeps more.
+
+    The ReLU and pool backwards are traced with the forward; they must not ask whether the C kernels
+    are built where no raw kernel can run: before the library is loaded, that call is one dynamo
+    cannot trace.
+    """
+    from torch._dynamo.backends.registry import lookup_backend
+
+    from excitation.kernels import native
+
+    from .test_recompute import PooledStem
+
+    excited = excitation.excite(_eval_model(PooledStem(batch_norm=True)))
+    asked_while_compiling, graphs = [], []
+    real = native.available
+
+    def spy():
+        if torch.compiler.is_compiling():
+            asked_while_compiling.append(sys._getframe(1).f_code.co_name)
+        return real()
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(native, "available", spy)
+    x = torch.rand(2, 3, 12, 12, requires_grad=True)
+    torch._dynamo.reset()
+    torch.compile(excited, backend=counting)(x)[:, 1].sum().backward()
+    # _c_kernels_built asks once, outside the trace (assume_constant_result): that one may.
+    assert len(graphs) == 1 and set(asked_while_compiling) <= {"_c_kernels_built"}, asked_while_compiling

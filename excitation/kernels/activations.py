@@ -19,7 +19,8 @@ from ..gates import leaky_relu_gate
 from ..presets import DEFAULT_PRESET
 from ..spec import ACTIVATIONS, RULE_BACKWARDS, SPECS, ActivationSpec, spec_temp
 from . import native
-from .dispatch import NATIVE_ACTIVATION_KINDS, activation_backward_path, backward_runtime, device_type, triton_available
+from .dispatch import (NATIVE_ACTIVATION_KINDS, RAW_CALL_RUNTIMES, activation_backward_path, backward_runtime, device_type,
+                       triton_available)
 from .ops import native_activation_backward, run_relu_backward
 from .reference import flush_subnormal, gated_backward
 from .registry import define_surrogate_op
@@ -56,10 +57,11 @@ def surrogate_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: floa
     the zoo (measured in docs/design-measurements.md).
     """
     spec = _spec(kind)
+    runtime = backward_runtime(grad, z)
     path = activation_backward_path(
-        backward_runtime(grad, z), device_type(z), z.dtype, kind, spec.relu_gate,
+        runtime, device_type(z), z.dtype, kind, spec.relu_gate,
         # Only kinds with a C path ask whether the C kernels take these tensors.
-        (kind in NATIVE_ACTIVATION_KINDS or spec.relu_gate is not None)
+        runtime in RAW_CALL_RUNTIMES and (kind in NATIVE_ACTIVATION_KINDS or spec.relu_gate is not None)
         and grad.shape == z.shape and native.supports(grad, z) and native.available(),
         triton=z.is_cuda and triton_available(), grad_mode=torch.is_grad_enabled(),
     )

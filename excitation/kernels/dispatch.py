@@ -48,6 +48,7 @@ __all__ = [
     "RUNTIMES",
     "forward_runtime",
     "backward_runtime",
+    "RAW_CALL_RUNTIMES",
     "forward_mechanism",
     "pool_forward_path",
     "relu_backward_path",
@@ -124,6 +125,12 @@ def backward_runtime(*tensors: Tensor) -> str:
         if type(t) is not Tensor:
             return "trace"
     return "double_backward" if torch.is_grad_enabled() else "eager"
+
+
+#: The runtimes in which a raw kernel call may run.  Elsewhere nobody asks whether the C kernels take
+#: the tensors: asking loads the library, a call dynamo cannot trace (it would break the graph, and
+#: with it every recompute region around the site).
+RAW_CALL_RUNTIMES = ("eager", "double_backward")
 
 
 def device_type(t: Tensor) -> str:

@@ -34,6 +34,7 @@ from .dispatch import (
     functional_backward,
     pool2d_backward_path,
     pool_forward_path,
+    RAW_CALL_RUNTIMES,
     recompute_in_backward,
     relu_backward_path,
     triton_available,
@@ -58,9 +59,11 @@ IntOrPair = Union[int, Sequence[int]]
 def relu_gate_backward(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """``grad * gate(z / temp)``, gate floored and result flushed (:func:`.reference.relu_backward`), on the
     implementation :func:`.dispatch.relu_backward_path` names for this call."""
+    runtime = backward_runtime(grad, z)
     path = relu_backward_path(
-        backward_runtime(grad, z), device_type(z), gate,
-        gate in native.RELU_GATES and grad.shape == z.shape and native.supports(grad, z) and native.available(),
+        runtime, device_type(z), gate,
+        runtime in RAW_CALL_RUNTIMES and gate in native.RELU_GATES and grad.shape == z.shape
+        and native.supports(grad, z) and native.available(),
         triton=z.is_cuda and triton_available(), grad_mode=torch.is_grad_enabled(),
     )
     return run_relu_backward(path, grad, z, temp, gate)
@@ -91,9 +94,11 @@ def native_activation_backward(grad: Tensor, z: Tensor, kind: str, temp: float, 
 
 def relu_gate_backward_(grad: Tensor, z: Tensor, temp: float, gate: str) -> Tensor:
     """:func:`relu_gate_backward` written into ``z`` (a tensor the caller owns and no longer needs); returns ``z``."""
+    runtime = backward_runtime(grad, z)
     path = relu_backward_path(
-        backward_runtime(grad, z), "cpu", gate,
-        gate in native.RELU_GATES and grad.shape == z.shape and native.supports(grad, z) and native.available(),
+        runtime, "cpu", gate,
+        runtime in RAW_CALL_RUNTIMES and gate in native.RELU_GATES and grad.shape == z.shape
+        and native.supports(grad, z) and native.available(),
         in_place=True,
     )
     if path == "c":
@@ -114,9 +119,11 @@ def pool2d_backward(
     """
     pool_args = (list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode, temp, pool_backward)
     if path is None:
+        runtime = backward_runtime(grad, x)
         path = pool2d_backward_path(
-            backward_runtime(grad, x), device_type(x),
-            native.pool_window_supported(kernel_size) and native.supports(x) and native.available(),
+            runtime, device_type(x),
+            runtime in RAW_CALL_RUNTIMES and native.pool_window_supported(kernel_size) and native.supports(x)
+            and native.available(),
             triton=x.is_cuda and triton_available(), functional=functional,
         )
     if path == "torch_functional":
@@ -235,9 +242,10 @@ def pool_forward(
     indices; tests/test_native.py), because ATen's NCHW max-pool is a scalar loop, a large share of
     a pool-heavy model's input gradient, vanilla's too (measured in docs/design-measurements.md).
     """
-    c_ready = native.pool_window_supported(kernel_size) and x.dim() in (3, 4) and native.supports(x) and x.numel() > 0 \
-        and native.available()
-    if pool_forward_path(forward_runtime(x), c_ready) == "c":
+    runtime = forward_runtime(x)
+    c_ready = runtime in RAW_CALL_RUNTIMES and native.pool_window_supported(kernel_size) and x.dim() in (3, 4) \
+        and native.supports(x) and x.numel() > 0 and native.available()
+    if pool_forward_path(runtime, c_ready) == "c":
         out_hw = [max_pool2d_output_size(x.shape[-2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode)
                   for i in range(2)]
         if min(out_hw) > 0:
